@@ -1,0 +1,507 @@
+"""mitmproxy glue: the RegistryCache addon.
+
+Decides, per /v2 request of a registry host, whether the store answers, a fill starts, or
+the request passes through untouched; keeps non-registry TLS out of interception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.proxy import mode_specs
+
+from . import oci
+from .blobserver import FASTPATH_PREFIX, TICKET_PREFIX, BlobServer, Signer, Ticket
+from .config import Config, ConfigError, load_config
+from .fill import MAX_ERROR_BODY, Fills
+from .store import Manifest, Store
+from .upstream import Target, Upstream, UpstreamUnavailable, make_ssl_context
+
+log = logging.getLogger("regcache")
+
+DEFAULT_DIR = os.path.join(os.getcwd(), "regcache-cache")
+API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
+# A path-prefix mirror names the registry as the first path component: /v2/quay.io/org/img/...
+_PREFIXED = re.compile(r"^/v2/(?P<registry>[^/]+\.[^/]+|[^/]+:\d+|localhost)/(?P<rest>.+)$")
+# Request headers forwarded to upstream on our own fetches.
+_FORWARD = ("authorization", "accept", "user-agent", "range")
+
+
+@dataclass
+class Identity:
+    """Which registry a flow talks to, and where regcache fetches from for it."""
+
+    registry: str
+    target: Target
+    path: str  # the /v2 path without a mirror's registry prefix or query
+
+
+def _header_list(flow: http.HTTPFlow, names=_FORWARD) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in flow.request.headers.items(multi=True) if k.lower() in names]
+
+
+class RegistryCache:
+    def __init__(self) -> None:
+        self.config = Config()
+        self.store: Store | None = None
+        self.upstream: Upstream | None = None
+        self.fills: Fills | None = None
+        self.blobserver: BlobServer | None = None
+        self.signer = Signer(os.urandom(32))
+        self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="regcache-upstream")
+        # single-flight for manifests and tag revalidation: key -> future of the leader
+        self.manifest_flights: dict[tuple, asyncio.Future] = {}
+
+    # --- options ----------------------------------------------------------------------
+
+    def load(self, loader):
+        loader.add_option("regcache_dir", str, DEFAULT_DIR, "Cache directory: the whole state of the cache; copy it to migrate.")
+        loader.add_option("regcache_config", str, "", "Optional YAML file with registries, aliases, tag TTL, size limit, fast path.")
+        loader.add_option("regcache_offline", bool, False, "Answer only from the cache; never contact an upstream registry.")
+
+    def configure(self, updated):
+        if "regcache_config" in updated:
+            try:
+                self.config = load_config(ctx.options.regcache_config or None)
+            except ConfigError as e:
+                raise exceptions.OptionsError(f"regcache_config: {e}") from None
+        if "regcache_dir" in updated or "regcache_config" in updated:
+            directory = ctx.options.regcache_dir
+            if not directory:
+                raise exceptions.OptionsError("regcache_dir must not be empty")
+            try:
+                if self.store is None or self.store.directory != os.path.abspath(directory):
+                    if self.store is not None:
+                        self.store.close()
+                    self.store = Store(directory, self.config.size_limit)
+                    swept = self.store.sweep_staging()
+                    if swept:
+                        log.info("regcache: removed %d leftover staging file(s) from an earlier run", swept)
+                else:
+                    self.store.set_size_limit(self.config.size_limit)
+            except OSError as e:
+                raise exceptions.OptionsError(f"regcache_dir {directory!r} is not usable: {e}") from None
+        if updated & {"regcache_dir", "regcache_config", "ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir"}:
+            ssl_context = make_ssl_context(
+                ctx.options.ssl_insecure,
+                ctx.options.ssl_verify_upstream_trusted_ca,
+                ctx.options.ssl_verify_upstream_trusted_confdir,
+            )
+            self.upstream = Upstream(ssl_context, self.config.upstream_timeout, self.config.upstream_backoff)
+            if self.fills is None:
+                self.fills = Fills(self.store, self.upstream)
+            else:
+                self.fills.store, self.fills.upstream = self.store, self.upstream
+        if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
+            # Eager connections would reach upstream for every hit (and fail when it is down).
+            log.info("regcache: setting connection_strategy=lazy so cache hits open no upstream connection")
+            ctx.options.update(connection_strategy="lazy")
+
+    async def running(self):
+        if ctx.options.connection_strategy != "lazy":
+            ctx.options.update(connection_strategy="lazy")
+        self.blobserver = BlobServer(self.store, self.fills, self.signer)
+        fast_port = self.config.fastpath_port if self.config.fastpath else None
+        try:
+            await self.blobserver.start(self.config.fastpath_bind, fast_port)
+        except OSError as e:
+            log.warning("regcache: fast path disabled, cannot listen on port %s: %s", fast_port, e)
+            await self.blobserver.start(None, None)
+        log.info(
+            "regcache: cache %s, %s, in-band blob server 127.0.0.1:%d%s",
+            self.store.directory,
+            "OFFLINE (cache only)" if ctx.options.regcache_offline else "online",
+            self.blobserver.inband_port,
+            f", fast path port {self.blobserver.fastpath_port}" if self.blobserver.fastpath_port else "",
+        )
+
+    async def done(self):
+        if self.blobserver:
+            await self.blobserver.stop()
+        if self.fills:
+            self.fills.shutdown()
+        if self.store:
+            self.store.close()
+
+    # --- which connections to intercept ---------------------------------------------------
+
+    def tls_clienthello(self, data):
+        """Leave TLS of non-registry hosts alone: their own certificate reaches the client."""
+        sni = data.client_hello.sni
+        if sni is None:
+            server = data.context.server.address
+            sni = server[0] if server else None
+        if isinstance(data.context.client.proxy_mode, mode_specs.ReverseMode):
+            return
+        if sni and not self.config.is_registry_host(sni):
+            data.ignore_connection = True
+
+    # --- request routing ----------------------------------------------------------------
+
+    def identify(self, flow: http.HTTPFlow) -> Identity | None:
+        mode = flow.client_conn.proxy_mode
+        path = flow.request.path.split("?", 1)[0]
+        if isinstance(mode, mode_specs.ReverseMode):
+            ns = flow.request.query.get("ns")
+            mirror_host = mode.address[0]
+            registry = self.config.registry_for_host(ns) if ns else None
+            if registry is None:
+                m = _PREFIXED.match(path)
+                if m and self.config.is_registry_host(m.group("registry")):
+                    registry = self.config.registry_for_host(m.group("registry"))
+                    path = "/v2/" + m.group("rest")
+            if registry is None:
+                registry = self.config.registry_for_host(mirror_host)
+            if registry == self.config.registry_for_host(mirror_host):
+                target = Target(mirror_host, mode.address[1], "https" if mode.scheme in ("https", "tls") else "http")
+            else:
+                target = Target(oci.api_host(registry))
+            return Identity(registry, target, path)
+        host = flow.request.pretty_host
+        if isinstance(mode, mode_specs.TransparentMode):
+            host = flow.client_conn.sni or host
+        if not host or not self.config.is_registry_host(host):
+            return None
+        address = flow.server_conn.address[0] if isinstance(mode, mode_specs.TransparentMode) and flow.server_conn.address else None
+        target = Target(host.lower(), flow.request.port, flow.request.scheme, address)
+        return Identity(self.config.registry_for_host(host), target, path)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        # Pushes and other large uploads stream through instead of being buffered.
+        if flow.request.method in ("PUT", "PATCH", "POST"):
+            flow.request.stream = True
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or self.store is None:
+            return
+        if self._is_fastpath_request(flow):
+            self._route_to_blobserver(flow, None)
+            return
+        ident = self.identify(flow)
+        if ident is None or not ident.path.startswith("/v2/"):
+            return
+        try:
+            route = oci.parse_route(ident.registry, ident.path)
+        except oci.ProtocolError as e:
+            self._answer_error(flow, e.status, e.code, e.message, e.detail)
+            log.warning("regcache: rejected %s %s%s: %s", flow.request.method, ident.registry, ident.path[:200], e.message)
+            return
+        if route is None or flow.request.method not in ("GET", "HEAD"):
+            self._retarget(flow, ident)
+            return
+        flow.metadata["regcache"] = (ident, route)
+        try:
+            if route.kind == oci.BLOB:
+                await self._blob(flow, ident, route)
+            else:
+                await self._manifest(flow, ident, route)
+        except Exception as e:  # noqa: BLE001 - never let a cache bug break a pull
+            log.exception("regcache: internal error on %s %s", flow.request.method, flow.request.pretty_url)
+            self._answer_error(flow, 500, "UNKNOWN", f"regcache internal error: {e.__class__.__name__}")
+
+    def _retarget(self, flow: http.HTTPFlow, ident: Identity) -> None:
+        """Pass a request through; in mirror mode send it to the registry it is for."""
+        if isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode):
+            if ctx.options.regcache_offline:
+                self._answer_error(flow, 503, "UNAVAILABLE", "regcache is offline and does not forward requests")
+                return
+            target = ident.target
+            flow.request.scheme, flow.request.host, flow.request.port = target.scheme, target.host, target.port
+            flow.request.headers["host"] = target.host
+            if ident.path != flow.request.path.split("?", 1)[0]:
+                query = flow.request.path.partition("?")[2]
+                flow.request.path = ident.path + ("?" + query if query else "")
+        elif ctx.options.regcache_offline and flow.request.path.startswith("/v2"):
+            self._answer_error(flow, 503, "UNAVAILABLE", "regcache is offline and does not forward requests")
+
+    # --- answers -------------------------------------------------------------------------
+
+    def _answer(self, flow, status: int, body: bytes, headers: list[tuple[str, str]], cache_status: str | None = None) -> None:
+        hdrs = list(headers) + [API_VERSION]
+        if cache_status:
+            hdrs.append(("X-Cache", cache_status))
+        flow.response = http.Response.make(status, body, [(k.encode(), v.encode()) for k, v in hdrs])
+
+    def _answer_error(self, flow, status: int, code: str, message: str, detail=None, extra=()) -> None:
+        self._answer(flow, status, oci.error_body(code, message, detail), [("Content-Type", "application/json"), *extra])
+
+    def _relay(self, flow, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        """Answer exactly as upstream did (401 with its WWW-Authenticate, 404, 429...)."""
+        keep = [(k, v) for k, v in headers if k.lower() not in ("content-length", "transfer-encoding", "connection", "content-encoding")]
+        self._answer(flow, status, body, keep)
+
+    # --- blobs -------------------------------------------------------------------------------
+
+    async def _blob(self, flow: http.HTTPFlow, ident: Identity, route: oci.Route) -> None:
+        digest = str(route.digest)
+        if flow.request.method == "HEAD":
+            size = self.store.blob_size(digest)
+            if size is not None:
+                self._answer_head(flow, size, digest)
+                self._log(flow, ident, route, "HIT", 0)
+            elif ctx.options.regcache_offline:
+                self._answer_error(flow, 404, "BLOB_UNKNOWN", "blob unknown to the cache (offline)", {"digest": digest})
+                self._log(flow, ident, route, "UNKNOWN", 0)
+            else:
+                self._retarget(flow, ident)  # a HEAD miss goes upstream as a HEAD
+            return
+        if self.store.has_blob(digest):
+            self._serve_blob(flow, ident, route, "HIT")
+            return
+        if ctx.options.regcache_offline:
+            self._answer_error(flow, 404, "BLOB_UNKNOWN", "blob unknown to the cache (offline)", {"digest": digest})
+            self._log(flow, ident, route, "UNKNOWN", 0)
+            return
+        fill = self.fills.get(digest)
+        leader = fill is None or (fill.done and not fill.ok)
+        if leader:
+            headers = [h for h in _header_list(flow) if h[0].lower() != "range"]
+            fill = self.fills.start(route.digest, ident.registry, route.name, ident.target, f"/v2/{route.name}/blobs/{digest}", headers)
+        await fill.headers_ready.wait()
+        if fill.status != 200:
+            if fill.status in (401, 403) and not leader:
+                # The leader's credentials were refused; this client may hold better ones.
+                fill = self.fills.start(route.digest, ident.registry, route.name, ident.target, f"/v2/{route.name}/blobs/{digest}", [h for h in _header_list(flow) if h[0].lower() != "range"])
+                await fill.headers_ready.wait()
+            if fill.status != 200:
+                self._blob_fill_failed(flow, ident, route, fill)
+                return
+        if leader:
+            self.store.log_miss({"registry": ident.registry, "repo": route.name, "reference": digest, "digest": digest, "kind": "blob", "media_type": fill.content_type, "size": fill.size, "outcome": "MISS"})
+        self._serve_blob(flow, ident, route, "MISS")
+
+    def _blob_fill_failed(self, flow, ident, route, fill) -> None:
+        if fill.upstream_headers:
+            self._relay(flow, fill.status, fill.upstream_headers, fill.error_body)
+        elif fill.status == 502:
+            self._answer_error(flow, 503, "UNAVAILABLE", f"upstream {ident.target.host} unavailable and blob not cached", {"digest": str(route.digest)})
+        else:
+            self._answer_error(flow, 500, "UNKNOWN", f"blob fetch failed: {fill.failure}")
+        log.warning("regcache: blob %s %s/%s not served: %s", route.digest, ident.registry, route.name, fill.failure)
+
+    def _answer_head(self, flow, size: int, digest: str) -> None:
+        self._answer(flow, 200, b"", [("Content-Type", "application/octet-stream"), ("Docker-Content-Digest", digest), ("Accept-Ranges", "bytes")], "HIT")
+        flow.response.headers["content-length"] = str(size)
+
+    def _serve_blob(self, flow, ident, route, cache_status: str) -> None:
+        digest = str(route.digest)
+        if self._use_fastpath(flow):
+            host = self.config.fastpath_host or flow.client_conn.sockname[0]
+            netloc = f"[{host}]" if ":" in host else host
+            location = f"http://{netloc}:{self.blobserver.fastpath_port}{self.signer.sign(digest)}"
+            self._answer(flow, 307, b"", [("Location", location), ("Docker-Content-Digest", digest)], cache_status)
+        else:
+            self._route_to_blobserver(flow, Ticket(digest, cache_status, flow.request.headers.get("range")))
+        self._log(flow, ident, route, cache_status, None)
+
+    def _use_fastpath(self, flow) -> bool:
+        if not (self.config.fastpath and self.blobserver and self.blobserver.fastpath_port):
+            return False
+        return isinstance(flow.client_conn.proxy_mode, (mode_specs.TransparentMode, mode_specs.ReverseMode))
+
+    def _is_fastpath_request(self, flow) -> bool:
+        """A fast-path redirect that came back through the proxy (client without NO_PROXY)."""
+        return bool(
+            self.blobserver
+            and self.blobserver.fastpath_port
+            and flow.request.scheme == "http"
+            and flow.request.port == self.blobserver.fastpath_port
+            and flow.request.path.startswith(FASTPATH_PREFIX)
+        )
+
+    def _route_to_blobserver(self, flow, ticket: Ticket | None) -> None:
+        if ticket is not None:
+            flow.request.path = self.blobserver.issue(ticket)
+        flow.request.scheme = "http"
+        flow.request.host = "127.0.0.1"
+        flow.request.port = self.blobserver.inband_port
+        flow.request.headers.pop("authorization", None)
+        flow.metadata["regcache.blobserver"] = True
+        if flow.server_conn.via is not None:
+            flow.server_conn.via = None  # the loopback hop never goes through an upstream proxy
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.metadata.get("regcache.blobserver"):
+            flow.response.stream = True
+        elif "regcache" not in flow.metadata:
+            # Pass-through traffic (blob HEAD misses, pushes, tokens): never buffer it.
+            flow.response.stream = True
+
+    # --- manifests ------------------------------------------------------------------------------
+
+    async def _manifest(self, flow: http.HTTPFlow, ident: Identity, route: oci.Route) -> None:
+        accepted = oci.accepted_media_types(flow.request.headers.get_all("accept"))
+        offline = ctx.options.regcache_offline
+        if route.digest is not None:
+            manifest = self.store.get_manifest(route.reference)
+            if manifest is not None:
+                self._answer_manifest(flow, manifest, "HIT")
+                self._log(flow, ident, route, "HIT", len(manifest.body))
+            elif offline:
+                self._answer_error(flow, 404, "MANIFEST_UNKNOWN", "manifest unknown to the cache (offline)", {"digest": route.reference})
+                self._log(flow, ident, route, "UNKNOWN", 0)
+            else:
+                await self._manifest_miss(flow, ident, route, accepted)
+            return
+        entry = self.store.find_tag(ident.registry, route.name, route.reference, accepted)
+        manifest = self.store.get_manifest(entry.digest) if entry else None
+        if manifest is not None:
+            age = time.time() - entry.checked_at
+            if offline:
+                status = "HIT" if age <= self.config.tag_ttl else "STALE"
+                self._answer_manifest(flow, manifest, status)
+                self._log(flow, ident, route, status, len(manifest.body))
+                return
+            if age <= self.config.tag_ttl:
+                self._answer_manifest(flow, manifest, "HIT")
+                self._log(flow, ident, route, "HIT", len(manifest.body))
+                return
+            await self._revalidate(flow, ident, route, accepted, manifest)
+            return
+        if offline:
+            self._answer_error(flow, 404, "MANIFEST_UNKNOWN", "manifest unknown to the cache (offline)", {"tag": route.reference})
+            self._log(flow, ident, route, "UNKNOWN", 0)
+            return
+        await self._manifest_miss(flow, ident, route, accepted)
+
+    def _answer_manifest(self, flow, manifest: Manifest, cache_status: str) -> None:
+        headers = [("Content-Type", manifest.media_type), ("Docker-Content-Digest", manifest.digest)]
+        if flow.request.method == "HEAD":
+            self._answer(flow, 200, b"", headers, cache_status)
+            flow.response.headers["content-length"] = str(len(manifest.body))
+        else:
+            self._answer(flow, 200, manifest.body, headers, cache_status)
+
+    async def _upstream_call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _single_flight(self, key: tuple, fn, *args):
+        """Run fn once for concurrent callers with the same key; all get its result."""
+        future = self.manifest_flights.get(key)
+        if future is not None:
+            return await asyncio.shield(future), False
+        future = asyncio.get_running_loop().create_future()
+        self.manifest_flights[key] = future
+        try:
+            result = await self._upstream_call(fn, *args)
+            future.set_result(result)
+            return result, True
+        except BaseException as e:
+            future.set_exception(e)
+            future.exception()  # mark retrieved
+            raise
+        finally:
+            del self.manifest_flights[key]
+
+    def _fetch_manifest(self, method: str, target: Target, path: str, headers) -> tuple[int, list, bytes]:
+        """Blocking: one upstream manifest request; (status, headers, body)."""
+        resp = self.upstream.request(method, target, path, headers)
+        try:
+            limit = oci.MAX_MANIFEST_BYTES if resp.status == 200 else MAX_ERROR_BODY
+            body = b"" if method == "HEAD" else resp.read_all(limit)
+            return resp.status, resp.headers, body
+        finally:
+            resp.close()
+
+    async def _manifest_miss(self, flow, ident: Identity, route: oci.Route, accepted) -> None:
+        path = f"/v2/{route.name}/manifests/{route.reference}"
+        headers = [h for h in _header_list(flow) if h[0].lower() != "range"]
+        key = ("GET", ident.registry, route.name, route.reference, tuple(sorted(accepted or ())))
+        try:
+            (status, up_headers, body), leader = await self._single_flight(key, self._fetch_manifest, "GET", ident.target, path, headers)
+            if status in (401, 403) and not leader:
+                status, up_headers, body = await self._upstream_call(self._fetch_manifest, "GET", ident.target, path, headers)
+        except (UpstreamUnavailable, ValueError) as e:
+            self._answer_error(flow, 503, "UNAVAILABLE", f"upstream unavailable and manifest not cached: {e}", {"reference": route.reference})
+            log.warning("regcache: manifest %s/%s:%s not served: %s", ident.registry, route.name, route.reference, e)
+            return
+        if status != 200:
+            self._relay(flow, status, up_headers, body)
+            self._log(flow, ident, route, f"UPSTREAM_{status}", len(body))
+            return
+        header = dict((k.lower(), v) for k, v in up_headers)
+        media_type = oci.manifest_media_type(body, header.get("content-type"))
+        digest = oci.sha256_digest(body)
+        claimed = header.get("docker-content-digest")
+        if route.digest is not None and not route.digest.matches(body):
+            self._answer_error(flow, 502, "MANIFEST_INVALID", "upstream manifest does not match its digest", {"digest": route.reference})
+            log.warning("regcache: upstream sent a manifest for %s that hashes differently; not cached", route.reference)
+            return
+        if route.digest is not None:
+            digest = route.reference
+        elif claimed and claimed.startswith("sha256:") and claimed != digest:
+            self._answer_error(flow, 502, "MANIFEST_INVALID", "upstream manifest does not match its Docker-Content-Digest")
+            log.warning("regcache: manifest %s/%s:%s hashes to %s but upstream claims %s; not cached", ident.registry, route.name, route.reference, digest, claimed)
+            return
+        if leader:
+            self.store.put_manifest(digest, media_type, body)
+            if route.is_tag:
+                self.store.set_tag(ident.registry, route.name, route.reference, media_type, digest)
+            self.store.log_miss({"registry": ident.registry, "repo": route.name, "reference": route.reference, "digest": digest, "kind": "manifest", "media_type": media_type, "size": len(body), "outcome": "MISS"})
+        self._answer_manifest(flow, Manifest(digest, media_type, body), "MISS")
+        self._log(flow, ident, route, "MISS", len(body))
+
+    async def _revalidate(self, flow, ident: Identity, route: oci.Route, accepted, cached: Manifest) -> None:
+        """A tag past its TTL: HEAD upstream (free of Docker Hub's pull limit) and compare digests."""
+        path = f"/v2/{route.name}/manifests/{route.reference}"
+        headers = [h for h in _header_list(flow) if h[0].lower() != "range"]
+        key = ("HEAD", ident.registry, route.name, route.reference, tuple(sorted(accepted or ())))
+        try:
+            (status, up_headers, _), leader = await self._single_flight(key, self._fetch_manifest, "HEAD", ident.target, path, headers)
+            if status in (401, 403) and not leader:
+                status, up_headers, _ = await self._upstream_call(self._fetch_manifest, "HEAD", ident.target, path, headers)
+        except (UpstreamUnavailable, ValueError) as e:
+            self._serve_stale(flow, ident, route, cached, str(e))
+            return
+        if status == 200:
+            header = dict((k.lower(), v) for k, v in up_headers)
+            if header.get("docker-content-digest") == cached.digest:
+                self.store.set_tag(ident.registry, route.name, route.reference, cached.media_type, cached.digest)
+                self._answer_manifest(flow, cached, "REVALIDATED")
+                self._log(flow, ident, route, "REVALIDATED", len(cached.body))
+                return
+            await self._manifest_miss(flow, ident, route, accepted)
+            return
+        if status >= 500 or status == 429:
+            self._serve_stale(flow, ident, route, cached, f"upstream answered {status}")
+            return
+        # 401/403/404: the client hears what upstream said (its token flow, or a deleted tag).
+        self._relay(flow, status, up_headers, b"")
+        if flow.request.method == "GET" and status in (401, 403, 404):
+            body = oci.error_body({401: "UNAUTHORIZED", 403: "DENIED", 404: "MANIFEST_UNKNOWN"}[status], f"upstream answered {status}")
+            flow.response.content = body
+            flow.response.headers["content-type"] = "application/json"
+        self._log(flow, ident, route, f"UPSTREAM_{status}", 0)
+
+    def _serve_stale(self, flow, ident, route, cached: Manifest, why: str) -> None:
+        self._answer_manifest(flow, cached, "STALE")
+        flow.response.headers["Warning"] = '110 regcache "Response is stale"'
+        log.warning("regcache: serving stale %s/%s:%s (%s): %s", ident.registry, route.name, route.reference, cached.digest, why)
+        self._log(flow, ident, route, "STALE", len(cached.body))
+
+    # --- logging ---------------------------------------------------------------------------------
+
+    def _log(self, flow, ident: Identity, route: oci.Route, outcome: str, size: int | None) -> None:
+        log.info(
+            "regcache: %s %s registry=%s repo=%s %s=%s outcome=%s%s",
+            flow.request.method,
+            route.kind,
+            ident.registry,
+            route.name,
+            "digest" if route.digest else "tag",
+            route.reference,
+            outcome,
+            f" bytes={size}" if size is not None else "",
+        )
+
+
+def _token_hash(authorization: str) -> str:
+    return hashlib.sha256(authorization.encode()).hexdigest()[:16]

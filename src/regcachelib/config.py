@@ -1,0 +1,198 @@
+"""The regcache_config YAML file: parsed, validated, every error reported with its location."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+import yaml
+
+from . import oci
+
+# Registries and the hosts clients reach them by, intercepted unless the config says otherwise.
+# Blob CDNs are not listed: blob redirects are followed by regcache itself, so clients never
+# see them and their TLS is left alone.
+DEFAULT_REGISTRIES = (
+    "docker.io",
+    "index.docker.io",
+    "registry-1.docker.io",
+    "quay.io",
+    "gcr.io",
+    "*.gcr.io",
+    "registry.k8s.io",
+    "k8s.gcr.io",
+    "*.pkg.dev",
+    "ghcr.io",
+    "mcr.microsoft.com",
+    "public.ecr.aws",
+    "*.dkr.ecr.*.amazonaws.com",
+    "nvcr.io",
+    "registry.gitlab.com",
+    "docker.elastic.co",
+    "registry.redhat.io",
+    "registry.access.redhat.com",
+    "registry.opensuse.org",
+)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Config:
+    size_limit: int = 50 * 1024**3
+    tag_ttl: float = 300.0
+    registries: list[str] = field(default_factory=lambda: list(DEFAULT_REGISTRIES))
+    intercept_all: bool = False
+    aliases: dict[str, str] = field(default_factory=dict)
+    upstream_timeout: float = 30.0
+    upstream_backoff: float = 15.0
+    fastpath: bool = True
+    fastpath_port: int = 5080
+    fastpath_host: str | None = None  # address clients reach the fast path on; default: the one they reached us on
+    fastpath_bind: str = "0.0.0.0"
+
+    def is_registry_host(self, host: str) -> bool:
+        if self.intercept_all:
+            return True
+        host = host.lower().rstrip(".")
+        if host in self.aliases:
+            return True
+        return any(fnmatch.fnmatchcase(host, pattern) for pattern in self.registries)
+
+    def registry_for_host(self, host: str) -> str:
+        host = host.lower().rstrip(".")
+        return oci.canonical_registry(self.aliases.get(host, host))
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.I)
+_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_SECONDS = {None: 1, "ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(value) -> int:
+    """'50GiB', '500MB', '1.5g', 1073741824 -> bytes (binary units for 'i' forms)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 50GiB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("size must not be negative")
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"expected a size such as 50GiB, got {value!r}")
+    number, unit = float(m.group(1)), (m.group(2) or "").lower()
+    if "i" in unit:
+        multiplier = 1024 ** ("bkmgt".index(unit[0]))
+    else:
+        multiplier = _UNITS[unit.rstrip("b") if unit != "b" else "b"]
+    return int(number * multiplier)
+
+
+def parse_duration(value) -> float:
+    """'5m', '30s', '1h', 300 -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 5m")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ValueError("duration must not be negative")
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"expected a duration such as 5m or 30s, got {value!r}")
+    return float(m.group(1)) * _SECONDS[m.group(2)]
+
+
+def _hosts(value) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ValueError("expected a list of host names (patterns like *.gcr.io allowed)")
+    return [v.strip().lower() for v in value]
+
+
+def _aliases(value) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ValueError("expected a mapping of host name -> registry name")
+    return {k.lower(): v.lower() for k, v in value.items()}
+
+
+def _bool(value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("expected true or false")
+    return value
+
+
+def _port(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise ValueError("expected a port number 0-65535")
+    return value
+
+
+def _opt_str(value) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
+    return value
+
+
+# key -> (attribute, converter)
+_KEYS = {
+    "size_limit": ("size_limit", parse_size),
+    "tag_ttl": ("tag_ttl", parse_duration),
+    "registries": ("registries", _hosts),
+    "extra_registries": (None, _hosts),
+    "intercept_all": ("intercept_all", _bool),
+    "aliases": ("aliases", _aliases),
+    "upstream_timeout": ("upstream_timeout", parse_duration),
+    "upstream_backoff": ("upstream_backoff", parse_duration),
+    "fastpath": ("fastpath", _bool),
+    "fastpath_port": ("fastpath_port", _port),
+    "fastpath_host": ("fastpath_host", _opt_str),
+    "fastpath_bind": ("fastpath_bind", _opt_str),
+}
+
+
+def load_config(path: str | None) -> Config:
+    config = Config()
+    if not path:
+        return config
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    config = Config()
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {e}") from None
+    if root is None:
+        return config
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError(f"{source}:{root.start_mark.line + 1}: the top level must be a mapping of settings")
+    loader = yaml.SafeLoader("")
+    for key_node, value_node in root.value:
+        key = loader.construct_object(key_node, deep=True)
+        where = f"{source}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}"
+        if key not in _KEYS:
+            known = ", ".join(sorted(_KEYS))
+            raise ConfigError(f"{where}: unknown setting {key!r} (known: {known})")
+        value = loader.construct_object(value_node, deep=True)
+        attribute, convert = _KEYS[key]
+        try:
+            converted = convert(value)
+        except ValueError as e:
+            vwhere = f"{source}:{value_node.start_mark.line + 1}:{value_node.start_mark.column + 1}"
+            raise ConfigError(f"{vwhere}: {key}: {e}") from None
+        if key == "extra_registries":
+            config.registries.extend(converted)
+        else:
+            setattr(config, attribute, converted)
+    return config

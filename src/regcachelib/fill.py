@@ -1,0 +1,194 @@
+"""Single-flight blob fills: one upstream download per digest, shared by every reader.
+
+A Fill downloads one blob in a worker thread into a locked staging file, hashing as it goes.
+Readers on the event loop follow the growing file. The last bytes are held back until the
+digest is verified, so no client ever receives a complete body of a wrong blob: a mismatch
+ends every reader's response short, and nothing enters the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from . import oci
+from .store import Store
+from .upstream import Target, Upstream, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1024 * 1024
+# Bytes withheld from readers until the digest checks out.
+HOLDBACK = 64 * 1024
+MAX_ERROR_BODY = 64 * 1024
+
+
+class FillFailed(Exception):
+    pass
+
+
+class Fill:
+    """One in-flight download of a blob."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, digest: oci.Digest, repo: str, registry: str):
+        self.loop = loop
+        self.digest = digest
+        self.registry = registry
+        self.repo = repo
+        self.started = time.time()
+        # Set once upstream's status line and headers are known.
+        self.headers_ready = asyncio.Event()
+        self.status = 0
+        self.upstream_headers: list[tuple[str, str]] = []
+        self.error_body = b""
+        self.size: int | None = None
+        self.content_type = "application/octet-stream"
+        self.staging_path: str | None = None
+        # Progress, written by the worker thread and published to the loop.
+        self.written = 0
+        self.verified = False
+        self.done = False
+        self.failure: str | None = None
+        self._changed = asyncio.Event()
+        self.readers = 0
+
+    # --- what readers see --------------------------------------------------------------
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200 and self.failure is None
+
+    def available(self) -> int:
+        """Bytes a reader may send now."""
+        if self.verified:
+            return self.written
+        if self.size is None:
+            return 0
+        return min(self.written, max(0, self.size - HOLDBACK))
+
+    async def wait_for_change(self) -> None:
+        event = self._changed
+        if self.done:
+            return
+        await event.wait()
+
+    # --- worker-thread side ------------------------------------------------------------
+
+    def _publish(self, **changes) -> None:
+        """Apply progress on the event loop thread and wake readers."""
+
+        def apply():
+            for k, v in changes.items():
+                setattr(self, k, v)
+            if "status" in changes:
+                self.headers_ready.set()
+            event, self._changed = self._changed, asyncio.Event()
+            event.set()
+
+        self.loop.call_soon_threadsafe(apply)
+
+    def run(self, upstream: Upstream, store: Store, target: Target, path: str, headers: list[tuple[str, str]]) -> None:
+        """Download, verify, commit. Runs in a worker thread; never raises."""
+        staging = None
+        try:
+            try:
+                resp = upstream.request("GET", target, path, headers)
+            except UpstreamUnavailable as e:
+                self._publish(status=502, failure=f"upstream unavailable: {e}", done=True)
+                return
+            try:
+                if resp.status != 200:
+                    body = resp.read_all(MAX_ERROR_BODY) if resp.status not in (204, 304) else b""
+                    self._publish(status=resp.status, upstream_headers=resp.headers, error_body=body, failure=f"upstream answered {resp.status}", done=True)
+                    return
+                size = resp.content_length
+                try:
+                    staging, f = store.new_staging_file(str(self.digest))
+                except OSError as e:
+                    self._publish(status=507 if e.errno == errno.ENOSPC else 500, failure=f"cannot create staging file: {e}", done=True)
+                    return
+                self._publish(
+                    status=200,
+                    upstream_headers=resp.headers,
+                    size=size,
+                    content_type=resp.header("content-type") or "application/octet-stream",
+                    staging_path=staging,
+                )
+                hasher = self.digest.hasher()
+                written = 0
+                buf = bytearray(CHUNK)
+                view = memoryview(buf)
+                with f:
+                    while True:
+                        n = resp.readinto(buf)
+                        if not n:
+                            break
+                        f.write(view[:n])
+                        hasher.update(view[:n])
+                        written += n
+                        if size is not None and written > size:
+                            raise FillFailed(f"upstream sent more than its Content-Length {size}")
+                        f.flush()
+                        self._publish(written=written)
+                    if size is not None and written != size:
+                        raise FillFailed(f"short body: {written} of {size} bytes")
+                    if hasher.hexdigest() != self.digest.hex:
+                        raise FillFailed(f"digest mismatch: upstream bytes hash to {self.digest.algorithm}:{hasher.hexdigest()}")
+                    os.fsync(f.fileno())
+                    # Commit while the staging lock is still held, so a sweep cannot race it.
+                    store.commit_blob(str(self.digest), staging, written)
+                staging = None
+                self._publish(size=written, written=written, verified=True, done=True)
+                log.debug("regcache: stored blob %s (%d bytes)", self.digest, written)
+            finally:
+                resp.close()
+        except FillFailed as e:
+            self._publish(failure=str(e), done=True)
+        except (OSError, ValueError, Exception) as e:  # noqa: BLE001 - a fill must never take the proxy down
+            reason = "disk full" if isinstance(e, OSError) and e.errno == errno.ENOSPC else f"{e.__class__.__name__}: {e}"
+            self._publish(failure=reason, done=True)
+        finally:
+            if staging is not None:
+                try:
+                    os.unlink(staging)
+                except FileNotFoundError:
+                    pass
+
+
+class Fills:
+    """The in-flight fills of this process, keyed by digest."""
+
+    def __init__(self, store: Store, upstream: Upstream, max_workers: int = 32):
+        self.store = store
+        self.upstream = upstream
+        self.executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="regcache-fill")
+        self.inflight: dict[str, Fill] = {}
+
+    def get(self, digest: str) -> Fill | None:
+        return self.inflight.get(digest)
+
+    def start(self, digest: oci.Digest, registry: str, repo: str, target: Target, path: str, headers: list[tuple[str, str]]) -> Fill:
+        """The fill for a digest: the one in flight, or a new one (registered synchronously,
+        before any await, so a concurrent request for the same digest always finds it)."""
+        key = str(digest)
+        fill = self.inflight.get(key)
+        if fill is not None and not (fill.done and not fill.ok):
+            return fill
+        loop = asyncio.get_running_loop()
+        fill = Fill(loop, digest, repo, registry)
+        self.inflight[key] = fill
+        future = loop.run_in_executor(self.executor, fill.run, self.upstream, self.store, target, path, headers)
+        future.add_done_callback(lambda _f: loop.call_soon(self._forget, key, fill))
+        return fill
+
+    def _forget(self, key: str, fill: Fill) -> None:
+        if self.inflight.get(key) is fill:
+            del self.inflight[key]
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,208 @@
+"""The on-disk store: blobs and manifests by digest, tags by (registry, repo, tag), a miss log.
+
+Layout of the cache directory (the directory is the whole state; copy it to migrate):
+
+    content/   diskcache Cache: ("blob", digest) -> blob file, ("manifest", digest) -> manifest.
+               Size-limited, least-recently-used eviction, process-safe (SQLite).
+    tags/      diskcache Cache without eviction: ("tag", registry, repo, tag) -> {media type: entry}
+    staging/   partial downloads; a file only leaves here by being verified and renamed into content/
+    misses.jsonl  one JSON line per upstream fetch, for warming and replay
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import diskcache
+
+from . import oci
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZE_LIMIT = 50 * 1024**3
+
+
+class StagedFile:
+    """A verified staging file, handed to diskcache to be renamed (not copied) into place."""
+
+    def __init__(self, path: str, size: int):
+        self.path = path
+        self.size = size
+
+    def read(self, n: int = -1) -> bytes:  # pragma: no cover - diskcache never calls it for us
+        raise RuntimeError("StagedFile is moved, not read")
+
+
+class RenamingDisk(diskcache.Disk):
+    """diskcache Disk that moves a StagedFile into the cache instead of copying it.
+
+    Copying a verified 1 GiB blob costs ~2 s here; a rename on the same filesystem is free.
+    Everything else (eviction, removal of files, the SQLite index) stays diskcache's.
+    """
+
+    def store(self, value, read, key=diskcache.core.UNKNOWN):
+        if read and isinstance(value, StagedFile):
+            filename, full_path = self.filename(key, value)
+            os.makedirs(os.path.dirname(full_path), exist_ok=True)
+            os.rename(value.path, full_path)
+            return value.size, diskcache.core.MODE_BINARY, filename, None
+        return super().store(value, read, key)
+
+
+@dataclass
+class TagEntry:
+    digest: str
+    media_type: str
+    checked_at: float  # when upstream last confirmed this digest for the tag
+
+
+@dataclass
+class Manifest:
+    digest: str
+    media_type: str
+    body: bytes
+
+
+def blob_key(digest: str) -> tuple:
+    return ("blob", digest)
+
+
+def manifest_key(digest: str) -> tuple:
+    return ("manifest", digest)
+
+
+def tag_key(registry: str, repo: str, tag: str) -> tuple:
+    return ("tag", registry, repo, tag)
+
+
+class Store:
+    def __init__(self, directory: str, size_limit: int = DEFAULT_SIZE_LIMIT):
+        self.directory = os.path.abspath(directory)
+        self.staging_dir = os.path.join(self.directory, "staging")
+        os.makedirs(self.staging_dir, exist_ok=True)
+        self.content = diskcache.Cache(
+            os.path.join(self.directory, "content"),
+            disk=RenamingDisk,
+            size_limit=size_limit,
+            eviction_policy="least-recently-used",
+            # Keep manifests and small values inside SQLite; blobs always arrive as files.
+            disk_min_file_size=64 * 1024,
+        )
+        self.tags = diskcache.Cache(os.path.join(self.directory, "tags"), eviction_policy="none", size_limit=2**62)
+        self.miss_log_path = os.path.join(self.directory, "misses.jsonl")
+
+    def close(self) -> None:
+        self.content.close()
+        self.tags.close()
+
+    def set_size_limit(self, size_limit: int) -> None:
+        self.content.reset("size_limit", size_limit)
+
+    # --- blobs -----------------------------------------------------------------
+
+    def open_blob(self, digest: str):
+        """An open binary file of a stored blob, or None. The caller closes it.
+
+        An open file stays readable even if the blob is evicted meanwhile (POSIX unlink).
+        """
+        try:
+            return self.content.get(blob_key(digest), read=True)
+        except OSError:
+            return None
+
+    def blob_size(self, digest: str) -> int | None:
+        f = self.open_blob(digest)
+        if f is None:
+            return None
+        with f:
+            return os.fstat(f.fileno()).st_size
+
+    def has_blob(self, digest: str) -> bool:
+        return blob_key(digest) in self.content
+
+    def new_staging_file(self, digest: str):
+        """Create and lock a staging file; the lock tells sweep_staging it is alive."""
+        name = f"{digest.replace(':', '-')}.{os.getpid()}.{os.urandom(4).hex()}"
+        path = os.path.join(self.staging_dir, name)
+        f = open(path, "xb")
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return path, f
+
+    def commit_blob(self, digest: str, staging_path: str, size: int) -> None:
+        """Move a verified staging file into the store under its digest."""
+        self.content.set(blob_key(digest), StagedFile(staging_path, size), read=True)
+
+    def sweep_staging(self) -> int:
+        """Remove staging files no live writer holds (debris of a crash or kill -9)."""
+        removed = 0
+        for name in os.listdir(self.staging_dir):
+            path = os.path.join(self.staging_dir, name)
+            try:
+                with open(path, "rb") as f:
+                    try:
+                        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except OSError as e:
+                        if e.errno in (errno.EAGAIN, errno.EACCES):
+                            continue  # another process is filling it right now
+                        raise
+                    os.unlink(path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+    # --- manifests -------------------------------------------------------------------
+
+    def put_manifest(self, digest: str, media_type: str, body: bytes) -> None:
+        self.content.set(manifest_key(digest), (media_type, body))
+
+    def get_manifest(self, digest: str) -> Manifest | None:
+        value = self.content.get(manifest_key(digest))
+        if value is None:
+            return None
+        media_type, body = value
+        return Manifest(digest, media_type, body)
+
+    # --- tags --------------------------------------------------------------------------
+
+    def tag_entries(self, registry: str, repo: str, tag: str) -> list[TagEntry]:
+        value = self.tags.get(tag_key(registry, repo, tag)) or {}
+        return [TagEntry(d, mt, checked) for mt, (d, checked) in value.items()]
+
+    def find_tag(self, registry: str, repo: str, tag: str, accepted: set[str] | None) -> TagEntry | None:
+        """The most recently confirmed tag entry whose media type the client accepts."""
+        candidates = [e for e in self.tag_entries(registry, repo, tag) if oci.client_accepts(e.media_type, accepted)]
+        candidates.sort(key=lambda e: e.checked_at, reverse=True)
+        return candidates[0] if candidates else None
+
+    def set_tag(self, registry: str, repo: str, tag: str, media_type: str, digest: str, now: float | None = None) -> None:
+        key = tag_key(registry, repo, tag)
+        with self.tags.transact():
+            value = dict(self.tags.get(key) or {})
+            value[media_type] = (digest, now if now is not None else time.time())
+            self.tags.set(key, value)
+
+    def iter_tags(self):
+        for key in self.tags.iterkeys():
+            if isinstance(key, tuple) and key[0] == "tag":
+                yield key[1:], self.tags.get(key) or {}
+
+    # --- miss log ----------------------------------------------------------------------
+
+    def log_miss(self, record: dict) -> None:
+        line = json.dumps({"time": round(time.time(), 3), **record}, separators=(",", ":")) + "\n"
+        # One write of one line with O_APPEND: lines from two processes never interleave.
+        try:
+            fd = os.open(self.miss_log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+        except OSError as e:
+            log.warning("regcache: could not append to miss log %s: %s", self.miss_log_path, e)

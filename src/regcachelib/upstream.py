@@ -1,0 +1,201 @@
+"""Talking to upstream registries: a small blocking HTTP/1.1 client run in worker threads.
+
+Why our own client and not mitmproxy's forwarding: a blob fill must outlive the client that
+started it (followers read the same download), must follow CDN redirects server-side without
+carrying the registry's credentials along, and must hash off the event loop. A thread that
+reads the socket, writes the staging file and hashes does all three; the socket read, the
+file write and sha256 of large buffers all release the GIL.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit
+
+log = logging.getLogger(__name__)
+
+REDIRECTS = (301, 302, 303, 307, 308)
+MAX_REDIRECTS = 5
+# Hop-by-hop and transport headers never copied between connections.
+HOP_HEADERS = frozenset(
+    {"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length"}
+)
+
+
+class UpstreamUnavailable(Exception):
+    """The upstream could not be reached (connect error, timeout, TLS failure) or is backed off."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a registry's API is: the name it answers to, and optionally where to connect.
+
+    In transparent mode the name comes from SNI/Host while the address is the original
+    destination of the redirected connection; elsewhere the name is resolved normally.
+    """
+
+    host: str
+    port: int = 443
+    scheme: str = "https"
+    connect_address: str | None = None
+
+    def url(self, path: str) -> str:
+        default = 443 if self.scheme == "https" else 80
+        netloc = self.host if self.port == default else f"{self.host}:{self.port}"
+        return f"{self.scheme}://{netloc}{path}"
+
+
+@dataclass
+class UpstreamResponse:
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    url: str  # final URL after redirects (never logged with its query: it may be signed)
+    _conn: http.client.HTTPConnection | None = field(default=None, repr=False)
+    _resp: http.client.HTTPResponse | None = field(default=None, repr=False)
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        for k, v in self.headers:
+            if k.lower() == name:
+                return v
+        return None
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.header("content-length")
+        return int(value) if value and value.isdigit() else None
+
+    def read(self, n: int) -> bytes:
+        assert self._resp is not None
+        return self._resp.read(n)
+
+    def readinto(self, buf) -> int:
+        assert self._resp is not None
+        return self._resp.readinto(buf)
+
+    def read_all(self, limit: int) -> bytes:
+        """The whole body, refusing more than limit bytes (manifests, error documents)."""
+        assert self._resp is not None
+        data = self._resp.read(limit + 1)
+        if len(data) > limit:
+            raise ValueError(f"upstream body larger than {limit} bytes")
+        return data
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class _Connection(http.client.HTTPSConnection):
+    """HTTPS to one name, optionally at a fixed address (transparent mode's original dst)."""
+
+    def __init__(self, host, port, address, context, timeout):
+        super().__init__(host, port, context=context, timeout=timeout)
+        self._address = address
+        self._context = context
+
+    def connect(self):
+        sock = socket.create_connection((self._address or self.host, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+class Upstream:
+    """Blocking client for upstream registries, with a dead-upstream back-off."""
+
+    def __init__(self, ssl_context: ssl.SSLContext, timeout: float = 30.0, backoff: float = 15.0):
+        self.ssl_context = ssl_context
+        self.timeout = timeout
+        self.backoff = backoff
+        self._down_until: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    # A dead upstream should not make every request wait for a connect timeout.
+    def is_backed_off(self, host: str) -> bool:
+        with self._lock:
+            return self._down_until.get(host, 0) > time.monotonic()
+
+    def _mark(self, host: str, ok: bool) -> None:
+        with self._lock:
+            if ok:
+                self._down_until.pop(host, None)
+            else:
+                self._down_until[host] = time.monotonic() + self.backoff
+
+    def request(
+        self,
+        method: str,
+        target: Target,
+        path: str,
+        headers: list[tuple[str, str]],
+        follow_redirects: bool = True,
+    ) -> UpstreamResponse:
+        """Send a request; follow redirects, dropping credentials when the host changes.
+
+        The caller must read or close the returned response.
+        """
+        url = target.url(path)
+        origin_host = target.host
+        address = target.connect_address
+        for _hop in range(MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            host = parts.hostname or ""
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            if self.is_backed_off(host):
+                raise UpstreamUnavailable(f"{host} is backed off after a recent failure")
+            send_headers = [(k, v) for k, v in headers if k.lower() not in HOP_HEADERS]
+            if host != origin_host:
+                # Credentials are meant for the registry only; a CDN gets none of them.
+                send_headers = [(k, v) for k, v in send_headers if k.lower() not in ("authorization", "cookie")]
+            netloc = host if port in (80, 443) else f"{host}:{port}"
+            send_headers.append(("Host", netloc))
+            if parts.scheme == "https":
+                conn: http.client.HTTPConnection = _Connection(host, port, address, self.ssl_context, self.timeout)
+            else:
+                conn = http.client.HTTPConnection(address or host, port, timeout=self.timeout)
+            req_path = parts.path + ("?" + parts.query if parts.query else "")
+            try:
+                conn.putrequest(method, req_path or "/", skip_host=True, skip_accept_encoding=True)
+                for k, v in send_headers:
+                    conn.putheader(k, v)
+                conn.endheaders()
+                resp = conn.getresponse()
+            except (OSError, http.client.HTTPException, ssl.SSLError) as e:
+                conn.close()
+                self._mark(host, False)
+                raise UpstreamUnavailable(f"{host}: {e.__class__.__name__}: {e}") from e
+            self._mark(host, True)
+            location = resp.getheader("location")
+            if follow_redirects and resp.status in REDIRECTS and location:
+                resp.read(64 * 1024)
+                conn.close()
+                url = urljoin(url, location)
+                # The original destination address only applies to the registry's own name.
+                if urlsplit(url).hostname != target.host:
+                    address = None
+                if resp.status == 303:
+                    method = "GET"
+                continue
+            return UpstreamResponse(resp.status, resp.reason, resp.getheaders(), url, conn, resp)
+        raise UpstreamUnavailable(f"too many redirects from {target.host}")
+
+
+def make_ssl_context(insecure: bool, ca_file: str | None, ca_path: str | None) -> ssl.SSLContext:
+    """Upstream TLS trust, from the same mitmproxy options that govern its own connections."""
+    if insecure:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    if ca_file or ca_path:
+        return ssl.create_default_context(cafile=ca_file or None, capath=ca_path or None)
+    import certifi  # mitmproxy's own default trust store
+
+    return ssl.create_default_context(cafile=certifi.where())
