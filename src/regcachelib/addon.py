@@ -186,7 +186,10 @@ class RegistryCache:
             self._route_to_blobserver(flow, None)
             return
         ident = self.identify(flow)
-        if ident is None or not ident.path.startswith("/v2/"):
+        if ident is None or not ident.path.startswith("/v2"):
+            return
+        if ident.path in ("/v2", "/v2/") and flow.request.method in ("GET", "HEAD"):
+            await self._ping(flow, ident)
             return
         try:
             route = oci.parse_route(ident.registry, ident.path)
@@ -206,6 +209,23 @@ class RegistryCache:
         except Exception as e:  # noqa: BLE001 - never let a cache bug break a pull
             log.exception("regcache: internal error on %s %s", flow.request.method, flow.request.pretty_url)
             self._answer_error(flow, 500, "UNKNOWN", f"regcache internal error: {e.__class__.__name__}")
+
+    async def _ping(self, flow: http.HTTPFlow, ident: Identity) -> None:
+        """The /v2/ version check every client starts with.
+
+        Relayed from upstream (its 401 starts the client's token flow); answered by regcache
+        itself when offline or when upstream is unreachable, so cached images stay pullable.
+        """
+        if not ctx.options.regcache_offline:
+            try:
+                status, headers, body = await self._upstream_call(self._fetch, flow.request.method, ident.target, "/v2/", _header_list(flow))
+            except (UpstreamUnavailable, ValueError) as e:
+                log.warning("regcache: %s unreachable (%s); answering /v2/ from the cache", ident.target.host, e)
+            else:
+                if status < 500 and status != 429:
+                    self._relay(flow, status, headers, body)
+                    return
+        self._answer(flow, 200, b"{}", [("Content-Type", "application/json")])
 
     def _retarget(self, flow: http.HTTPFlow, ident: Identity) -> None:
         """Pass a request through; in mirror mode send it to the registry it is for."""
@@ -401,8 +421,8 @@ class RegistryCache:
         finally:
             del self.manifest_flights[key]
 
-    def _fetch_manifest(self, method: str, target: Target, path: str, headers) -> tuple[int, list, bytes]:
-        """Blocking: one upstream manifest request; (status, headers, body)."""
+    def _fetch(self, method: str, target: Target, path: str, headers) -> tuple[int, list, bytes]:
+        """Blocking: one small upstream request (manifest, ping); (status, headers, body)."""
         resp = self.upstream.request(method, target, path, headers)
         try:
             limit = oci.MAX_MANIFEST_BYTES if resp.status == 200 else MAX_ERROR_BODY
@@ -416,9 +436,9 @@ class RegistryCache:
         headers = [h for h in _header_list(flow) if h[0].lower() != "range"]
         key = ("GET", ident.registry, route.name, route.reference, tuple(sorted(accepted or ())))
         try:
-            (status, up_headers, body), leader = await self._single_flight(key, self._fetch_manifest, "GET", ident.target, path, headers)
+            (status, up_headers, body), leader = await self._single_flight(key, self._fetch, "GET", ident.target, path, headers)
             if status in (401, 403) and not leader:
-                status, up_headers, body = await self._upstream_call(self._fetch_manifest, "GET", ident.target, path, headers)
+                status, up_headers, body = await self._upstream_call(self._fetch, "GET", ident.target, path, headers)
         except (UpstreamUnavailable, ValueError) as e:
             self._answer_error(flow, 503, "UNAVAILABLE", f"upstream unavailable and manifest not cached: {e}", {"reference": route.reference})
             log.warning("regcache: manifest %s/%s:%s not served: %s", ident.registry, route.name, route.reference, e)
@@ -455,9 +475,9 @@ class RegistryCache:
         headers = [h for h in _header_list(flow) if h[0].lower() != "range"]
         key = ("HEAD", ident.registry, route.name, route.reference, tuple(sorted(accepted or ())))
         try:
-            (status, up_headers, _), leader = await self._single_flight(key, self._fetch_manifest, "HEAD", ident.target, path, headers)
+            (status, up_headers, _), leader = await self._single_flight(key, self._fetch, "HEAD", ident.target, path, headers)
             if status in (401, 403) and not leader:
-                status, up_headers, _ = await self._upstream_call(self._fetch_manifest, "HEAD", ident.target, path, headers)
+                status, up_headers, _ = await self._upstream_call(self._fetch, "HEAD", ident.target, path, headers)
         except (UpstreamUnavailable, ValueError) as e:
             self._serve_stale(flow, ident, route, cached, str(e))
             return

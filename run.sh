@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up (once) and run regcache with its embedded defaults: a cache directory ./regcache-cache,
+# HTTPS_PROXY listener on :8080, registry mirror on :5000 (Docker Hub by default, ?ns= for others),
+# fast blob path on :5080. Extra arguments go to mitmdump (e.g. --set regcache_offline=true).
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=$(command -v python3.12 || command -v python3)
+[ -x .venv/bin/mitmdump ] || { "$PY" -m venv .venv && .venv/bin/pip install -q --disable-pip-version-check -e .; }
+exec .venv/bin/mitmdump -s addons/regcache.py \
+    --set confdir="$PWD/certs" \
+    --mode regular@8080 \
+    --mode reverse:https://registry-1.docker.io@5000 \
+    --set regcache_dir="${REGCACHE_DIR:-$PWD/regcache-cache}" \
+    "$@"

@@ -1,0 +1,163 @@
+"""Fixtures for end-to-end tests: the namespace world and regcache (mitmdump) processes in it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.world import World
+
+ROOT = Path(__file__).resolve().parents[2]
+MITMDUMP = str(Path(sys.executable).parent / "mitmdump")
+SHIM = str(ROOT / "addons" / "regcache.py")
+
+PROXY_PORT = 8080
+TRANSPARENT_PORT = 8081
+MIRROR_PORT = 5000
+FASTPATH_PORT = 5080
+
+
+def _can_run_e2e() -> str | None:
+    if os.geteuid() != 0:
+        return "end-to-end tests need root (network namespaces, iptables)"
+    if shutil.which("ip") is None or shutil.which("docker-registry") is None:
+        return "iproute2 and docker-registry are required (./test.sh installs them)"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = _can_run_e2e()
+    for item in items:
+        if "e2e" in str(item.fspath) and item.get_closest_marker("e2e") is None:
+            item.add_marker(pytest.mark.e2e)
+        if reason and item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def world():
+    with World() as w:
+        yield w
+
+
+class Regcache:
+    """One mitmdump + regcache process in the router namespace."""
+
+    def __init__(self, world: World, workdir: Path, cache_dir: Path, modes: list[str], options: dict, config: str | None):
+        self.world = world
+        self.workdir = workdir
+        self.cache_dir = cache_dir
+        self.confdir = workdir / "mitmproxy-conf"
+        self.confdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = workdir / "mitmdump.log"
+        argv = [MITMDUMP, "-s", SHIM, "--set", f"confdir={self.confdir}", "--set", f"regcache_dir={cache_dir}"]
+        argv += ["--set", f"ssl_verify_upstream_trusted_ca={world.ca_cert_path}", "--set", "termlog_verbosity=info"]
+        for mode in modes:
+            argv += ["--mode", mode]
+        if config is not None:
+            cfg = workdir / "regcache.yml"
+            cfg.write_text(config)
+            argv += ["--set", f"regcache_config={cfg}"]
+        for k, v in options.items():
+            argv += ["--set", f"{k}={v}"]
+        self.argv = argv
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait_ports=(PROXY_PORT,)) -> "Regcache":
+        self.log = open(self.log_path, "ab")
+        self.proc = self.world.popen(self.world.ns_router, self.argv, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        for port in wait_ports:
+            while not self._listening(port):
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"mitmdump exited: {self.log_text()[-3000:]}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"mitmdump did not listen on {port}: {self.log_text()[-3000:]}")
+                time.sleep(0.1)
+        return self
+
+    def _listening(self, port: int) -> bool:
+        r = self.world.run(self.world.ns_router, ["ss", "-Htln", f"sport = :{port}"], check=False)
+        return bool(r.stdout.strip())
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill9(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.confdir / "mitmproxy-ca-cert.pem"
+
+    def client_bundle(self) -> Path:
+        """System roots + the test CA + this regcache's CA: what a client trusts."""
+        bundle = self.workdir / "client-bundle.pem"
+        bundle.write_bytes(Path(self.world.ca_bundle_path).read_bytes() + self.ca_cert.read_bytes())
+        return bundle
+
+    def cert_dir(self) -> Path:
+        """A directory for skopeo/podman --cert-dir style trust (ca.crt files)."""
+        d = self.workdir / "certs.d"
+        d.mkdir(exist_ok=True)
+        (d / "test-ca.crt").write_bytes(Path(self.world.ca_cert_path).read_bytes())
+        (d / "regcache-ca.crt").write_bytes(self.ca_cert.read_bytes())
+        return d
+
+
+@pytest.fixture
+def regcache_factory(world, tmp_path):
+    started: list[Regcache] = []
+
+    def make(cache_dir=None, modes=(f"regular@{PROXY_PORT}",), options=None, config=None, wait_ports=None) -> Regcache:
+        n = len(started)
+        workdir = tmp_path / f"regcache{n}"
+        workdir.mkdir()
+        rc = Regcache(world, workdir, Path(cache_dir or workdir / "cache"), list(modes), dict(options or {}), config)
+        ports = wait_ports or [int(m.rsplit("@", 1)[1]) for m in modes if "@" in m]
+        started.append(rc)
+        return rc.start(ports)
+
+    yield make
+    for rc in started:
+        rc.stop()
+    world.start_upstream()
+
+
+def skopeo_copy(world: World, src: str, dest_dir: Path, env: dict, extra=(), timeout=180) -> subprocess.CompletedProcess:
+    """skopeo copy in the client namespace into a fresh dir: layout (manifest kept verbatim)."""
+    if dest_dir.exists():
+        shutil.rmtree(dest_dir)
+    argv = ["skopeo", "copy", *extra, src, f"dir:{dest_dir}"]
+    return world.run(world.ns_client, argv, env=env, check=False, timeout=timeout)
+
+
+def dir_manifest_digest(layout: Path) -> str:
+    """Digest of the manifest skopeo received, byte for byte."""
+    import hashlib
+
+    return "sha256:" + hashlib.sha256((layout / "manifest.json").read_bytes()).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,75 @@
+"""Issue 2's proof with real parts: skopeo pulls through regcache (HTTPS_PROXY) from a real
+distribution registry over TLS; with the upstream stopped the same pull succeeds from the cache."""
+
+import json
+
+import pytest
+
+from .conftest import PROXY_PORT, dir_manifest_digest, skopeo_copy
+
+pytestmark = pytest.mark.e2e
+
+
+def proxy_env(world, rc):
+    return {
+        "HTTPS_PROXY": f"http://{world.router_client_ip}:{PROXY_PORT}",
+        "SSL_CERT_FILE": str(rc.client_bundle()),
+    }
+
+
+@pytest.mark.parametrize("ref", ["docker://registry-1.docker.io/library/small:1", "docker://quay.io/org/s2:1"])
+def test_pull_through_proxy_then_from_cache_with_upstream_stopped(world, regcache_factory, tmp_path, ref):
+    rc = regcache_factory()
+    env = proxy_env(world, rc)
+    image = world.image(ref.replace("docker://", "").replace("registry-1.docker.io", "docker.io"))
+
+    first = skopeo_copy(world, ref, tmp_path / "first", env)
+    assert first.returncode == 0, first.stderr
+    assert dir_manifest_digest(tmp_path / "first") == image.manifest_digest
+    assert "outcome=MISS" in rc.log_text()
+
+    world.stop_upstream()
+    try:
+        second = skopeo_copy(world, ref, tmp_path / "second", env)
+        assert second.returncode == 0, second.stderr + rc.log_text()[-3000:]
+    finally:
+        world.start_upstream()
+    assert dir_manifest_digest(tmp_path / "second") == image.manifest_digest
+    # every file (manifest, config, layers) is byte-identical
+    for f in (tmp_path / "first").iterdir():
+        assert (tmp_path / "second" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_offline_copy_of_cache_dir_serves_and_unknown_fails_fast(world, regcache_factory, tmp_path):
+    rc = regcache_factory()
+    ref = "docker://registry-1.docker.io/library/small:1"
+    assert skopeo_copy(world, ref, tmp_path / "warm", proxy_env(world, rc)).returncode == 0
+    rc.stop()
+
+    moved = tmp_path / "moved-cache"
+    import shutil
+
+    shutil.copytree(rc.cache_dir, moved)
+    world.stop_upstream()
+    offline = regcache_factory(cache_dir=moved, options={"regcache_offline": "true"})
+    env = proxy_env(world, offline)
+    out = skopeo_copy(world, ref, tmp_path / "replayed", env)
+    assert out.returncode == 0, out.stderr + offline.log_text()[-3000:]
+    assert dir_manifest_digest(tmp_path / "replayed") == world.image("docker.io/library/small:1").manifest_digest
+
+    import time
+
+    t0 = time.monotonic()
+    unknown = skopeo_copy(world, "docker://registry-1.docker.io/library/nothere:1", tmp_path / "unknown", env)
+    assert unknown.returncode != 0
+    assert time.monotonic() - t0 < 15
+    assert "manifest unknown" in unknown.stderr.lower() or "MANIFEST_UNKNOWN" in unknown.stderr
+
+
+def test_miss_log_records_pulls(world, regcache_factory, tmp_path):
+    rc = regcache_factory()
+    assert skopeo_copy(world, "docker://quay.io/org/s2:1", tmp_path / "x", proxy_env(world, rc)).returncode == 0
+    lines = [json.loads(l) for l in (rc.cache_dir / "misses.jsonl").read_text().splitlines()]
+    kinds = {(l["registry"], l["kind"]) for l in lines}
+    assert ("quay.io", "manifest") in kinds and ("quay.io", "blob") in kinds
+    assert all("authorization" not in json.dumps(l).lower() for l in lines)
