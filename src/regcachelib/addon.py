@@ -19,6 +19,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy import mode_specs
 
 from . import oci
+from .access import Access
 from .blobserver import FASTPATH_PREFIX, TICKET_PREFIX, BlobServer, Signer, Ticket
 from .config import Config, ConfigError, load_config
 from .fill import MAX_ERROR_BODY, Fills
@@ -55,6 +56,7 @@ class RegistryCache:
         self.upstream: Upstream | None = None
         self.fills: Fills | None = None
         self.blobserver: BlobServer | None = None
+        self.access: Access | None = None
         self.signer = Signer(os.urandom(32))
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="regcache-upstream")
         # single-flight for manifests and tag revalidation: key -> future of the leader
@@ -100,6 +102,7 @@ class RegistryCache:
                 self.fills = Fills(self.store, self.upstream)
             else:
                 self.fills.store, self.fills.upstream = self.store, self.upstream
+            self.access = Access(self.upstream, self.store.tags, self.config.auth_ttl, self.config.public_ttl, self.config.trust_clients_offline)
         if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
             # Eager connections would reach upstream for every hit (and fail when it is down).
             log.info("regcache: setting connection_strategy=lazy so cache hits open no upstream connection")
@@ -265,6 +268,8 @@ class RegistryCache:
         if flow.request.method == "HEAD":
             size = self.store.blob_size(digest)
             if size is not None:
+                if not await self._authorized(flow, ident, route):
+                    return
                 self._answer_head(flow, size, digest)
                 self._log(flow, ident, route, "HIT", 0)
             elif ctx.options.regcache_offline:
@@ -274,7 +279,8 @@ class RegistryCache:
                 self._retarget(flow, ident)  # a HEAD miss goes upstream as a HEAD
             return
         if self.store.has_blob(digest):
-            self._serve_blob(flow, ident, route, "HIT")
+            if await self._authorized(flow, ident, route):
+                self._serve_blob(flow, ident, route, "HIT")
             return
         if ctx.options.regcache_offline:
             self._answer_error(flow, 404, "BLOB_UNKNOWN", "blob unknown to the cache (offline)", {"digest": digest})
@@ -296,6 +302,9 @@ class RegistryCache:
                 return
         if leader:
             self.store.log_miss({"registry": ident.registry, "repo": route.name, "reference": digest, "digest": digest, "kind": "blob", "media_type": fill.content_type, "size": fill.size, "outcome": "MISS"})
+            self._probe_public_later(ident, route)
+        elif not await self._authorized(flow, ident, route):
+            return  # a follower rides on another client's download only with its own access
         self._serve_blob(flow, ident, route, "MISS")
 
     def _blob_fill_failed(self, flow, ident, route, fill) -> None:
@@ -363,6 +372,8 @@ class RegistryCache:
         if route.digest is not None:
             manifest = self.store.get_manifest(route.reference)
             if manifest is not None:
+                if not await self._authorized(flow, ident, route):
+                    return
                 self._answer_manifest(flow, manifest, "HIT")
                 self._log(flow, ident, route, "HIT", len(manifest.body))
             elif offline:
@@ -375,6 +386,8 @@ class RegistryCache:
         manifest = self.store.get_manifest(entry.digest) if entry else None
         if manifest is not None:
             age = time.time() - entry.checked_at
+            if (offline or age <= self.config.tag_ttl) and not await self._authorized(flow, ident, route):
+                return
             if offline:
                 status = "HIT" if age <= self.config.tag_ttl else "STALE"
                 self._answer_manifest(flow, manifest, status)
@@ -437,6 +450,8 @@ class RegistryCache:
         key = ("GET", ident.registry, route.name, route.reference, tuple(sorted(accepted or ())))
         try:
             (status, up_headers, body), leader = await self._single_flight(key, self._fetch, "GET", ident.target, path, headers)
+            if not leader and status == 200 and not await self._authorized(flow, ident, route):
+                return
             if status in (401, 403) and not leader:
                 status, up_headers, body = await self._upstream_call(self._fetch, "GET", ident.target, path, headers)
         except (UpstreamUnavailable, ValueError) as e:
@@ -462,6 +477,7 @@ class RegistryCache:
             log.warning("regcache: manifest %s/%s:%s hashes to %s but upstream claims %s; not cached", ident.registry, route.name, route.reference, digest, claimed)
             return
         if leader:
+            self._probe_public_later(ident, route)
             self.store.put_manifest(digest, media_type, body)
             if route.is_tag:
                 self.store.set_tag(ident.registry, route.name, route.reference, media_type, digest)
@@ -506,6 +522,40 @@ class RegistryCache:
         flow.response.headers["Warning"] = '110 regcache "Response is stale"'
         log.warning("regcache: serving stale %s/%s:%s (%s): %s", ident.registry, route.name, route.reference, cached.digest, why)
         self._log(flow, ident, route, "STALE", len(cached.body))
+
+    # --- access ---------------------------------------------------------------------------------
+
+    async def _authorized(self, flow, ident: Identity, route: oci.Route) -> bool:
+        """Private-repository isolation: answer the client as upstream would if it may not see this."""
+        kind = "blobs" if route.kind == oci.BLOB else "manifests"
+        path = f"/v2/{route.name}/{kind}/{route.reference}"
+        verdict = await self._upstream_call(
+            self.access.decide, ident.target, ident.registry, route.name, path,
+            _header_list(flow, ("authorization", "accept")), ctx.options.regcache_offline,
+        )
+        if verdict.allow:
+            return True
+        code = "DENIED" if verdict.status == 403 else ("UNAUTHORIZED" if verdict.status == 401 else "NAME_UNKNOWN")
+        self._answer_error(flow, verdict.status, code, verdict.reason, extra=verdict.headers or [])
+        log.warning("regcache: not serving cached %s/%s to this client: %s", ident.registry, route.name, verdict.reason)
+        return False
+
+    def _probe_public_later(self, ident: Identity, route: oci.Route) -> None:
+        """Learn whether a repository is public while it is being cached, so later hits
+        (and hits while upstream is down) need no upstream request to decide."""
+        public, checked = self.access.known_public(ident.registry, route.name)
+        if public is not None and time.time() - checked < self.access.public_ttl:
+            return
+        kind = "blobs" if route.kind == oci.BLOB else "manifests"
+        path = f"/v2/{route.name}/{kind}/{route.reference}"
+
+        def probe():
+            try:
+                self.access.probe_public(ident.target, ident.registry, route.name, path)
+            except Exception as e:  # noqa: BLE001 - best effort; decide() probes again if needed
+                log.debug("regcache: public probe of %s/%s failed: %s", ident.registry, route.name, e)
+
+        self.executor.submit(probe)
 
     # --- logging ---------------------------------------------------------------------------------
 

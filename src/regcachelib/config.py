@@ -53,6 +53,9 @@ class Config:
     fastpath_port: int = 5080
     fastpath_host: str | None = None  # address clients reach the fast path on; default: the one they reached us on
     fastpath_bind: str = "0.0.0.0"
+    auth_ttl: float = 60.0  # how long upstream's "yes" to a client's credentials is remembered
+    public_ttl: float = 3600.0  # how long a repository's public/private status is trusted
+    trust_clients_offline: bool = False  # serve private cached content unverified when upstream is unreachable
 
     def is_registry_host(self, host: str) -> bool:
         if self.intercept_all:
@@ -152,6 +155,9 @@ _KEYS = {
     "fastpath_port": ("fastpath_port", _port),
     "fastpath_host": ("fastpath_host", _opt_str),
     "fastpath_bind": ("fastpath_bind", _opt_str),
+    "auth_ttl": ("auth_ttl", parse_duration),
+    "public_ttl": ("public_ttl", parse_duration),
+    "trust_clients_offline": ("trust_clients_offline", _bool),
 }
 
 
