@@ -17,11 +17,15 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
 
+from .oci import MANIFEST_MEDIA_TYPES
 from .upstream import Target, Upstream, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
+# Registries answer a manifest HEAD only for media types the client accepts (distribution
+# answers 404 to an OCI manifest asked for without Accept), so a probe accepts them all.
+_PROBE_HEADERS = [("Accept", ", ".join(MANIFEST_MEDIA_TYPES)), ("Accept", "*/*")]
 
 
 @dataclass
@@ -66,7 +70,7 @@ class Access:
 
     def probe_public(self, target: Target, registry: str, repo: str, path: str) -> bool:
         """Blocking: can an anonymous client HEAD this resource? Raises UpstreamUnavailable."""
-        resp = self.upstream.request("HEAD", target, path, [("Accept", "*/*")])
+        resp = self.upstream.request("HEAD", target, path, _PROBE_HEADERS)
         resp.close()
         if resp.status == 200:
             public = True
@@ -101,7 +105,7 @@ class Access:
         token = doc.get("token") or doc.get("access_token")
         if not token:
             return False
-        check = self.upstream.request("HEAD", target, path, [("Authorization", f"Bearer {token}"), ("Accept", "*/*")])
+        check = self.upstream.request("HEAD", target, path, [("Authorization", f"Bearer {token}"), *_PROBE_HEADERS])
         check.close()
         return check.status == 200
 

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import re
+import socket
 import time
 from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
@@ -43,10 +44,17 @@ class Identity:
     registry: str
     target: Target
     path: str  # the /v2 path without a mirror's registry prefix or query
+    # A path-prefix mirror request carries a token the client got for the mirror's own
+    # registry (its /v2/ ping is never prefixed); it must not travel to another registry.
+    forward_credentials: bool = True
 
 
 def _header_list(flow: http.HTTPFlow, names=_FORWARD) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in flow.request.headers.items(multi=True) if k.lower() in names]
+    headers = [(k, v) for k, v in flow.request.headers.items(multi=True) if k.lower() in names]
+    meta = flow.metadata.get("regcache")
+    if meta is not None and not meta[0].forward_credentials:
+        headers = [(k, v) for k, v in headers if k.lower() != "authorization"]
+    return headers
 
 
 class RegistryCache:
@@ -156,18 +164,20 @@ class RegistryCache:
             ns = flow.request.query.get("ns")
             mirror_host = mode.address[0]
             registry = self.config.registry_for_host(ns) if ns else None
+            prefixed = False
             if registry is None:
                 m = _PREFIXED.match(path)
                 if m and self.config.is_registry_host(m.group("registry")):
                     registry = self.config.registry_for_host(m.group("registry"))
                     path = "/v2/" + m.group("rest")
+                    prefixed = True
             if registry is None:
                 registry = self.config.registry_for_host(mirror_host)
             if registry == self.config.registry_for_host(mirror_host):
                 target = Target(mirror_host, mode.address[1], "https" if mode.scheme in ("https", "tls") else "http")
             else:
                 target = Target(oci.api_host(registry))
-            return Identity(registry, target, path)
+            return Identity(registry, target, path, forward_credentials=not prefixed or registry == self.config.registry_for_host(mirror_host))
         host = flow.request.pretty_host
         if isinstance(mode, mode_specs.TransparentMode):
             host = flow.client_conn.sni or host
@@ -191,6 +201,7 @@ class RegistryCache:
         ident = self.identify(flow)
         if ident is None or not ident.path.startswith("/v2"):
             return
+        flow.metadata["regcache"] = (ident, None)
         if ident.path in ("/v2", "/v2/") and flow.request.method in ("GET", "HEAD"):
             await self._ping(flow, ident)
             return
@@ -237,6 +248,8 @@ class RegistryCache:
                 self._answer_error(flow, 503, "UNAVAILABLE", "regcache is offline and does not forward requests")
                 return
             target = ident.target
+            if not ident.forward_credentials:
+                flow.request.headers.pop("authorization", None)
             flow.request.scheme, flow.request.host, flow.request.port = target.scheme, target.host, target.port
             flow.request.headers["host"] = target.host
             if ident.path != flow.request.path.split("?", 1)[0]:
@@ -323,13 +336,28 @@ class RegistryCache:
     def _serve_blob(self, flow, ident, route, cache_status: str) -> None:
         digest = str(route.digest)
         if self._use_fastpath(flow):
-            host = self.config.fastpath_host or flow.client_conn.sockname[0]
+            host = self.config.fastpath_host or self._local_address_for(flow)
             netloc = f"[{host}]" if ":" in host else host
             location = f"http://{netloc}:{self.blobserver.fastpath_port}{self.signer.sign(digest)}"
             self._answer(flow, 307, b"", [("Location", location), ("Docker-Content-Digest", digest)], cache_status)
+            self._log(flow, ident, route, cache_status, None, "fastpath")
         else:
             self._route_to_blobserver(flow, Ticket(digest, cache_status, flow.request.headers.get("range")))
-        self._log(flow, ident, route, cache_status, None)
+            self._log(flow, ident, route, cache_status, None, "inband")
+
+    def _local_address_for(self, flow) -> str:
+        """The address of ours the client reaches us by.
+
+        In transparent mode the socket's own address is the original destination (the
+        registry's), so ask the routing table which local address faces the client.
+        """
+        if not isinstance(flow.client_conn.proxy_mode, mode_specs.TransparentMode):
+            return flow.client_conn.sockname[0]
+        peer = flow.client_conn.peername[0]
+        family = socket.AF_INET6 if ":" in peer else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((peer, 9))  # UDP connect sends nothing; it only picks the route
+            return s.getsockname()[0]
 
     def _use_fastpath(self, flow) -> bool:
         if not (self.config.fastpath and self.blobserver and self.blobserver.fastpath_port):
@@ -358,11 +386,10 @@ class RegistryCache:
             flow.server_conn.via = None  # the loopback hop never goes through an upstream proxy
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.metadata.get("regcache.blobserver"):
-            flow.response.stream = True
-        elif "regcache" not in flow.metadata:
-            # Pass-through traffic (blob HEAD misses, pushes, tokens): never buffer it.
-            flow.response.stream = True
+        # Everything regcache does not answer itself streams through unbuffered: blob bodies
+        # from the blob server, and pass-through traffic (HEAD misses, pushes, tokens).
+        # regcache fetches the manifests it caches itself, so it never needs a body here.
+        flow.response.stream = True
 
     # --- manifests ------------------------------------------------------------------------------
 
@@ -495,7 +522,7 @@ class RegistryCache:
             if status in (401, 403) and not leader:
                 status, up_headers, _ = await self._upstream_call(self._fetch, "HEAD", ident.target, path, headers)
         except (UpstreamUnavailable, ValueError) as e:
-            self._serve_stale(flow, ident, route, cached, str(e))
+            await self._serve_stale(flow, ident, route, cached, str(e))
             return
         if status == 200:
             header = dict((k.lower(), v) for k, v in up_headers)
@@ -507,7 +534,7 @@ class RegistryCache:
             await self._manifest_miss(flow, ident, route, accepted)
             return
         if status >= 500 or status == 429:
-            self._serve_stale(flow, ident, route, cached, f"upstream answered {status}")
+            await self._serve_stale(flow, ident, route, cached, f"upstream answered {status}")
             return
         # 401/403/404: the client hears what upstream said (its token flow, or a deleted tag).
         self._relay(flow, status, up_headers, b"")
@@ -517,7 +544,9 @@ class RegistryCache:
             flow.response.headers["content-type"] = "application/json"
         self._log(flow, ident, route, f"UPSTREAM_{status}", 0)
 
-    def _serve_stale(self, flow, ident, route, cached: Manifest, why: str) -> None:
+    async def _serve_stale(self, flow, ident, route, cached: Manifest, why: str) -> None:
+        if not await self._authorized(flow, ident, route):
+            return
         self._answer_manifest(flow, cached, "STALE")
         flow.response.headers["Warning"] = '110 regcache "Response is stale"'
         log.warning("regcache: serving stale %s/%s:%s (%s): %s", ident.registry, route.name, route.reference, cached.digest, why)
@@ -559,9 +588,9 @@ class RegistryCache:
 
     # --- logging ---------------------------------------------------------------------------------
 
-    def _log(self, flow, ident: Identity, route: oci.Route, outcome: str, size: int | None) -> None:
+    def _log(self, flow, ident: Identity, route: oci.Route, outcome: str, size: int | None, via: str | None = None) -> None:
         log.info(
-            "regcache: %s %s registry=%s repo=%s %s=%s outcome=%s%s",
+            "regcache: %s %s registry=%s repo=%s %s=%s outcome=%s%s%s",
             flow.request.method,
             route.kind,
             ident.registry,
@@ -570,6 +599,7 @@ class RegistryCache:
             route.reference,
             outcome,
             f" bytes={size}" if size is not None else "",
+            f" via={via}" if via else "",
         )
 
 

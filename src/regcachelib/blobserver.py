@@ -214,14 +214,19 @@ class BlobServer:
         fill = self.fills.get(digest)
         f = None
         if fill is not None and fill.ok and not fill.verified:
-            if fill.size is None:
-                await fill_done(fill)
-            else:
+            if fill.size is not None:
                 f = _open_quiet(fill.staging_path)
-                cache_status = "MISS" if cache_status == "MISS" else "HIT"
+            if f is None:
+                # No length to promise yet, or the file is being renamed into the store
+                # right now: the store answers once the fill is over.
+                await fill_done(fill)
         if f is None:
+            failure = fill.failure if fill is not None else None
             fill = None
             f = self.store.open_blob(digest)
+            if f is None and failure:
+                await self._send_error(writer, 502, "Bad Gateway", "BLOB_UNKNOWN", f"upstream download failed: {failure}", extra=extra)
+                return True
         if f is None:
             await self._send_error(writer, 404, "Not Found", "BLOB_UNKNOWN", "blob unknown to the cache", extra=extra)
             return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -100,6 +101,8 @@ def parse_duration(value) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 5m")
     if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ValueError(f"expected a finite duration such as 5m, got {value!r}")
         if value < 0:
             raise ValueError("duration must not be negative")
         return float(value)
@@ -178,24 +181,31 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: invalid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+        raise ConfigError(f"{where}: invalid YAML: {e}") from None
     if root is None:
         return config
     if not isinstance(root, yaml.MappingNode):
         raise ConfigError(f"{source}:{root.start_mark.line + 1}: the top level must be a mapping of settings")
     loader = yaml.SafeLoader("")
     for key_node, value_node in root.value:
-        key = loader.construct_object(key_node, deep=True)
         where = f"{source}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}"
-        if key not in _KEYS:
+        vwhere = f"{source}:{value_node.start_mark.line + 1}:{value_node.start_mark.column + 1}"
+        try:
+            key = loader.construct_object(key_node, deep=True)
+        except (yaml.YAMLError, ValueError, TypeError) as e:
+            raise ConfigError(f"{where}: invalid setting name: {e}") from None
+        # A YAML key may be a list or a mapping (unhashable): judge it before the lookup.
+        if not isinstance(key, str) or key not in _KEYS:
             known = ", ".join(sorted(_KEYS))
             raise ConfigError(f"{where}: unknown setting {key!r} (known: {known})")
-        value = loader.construct_object(value_node, deep=True)
         attribute, convert = _KEYS[key]
         try:
+            # Construction fails on e.g. "2024-13-01" (a timestamp) or an unknown !!tag.
+            value = loader.construct_object(value_node, deep=True)
             converted = convert(value)
-        except ValueError as e:
-            vwhere = f"{source}:{value_node.start_mark.line + 1}:{value_node.start_mark.column + 1}"
+        except (yaml.YAMLError, ValueError, TypeError) as e:
             raise ConfigError(f"{vwhere}: {key}: {e}") from None
         if key == "extra_registries":
             config.registries.extend(converted)

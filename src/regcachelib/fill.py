@@ -148,9 +148,11 @@ class Fill:
             finally:
                 resp.close()
         except FillFailed as e:
+            log.warning("regcache: blob %s from %s/%s not cached: %s", self.digest, self.registry, self.repo, e)
             self._publish(failure=str(e), done=True)
-        except (OSError, ValueError, Exception) as e:  # noqa: BLE001 - a fill must never take the proxy down
+        except Exception as e:  # noqa: BLE001 - a fill must never take the proxy down
             reason = "disk full" if isinstance(e, OSError) and e.errno == errno.ENOSPC else f"{e.__class__.__name__}: {e}"
+            log.warning("regcache: blob %s from %s/%s not cached: %s", self.digest, self.registry, self.repo, reason)
             self._publish(failure=reason, done=True)
         finally:
             if staging is not None:

@@ -38,6 +38,7 @@ def api_host(registry: str) -> str:
 # --- repository names and references ------------------------------------------------
 
 # distribution's grammar (reference/regexp.go): path components separated by "/".
+# Always applied with fullmatch: "$" would also match before a trailing newline.
 _COMPONENT = re.compile(r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 MAX_NAME_LENGTH = 255
@@ -72,7 +73,7 @@ def validate_name(name: str) -> str:
     if not name or len(name) > MAX_NAME_LENGTH:
         raise ProtocolError(400, "NAME_INVALID", "invalid repository name", {"name": name[:300]})
     for component in name.split("/"):
-        if not _COMPONENT.match(component):
+        if not _COMPONENT.fullmatch(component):
             raise ProtocolError(400, "NAME_INVALID", "invalid repository name", {"name": name})
     return name
 
@@ -100,7 +101,7 @@ class Digest:
 
 
 def parse_digest(text: str) -> Digest:
-    m = _DIGEST.match(text)
+    m = _DIGEST.fullmatch(text)
     if not m:
         raise ProtocolError(400, "DIGEST_INVALID", "invalid digest", {"digest": text[:200]})
     algorithm, hexpart = m.group(1), m.group(2)
@@ -157,7 +158,7 @@ def parse_route(registry: str, path: str) -> Route | None:
     decoded = unquote(raw)
     if "\x00" in decoded or "\\" in decoded:
         raise ProtocolError(400, "NAME_INVALID", "invalid characters in request path")
-    m = _ROUTE.match(decoded)
+    m = _ROUTE.fullmatch(decoded)
     if not m:
         return None
     name, kind, ref = m.group("name"), m.group("kind"), m.group("ref")
@@ -172,7 +173,7 @@ def parse_route(registry: str, path: str) -> Route | None:
     if is_digest(ref):
         digest = parse_digest(ref)
         return Route(MANIFEST, name, str(digest), digest)
-    if not _TAG.match(ref):
+    if not _TAG.fullmatch(ref):
         raise ProtocolError(400, "MANIFEST_INVALID", "invalid tag", {"tag": ref[:200]})
     return Route(MANIFEST, name, ref, None)
 
@@ -227,7 +228,7 @@ def manifest_media_type(body: bytes, content_type: str | None) -> str:
             return mt
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON from upstream
         return content_type or "application/octet-stream"
     if isinstance(doc, dict):
         if isinstance(doc.get("mediaType"), str):
@@ -261,13 +262,13 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     first, last = first.strip(), last.strip()
     try:
         if first == "":
-            if not last.isdigit():
+            if not _ascii_digits(last):
                 return None
             length = int(last)
-            if length == 0:
-                raise ProtocolError(416, "RANGE_INVALID", "unsatisfiable range")
+            if length == 0 or size == 0:
+                raise ProtocolError(416, "RANGE_INVALID", "unsatisfiable range", {"size": size})
             return (max(0, size - length), size)
-        if not first.isdigit() or (last and not last.isdigit()):
+        if not _ascii_digits(first) or (last and not _ascii_digits(last)):
             return None
         start = int(first)
         end = int(last) + 1 if last else size
@@ -276,3 +277,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if start >= size or end <= start:
         raise ProtocolError(416, "RANGE_INVALID", "unsatisfiable range", {"size": size})
     return (start, min(end, size))
+
+
+def _ascii_digits(text: str) -> bool:
+    # str.isdigit() also accepts "²" and "١"; HTTP's DIGIT is ASCII only.
+    return text.isascii() and text.isdigit()

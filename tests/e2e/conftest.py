@@ -161,3 +161,44 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def router_client_iface(world: World) -> str:
+    out = world.run(world.ns_router, ["ip", "-o", "-4", "addr", "show"]).stdout
+    for line in out.splitlines():
+        if f" {world.router_client_ip}/" in line:
+            return line.split()[1].split("@")[0]
+    raise RuntimeError("router has no client-side interface")
+
+
+class TransparentRedirect:
+    """iptables REDIRECT of the client's HTTPS (port 443) to regcache's transparent listener,
+    in the router namespace; always removed again."""
+
+    def __init__(self, world: World, port: int = TRANSPARENT_PORT):
+        self.world = world
+        self.rule = ["PREROUTING", "-i", router_client_iface(world), "-p", "tcp", "--dport", "443", "-j", "REDIRECT", "--to-ports", str(port)]
+
+    def __enter__(self):
+        self.world.run(self.world.ns_router, ["iptables", "-t", "nat", "-A", *self.rule])
+        return self
+
+    def __exit__(self, *exc):
+        self.world.run(self.world.ns_router, ["iptables", "-t", "nat", "-D", *self.rule], check=False)
+
+
+@pytest.fixture
+def transparent(world):
+    with TransparentRedirect(world) as t:
+        yield t
+
+
+def mirror_registries_conf(path: Path, mirror: str, registries=("docker.io", "quay.io", "gcr.io", "registry.k8s.io", "ghcr.io")) -> Path:
+    """containers-registries.conf(5): every registry mirrored through regcache's mirror
+    listener; docker.io without a path prefix, the others as path-prefix mirrors."""
+    blocks = ['unqualified-search-registries = ["docker.io"]']
+    for reg in registries:
+        location = mirror if reg == "docker.io" else f"{mirror}/{reg}"
+        blocks.append(f'[[registry]]\nprefix = "{reg}"\nlocation = "{reg}"\n\n[[registry.mirror]]\nlocation = "{location}"\ninsecure = true\n')
+    path.write_text("\n".join(blocks))
+    return path

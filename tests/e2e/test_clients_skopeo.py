@@ -1,0 +1,60 @@
+"""skopeo through each way in: HTTPS_PROXY, transparent (iptables REDIRECT), registry mirror."""
+
+import pytest
+
+from .conftest import FASTPATH_PORT, MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, dir_manifest_digest, mirror_registries_conf, skopeo_copy
+
+pytestmark = pytest.mark.e2e
+
+IMAGES = ["docker.io/library/s2:1", "ghcr.io/owner/small:1"]
+
+
+def pull_twice(world, rc, tmp_path, env, refs, extra=()):
+    """Pull each image, then again into a fresh store with upstream stopped."""
+    for ref in refs:
+        image = world.image(ref)
+        out = skopeo_copy(world, f"docker://{ref}", tmp_path / "a", env, extra)
+        assert out.returncode == 0, out.stderr + rc.log_text()[-2000:]
+        assert dir_manifest_digest(tmp_path / "a") == image.manifest_digest
+    world.stop_upstream()
+    try:
+        for ref in refs:
+            out = skopeo_copy(world, f"docker://{ref}", tmp_path / "b", env, extra)
+            assert out.returncode == 0, f"{ref} from cache: {out.stderr}" + rc.log_text()[-2000:]
+            assert dir_manifest_digest(tmp_path / "b") == world.image(ref).manifest_digest
+    finally:
+        world.start_upstream()
+
+
+def test_skopeo_https_proxy(world, regcache_factory, tmp_path):
+    rc = regcache_factory()
+    env = {"HTTPS_PROXY": f"http://{world.router_client_ip}:{PROXY_PORT}", "SSL_CERT_FILE": str(rc.client_bundle())}
+    pull_twice(world, rc, tmp_path, env, IMAGES)
+
+
+def test_skopeo_transparent(world, regcache_factory, tmp_path, transparent):
+    rc = regcache_factory(modes=[f"transparent@{TRANSPARENT_PORT}"])
+    env = {"SSL_CERT_FILE": str(rc.client_bundle())}
+    pull_twice(world, rc, tmp_path, env, IMAGES)
+    assert "outcome=MISS" in rc.log_text() and "outcome=HIT" in rc.log_text()
+    # blob bodies of hits went over the fast path (307 to the plain-HTTP blob endpoint)
+    assert "outcome=HIT via=fastpath" in rc.log_text()
+
+
+def test_skopeo_mirror(world, regcache_factory, tmp_path):
+    rc = regcache_factory(modes=[f"reverse:https://registry-1.docker.io@{MIRROR_PORT}"])
+    conf = mirror_registries_conf(tmp_path / "registries.conf", f"{world.router_client_ip}:{MIRROR_PORT}")
+    env = {"SSL_CERT_FILE": str(rc.client_bundle())}
+    pull_twice(world, rc, tmp_path, env, IMAGES, extra=["--registries-conf", str(conf)])
+    log = rc.log_text()
+    assert "registry=ghcr.io" in log and "registry=docker.io" in log
+
+
+def test_skopeo_multiarch_platform_through_proxy(world, regcache_factory, tmp_path):
+    rc = regcache_factory()
+    env = {"HTTPS_PROXY": f"http://{world.router_client_ip}:{PROXY_PORT}", "SSL_CERT_FILE": str(rc.client_bundle())}
+    image = world.image("quay.io/org/multi-oci:1")
+    arm_digest = image.child("linux/arm64").digest
+    out = skopeo_copy(world, "docker://quay.io/org/multi-oci:1", tmp_path / "arm", env, ["--override-arch", "arm64"])
+    assert out.returncode == 0, out.stderr
+    assert dir_manifest_digest(tmp_path / "arm") == arm_digest
