@@ -305,6 +305,12 @@ class RegistryCache:
             headers = [h for h in _header_list(flow) if h[0].lower() != "range"]
             fill = self.fills.start(route.digest, ident.registry, route.name, ident.target, f"/v2/{route.name}/blobs/{digest}", headers)
         await fill.headers_ready.wait()
+        if fill.no_room:
+            # Caching is impossible right now; the pull must still work: straight upstream.
+            log.warning("regcache: passing %s/%s blob %s through uncached: cache disk full", ident.registry, route.name, digest)
+            self._retarget(flow, ident)
+            self._log(flow, ident, route, "UNCACHED", None)
+            return
         if fill.status != 200:
             if fill.status in (401, 403) and not leader:
                 # The leader's credentials were refused; this client may hold better ones.
@@ -505,9 +511,12 @@ class RegistryCache:
             return
         if leader:
             self._probe_public_later(ident, route)
-            self.store.put_manifest(digest, media_type, body)
-            if route.is_tag:
-                self.store.set_tag(ident.registry, route.name, route.reference, media_type, digest)
+            try:
+                self.store.put_manifest(digest, media_type, body)
+                if route.is_tag:
+                    self.store.set_tag(ident.registry, route.name, route.reference, media_type, digest)
+            except Exception as e:  # noqa: BLE001 - a full disk must not fail the pull
+                log.warning("regcache: manifest %s of %s/%s served but not stored: %s", digest, ident.registry, route.name, e)
             self.store.log_miss({"registry": ident.registry, "repo": route.name, "reference": route.reference, "digest": digest, "kind": "manifest", "media_type": media_type, "size": len(body), "outcome": "MISS"})
         self._answer_manifest(flow, Manifest(digest, media_type, body), "MISS")
         self._log(flow, ident, route, "MISS", len(body))

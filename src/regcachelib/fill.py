@@ -54,6 +54,8 @@ class Fill:
         self.verified = False
         self.done = False
         self.failure: str | None = None
+        # The cache filesystem has no room for this blob: requesters fetch it uncached.
+        self.no_room = False
         self._changed = asyncio.Event()
         self.readers = 0
 
@@ -107,10 +109,17 @@ class Fill:
                     self._publish(status=resp.status, upstream_headers=resp.headers, error_body=body, failure=f"upstream answered {resp.status}", done=True)
                     return
                 size = resp.content_length
+                if not store.has_room(size):
+                    log.warning("regcache: cache disk full: %s (%s bytes) passes through uncached", self.digest, size)
+                    self._publish(status=200, no_room=True, failure="cache disk full", done=True)
+                    return
                 try:
                     staging, f = store.new_staging_file(str(self.digest))
                 except OSError as e:
-                    self._publish(status=507 if e.errno == errno.ENOSPC else 500, failure=f"cannot create staging file: {e}", done=True)
+                    if e.errno == errno.ENOSPC:
+                        self._publish(status=200, no_room=True, failure="cache disk full", done=True)
+                    else:
+                        self._publish(status=500, failure=f"cannot create staging file: {e}", done=True)
                     return
                 self._publish(
                     status=200,
@@ -139,12 +148,17 @@ class Fill:
                         raise FillFailed(f"short body: {written} of {size} bytes")
                     if hasher.hexdigest() != self.digest.hex:
                         raise FillFailed(f"digest mismatch: upstream bytes hash to {self.digest.algorithm}:{hasher.hexdigest()}")
-                    os.fsync(f.fileno())
-                    # Commit while the staging lock is still held, so a sweep cannot race it.
-                    store.commit_blob(str(self.digest), staging, written)
-                staging = None
+                    try:
+                        os.fsync(f.fileno())
+                        # Commit while the staging lock is still held, so a sweep cannot race it.
+                        store.commit_blob(str(self.digest), staging, written)
+                        staging = None
+                    except Exception as e:  # noqa: BLE001
+                        # The bytes are verified: readers that have the file open finish
+                        # their pull; it is only not kept.
+                        log.warning("regcache: blob %s verified but not stored: %s", self.digest, e)
                 self._publish(size=written, written=written, verified=True, done=True)
-                log.debug("regcache: stored blob %s (%d bytes)", self.digest, written)
+                log.debug("regcache: fill of %s done (%d bytes)", self.digest, written)
             finally:
                 resp.close()
         except FillFailed as e:

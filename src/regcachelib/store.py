@@ -123,6 +123,14 @@ class Store:
         with f:
             return os.fstat(f.fileno()).st_size
 
+    def has_room(self, size: int | None, reserve: int = 64 * 1024 * 1024) -> bool:
+        """Whether a blob of this size fits on the cache filesystem with some room to spare."""
+        try:
+            st = os.statvfs(self.staging_dir)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize >= (size or 0) + reserve
+
     def has_blob(self, digest: str) -> bool:
         return blob_key(digest) in self.content
 
