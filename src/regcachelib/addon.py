@@ -478,6 +478,9 @@ class RegistryCache:
             resp.close()
 
     async def _manifest_miss(self, flow, ident: Identity, route: oci.Route, accepted) -> None:
+        if flow.request.method == "HEAD":
+            await self._manifest_head_miss(flow, ident, route, accepted)
+            return
         path = f"/v2/{route.name}/manifests/{route.reference}"
         headers = [h for h in _header_list(flow) if h[0].lower() != "range"]
         key = ("GET", ident.registry, route.name, route.reference, tuple(sorted(accepted or ())))
@@ -520,6 +523,34 @@ class RegistryCache:
             self.store.log_miss({"registry": ident.registry, "repo": route.name, "reference": route.reference, "digest": digest, "kind": "manifest", "media_type": media_type, "size": len(body), "outcome": "MISS"})
         self._answer_manifest(flow, Manifest(digest, media_type, body), "MISS")
         self._log(flow, ident, route, "MISS", len(body))
+
+    async def _manifest_head_miss(self, flow, ident: Identity, route: oci.Route, accepted) -> None:
+        """A HEAD stays a HEAD upstream (free of Docker Hub's pull limit); its answer still
+        teaches the tag's digest, so the GET by digest that follows completes the entry."""
+        path = f"/v2/{route.name}/manifests/{route.reference}"
+        headers = [h for h in _header_list(flow) if h[0].lower() != "range"]
+        key = ("HEAD", ident.registry, route.name, route.reference, tuple(sorted(accepted or ())))
+        try:
+            (status, up_headers, _), leader = await self._single_flight(key, self._fetch, "HEAD", ident.target, path, headers)
+            if status in (401, 403) and not leader:
+                status, up_headers, _ = await self._upstream_call(self._fetch, "HEAD", ident.target, path, headers)
+        except (UpstreamUnavailable, ValueError) as e:
+            self._answer_error(flow, 503, "UNAVAILABLE", f"upstream unavailable and manifest not cached: {e}", {"reference": route.reference})
+            return
+        header = {k.lower(): v for k, v in up_headers}
+        digest, content_type = header.get("docker-content-digest"), header.get("content-type")
+        if status == 200 and route.is_tag and digest and content_type:
+            try:
+                media_type = oci.manifest_media_type(b"", content_type)
+                if oci.client_accepts(media_type, accepted):
+                    self.store.set_tag(ident.registry, route.name, route.reference, media_type, oci.parse_digest(digest).__str__())
+            except (oci.ProtocolError, Exception) as e:  # noqa: BLE001
+                log.warning("regcache: tag %s/%s:%s not recorded: %s", ident.registry, route.name, route.reference, e)
+        keep = [(k, v) for k, v in up_headers if k.lower() in ("content-type", "docker-content-digest", "www-authenticate", "etag")]
+        self._answer(flow, status, b"", keep, "MISS" if status == 200 else None)
+        if "content-length" in header:
+            flow.response.headers["content-length"] = header["content-length"]
+        self._log(flow, ident, route, "MISS" if status == 200 else f"UPSTREAM_{status}", None)
 
     async def _revalidate(self, flow, ident: Identity, route: oci.Route, accepted, cached: Manifest) -> None:
         """A tag past its TTL: HEAD upstream (free of Docker Hub's pull limit) and compare digests."""
