@@ -69,6 +69,7 @@ class RegistryCache:
         self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="regcache-upstream")
         # single-flight for manifests and tag revalidation: key -> future of the leader
         self.manifest_flights: dict[tuple, asyncio.Future] = {}
+        self._probing: set[tuple[str, str]] = set()
 
     # --- options ----------------------------------------------------------------------
 
@@ -615,6 +616,10 @@ class RegistryCache:
         public, checked = self.access.known_public(ident.registry, route.name)
         if public is not None and time.time() - checked < self.access.public_ttl:
             return
+        key = (ident.registry, route.name)
+        if key in self._probing:
+            return  # one probe per repository at a time, however many blobs miss at once
+        self._probing.add(key)
         kind = "blobs" if route.kind == oci.BLOB else "manifests"
         path = f"/v2/{route.name}/{kind}/{route.reference}"
 
@@ -623,6 +628,8 @@ class RegistryCache:
                 self.access.probe_public(ident.target, ident.registry, route.name, path)
             except Exception as e:  # noqa: BLE001 - best effort; decide() probes again if needed
                 log.debug("regcache: public probe of %s/%s failed: %s", ident.registry, route.name, e)
+            finally:
+                self._probing.discard(key)
 
         self.executor.submit(probe)
 
