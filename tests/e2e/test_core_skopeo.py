@@ -40,30 +40,48 @@ def test_pull_through_proxy_then_from_cache_with_upstream_stopped(world, regcach
         assert (tmp_path / "second" / f.name).read_bytes() == f.read_bytes(), f.name
 
 
+REPLAY = [
+    "registry-1.docker.io/library/small:1",
+    "registry-1.docker.io/library/big:1",
+    "quay.io/org/s2:1",
+    "gcr.io/proj/small:1",
+    "registry.k8s.io/pause:1",
+    "ghcr.io/owner/small:1",
+]
+
+
 def test_offline_copy_of_cache_dir_serves_and_unknown_fails_fast(world, regcache_factory, tmp_path):
+    """Populate, stop, copy the cache dir elsewhere, start offline with no upstream at all:
+    every pull replays from the copy; unknown references fail fast with OCI errors."""
+    import shutil
+    import time
+
     rc = regcache_factory()
-    ref = "docker://registry-1.docker.io/library/small:1"
-    assert skopeo_copy(world, ref, tmp_path / "warm", proxy_env(world, rc)).returncode == 0
+    for ref in REPLAY:
+        out = skopeo_copy(world, f"docker://{ref}", tmp_path / "warm", proxy_env(world, rc))
+        assert out.returncode == 0, out.stderr
     rc.stop()
 
     moved = tmp_path / "moved-cache"
-    import shutil
-
     shutil.copytree(rc.cache_dir, moved)
+    shutil.rmtree(rc.cache_dir)
     world.stop_upstream()
     offline = regcache_factory(cache_dir=moved, options={"regcache_offline": "true"})
     env = proxy_env(world, offline)
-    out = skopeo_copy(world, ref, tmp_path / "replayed", env)
-    assert out.returncode == 0, out.stderr + offline.log_text()[-3000:]
-    assert dir_manifest_digest(tmp_path / "replayed") == world.image("docker.io/library/small:1").manifest_digest
+    for ref in REPLAY:
+        out = skopeo_copy(world, f"docker://{ref}", tmp_path / "replayed", env)
+        assert out.returncode == 0, ref + out.stderr + offline.log_text()[-3000:]
+        image = world.image(ref.replace("registry-1.docker.io", "docker.io"))
+        assert dir_manifest_digest(tmp_path / "replayed") == image.manifest_digest
 
-    import time
-
-    t0 = time.monotonic()
-    unknown = skopeo_copy(world, "docker://registry-1.docker.io/library/nothere:1", tmp_path / "unknown", env)
-    assert unknown.returncode != 0
-    assert time.monotonic() - t0 < 15
-    assert "manifest unknown" in unknown.stderr.lower() or "MANIFEST_UNKNOWN" in unknown.stderr
+    for unknown_ref in ("registry-1.docker.io/library/nothere:1", "quay.io/org/s2:2"):
+        t0 = time.monotonic()
+        unknown = skopeo_copy(world, f"docker://{unknown_ref}", tmp_path / "unknown", env)
+        assert unknown.returncode != 0
+        assert time.monotonic() - t0 < 15
+        assert "manifest unknown" in unknown.stderr.lower(), unknown.stderr
+    # offline means no upstream connection at all: the regcache never even tried
+    assert "unreachable" not in offline.log_text()
 
 
 def test_miss_log_records_pulls(world, regcache_factory, tmp_path):
