@@ -76,7 +76,7 @@ class Signer:
             return None
         if expires < (now if now is not None else time.time()):
             return None
-        if not hmac.compare_digest(sig, self._mac(digest, expires)):
+        if not sig.isascii() or not hmac.compare_digest(sig, self._mac(digest, expires)):
             return None
         return digest
 
@@ -123,6 +123,7 @@ class BlobServer:
         self.inband_port = 0
         self.fastpath_port = 0
         self.bytes_served = 0
+        self.stats = None  # stats.Stats: counts body bytes sent (from a stored file or a download)
 
     async def start(self, fastpath_host: str | None, fastpath_port: int | None) -> None:
         inband = await asyncio.start_server(self._handle, "127.0.0.1", 0, limit=MAX_REQUEST_HEAD)
@@ -195,7 +196,7 @@ class BlobServer:
             target = target[target.index("/", target.index("//") + 2):]
         extra: list[tuple[str, str]] = []
         if path.startswith(TICKET_PREFIX):
-            ticket = self.tickets.pop(path[len(TICKET_PREFIX):], None)
+            ticket = self.tickets.pop(path[len(TICKET_PREFIX):].split("?", 1)[0], None)
             if ticket is None:
                 await self._send_error(writer, 404, "Not Found", "BLOB_UNKNOWN", "unknown or used ticket")
                 return True
@@ -271,6 +272,8 @@ class BlobServer:
             sent = await loop.sendfile(writer.transport, f, offset, count, fallback=True)
             offset += sent
             self.bytes_served += sent
+            if self.stats is not None:
+                self.stats.served_bytes(sent, from_store=fill is None)
         return True
 
 

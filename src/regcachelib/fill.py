@@ -56,8 +56,10 @@ class Fill:
         self.failure: str | None = None
         # The cache filesystem has no room for this blob: requesters fetch it uncached.
         self.no_room = False
+        self._status_published = False  # worker-thread side: has a status gone out yet
         self._changed = asyncio.Event()
         self.readers = 0
+        self.stats = None  # stats.Stats: upstream bytes of a completed download are counted
 
     # --- what readers see --------------------------------------------------------------
 
@@ -83,6 +85,9 @@ class Fill:
 
     def _publish(self, **changes) -> None:
         """Apply progress on the event loop thread and wake readers."""
+
+        if "status" in changes:
+            self._status_published = True
 
         def apply():
             for k, v in changes.items():
@@ -130,16 +135,16 @@ class Fill:
                 )
                 hasher = self.digest.hasher()
                 written = 0
-                buf = bytearray(CHUNK)
-                view = memoryview(buf)
                 with f:
                     while True:
-                        n = resp.readinto(buf)
-                        if not n:
+                        # read1: whatever has arrived (up to CHUNK), so readers follow the
+                        # download as it happens instead of in 1 MiB steps
+                        chunk = resp.read1(CHUNK)
+                        if not chunk:
                             break
-                        f.write(view[:n])
-                        hasher.update(view[:n])
-                        written += n
+                        f.write(chunk)
+                        hasher.update(chunk)
+                        written += len(chunk)
                         if size is not None and written > size:
                             raise FillFailed(f"upstream sent more than its Content-Length {size}")
                         f.flush()
@@ -158,6 +163,8 @@ class Fill:
                         # their pull; it is only not kept.
                         log.warning("regcache: blob %s verified but not stored: %s", self.digest, e)
                 self._publish(size=written, written=written, verified=True, done=True)
+                if self.stats is not None:
+                    self.stats.upstream_bytes(self.registry, written)
                 log.debug("regcache: fill of %s done (%d bytes)", self.digest, written)
             finally:
                 resp.close()
@@ -167,7 +174,9 @@ class Fill:
         except Exception as e:  # noqa: BLE001 - a fill must never take the proxy down
             reason = "disk full" if isinstance(e, OSError) and e.errno == errno.ENOSPC else f"{e.__class__.__name__}: {e}"
             log.warning("regcache: blob %s from %s/%s not cached: %s", self.digest, self.registry, self.repo, reason)
-            self._publish(failure=reason, done=True)
+            # Waiters block on headers_ready: a failure before any status must still wake them.
+            status = {} if self._status_published else {"status": 502}
+            self._publish(failure=reason, done=True, **status)
         finally:
             if staging is not None:
                 try:
@@ -184,6 +193,7 @@ class Fills:
         self.upstream = upstream
         self.executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="regcache-fill")
         self.inflight: dict[str, Fill] = {}
+        self.stats = None  # stats.Stats handed to every Fill
 
     def get(self, digest: str) -> Fill | None:
         return self.inflight.get(digest)
@@ -197,6 +207,7 @@ class Fills:
             return fill
         loop = asyncio.get_running_loop()
         fill = Fill(loop, digest, repo, registry)
+        fill.stats = self.stats
         self.inflight[key] = fill
         future = loop.run_in_executor(self.executor, fill.run, self.upstream, self.store, target, path, headers)
         future.add_done_callback(lambda _f: loop.call_soon(self._forget, key, fill))

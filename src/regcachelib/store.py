@@ -91,6 +91,9 @@ class Store:
             disk=RenamingDisk,
             size_limit=size_limit,
             eviction_policy="least-recently-used",
+            # diskcache culls up to cull_limit entries per set, the new one included, once
+            # the limit is passed; regcache evicts one at a time instead (evict_to_limit).
+            cull_limit=0,
             # Keep manifests and small values inside SQLite; blobs always arrive as files.
             disk_min_file_size=64 * 1024,
         )
@@ -145,6 +148,24 @@ class Store:
     def commit_blob(self, digest: str, staging_path: str, size: int) -> None:
         """Move a verified staging file into the store under its digest."""
         self.content.set(blob_key(digest), StagedFile(staging_path, size), read=True)
+        self.evict_to_limit(protect={blob_key(digest)})
+
+    def evict_to_limit(self, protect=frozenset()) -> int:
+        """Evict least recently used content until the store fits its size limit.
+
+        Never the entries in protect (what was just stored). Returns how many were evicted.
+        """
+        evicted = 0
+        cache = self.content
+        while cache.volume() > cache.size_limit:
+            # diskcache keeps access_time per row ("least-recently-used" updates it on get)
+            rows = cache._sql("SELECT key, raw FROM Cache ORDER BY access_time LIMIT ?", (len(protect) + 1,)).fetchall()
+            victims = [k for k in (cache._disk.get(key, raw) for key, raw in rows) if k not in protect]
+            if not victims:
+                break
+            cache.delete(victims[0])
+            evicted += 1
+        return evicted
 
     def sweep_staging(self) -> int:
         """Remove staging files no live writer holds (debris of a crash or kill -9)."""
@@ -169,6 +190,7 @@ class Store:
 
     def put_manifest(self, digest: str, media_type: str, body: bytes) -> None:
         self.content.set(manifest_key(digest), (media_type, body))
+        self.evict_to_limit(protect={manifest_key(digest)})
 
     def get_manifest(self, digest: str) -> Manifest | None:
         value = self.content.get(manifest_key(digest))

@@ -70,15 +70,16 @@ class UpstreamResponse:
     @property
     def content_length(self) -> int | None:
         value = self.header("content-length")
-        return int(value) if value and value.isdigit() else None
+        return int(value) if value and value.isascii() and value.isdigit() else None
 
     def read(self, n: int) -> bytes:
         assert self._resp is not None
         return self._resp.read(n)
 
-    def readinto(self, buf) -> int:
+    def read1(self, n: int) -> bytes:
+        """Up to n bytes, returning as soon as any have arrived."""
         assert self._resp is not None
-        return self._resp.readinto(buf)
+        return self._resp.read1(n)
 
     def read_all(self, limit: int) -> bytes:
         """The whole body, refusing more than limit bytes (manifests, error documents)."""
@@ -144,14 +145,20 @@ class Upstream:
         url = target.url(path)
         origin_host = target.host
         address = target.connect_address
+        origin_scheme = urlsplit(url).scheme
         for _hop in range(MAX_REDIRECTS + 1):
             parts = urlsplit(url)
             host = parts.hostname or ""
-            port = parts.port or (443 if parts.scheme == "https" else 80)
+            try:
+                port = parts.port or (443 if parts.scheme == "https" else 80)
+            except ValueError:
+                raise UpstreamUnavailable(f"invalid redirect target from {origin_host}") from None
+            if parts.scheme not in ("http", "https") or not host:
+                raise UpstreamUnavailable(f"invalid redirect target from {origin_host}")
             if self.is_backed_off(host):
                 raise UpstreamUnavailable(f"{host} is backed off after a recent failure")
             send_headers = [(k, v) for k, v in headers if k.lower() not in HOP_HEADERS]
-            if host != origin_host:
+            if host != origin_host or parts.scheme != origin_scheme:
                 # Credentials are meant for the registry only; a CDN gets none of them.
                 send_headers = [(k, v) for k, v in send_headers if k.lower() not in ("authorization", "cookie")]
             netloc = host if port in (80, 443) else f"{host}:{port}"

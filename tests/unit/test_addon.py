@@ -1,0 +1,430 @@
+"""addon.py: the RegistryCache addon, driven through mitmproxy's taddons/tflow.
+
+Flows use regular (explicit proxy) mode. Tests that need an upstream point an alias
+(127.0.0.1 -> quay.io) at the local HTTP upstream of helpers.py; the others use real registry
+names with no network access needed (offline mode, or requests answered before any fetch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+
+import pytest
+from mitmproxy import exceptions, http
+from mitmproxy.proxy.mode_specs import ProxyMode
+from mitmproxy.test import taddons, tflow, tutils
+
+from regcachelib import addon as addon_module
+from regcachelib import oci
+from regcachelib.addon import RegistryCache
+
+from .helpers import Reply, http_request, random_bytes, sha256, stage_and_commit, wait_until
+
+MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": []}).encode()
+MANIFEST_DIGEST = sha256(MANIFEST)
+DOCKER_MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": oci.DOCKER_MANIFEST, "config": {}, "layers": []}).encode()
+BLOB = random_bytes(200 * 1024, seed=5)
+BLOB_DIGEST = sha256(BLOB)
+
+
+@pytest.fixture(autouse=True)
+def cache_dir_in_tmp(tmp_path, monkeypatch):
+    # The option default is computed from the working directory; keep the tests out of it.
+    monkeypatch.setattr(addon_module, "DEFAULT_DIR", str(tmp_path / "cache"))
+
+
+def make_flow(host: str, path: str, method: str = "GET", headers=(), port: int = 443, scheme: str = "https") -> http.HTTPFlow:
+    hdrs = http.Headers([(b"host", host.encode()), *[(k.encode(), v.encode()) for k, v in headers]])
+    req = tutils.treq(host=host, port=port, scheme=scheme.encode(), method=method.encode(), path=path.encode(), authority=b"", headers=hdrs, content=b"")
+    flow = tflow.tflow(req=req)
+    flow.client_conn.proxy_mode = ProxyMode.parse("regular")
+    return flow
+
+
+def add_proxyserver_options(tctx) -> None:
+    """The options of mitmproxy's Proxyserver addon that regcache uses (taddons loads only core)."""
+    if "connection_strategy" not in tctx.options:
+        tctx.options.add_option("connection_strategy", str, "eager", "Determine when server connections should be established.", choices=("eager", "lazy"))
+
+
+@contextlib.asynccontextmanager
+async def running_addon(tmp_path, config: str = "", offline: bool = False):
+    cfg = tmp_path / "regcache.yaml"
+    cfg.write_text("fastpath: false\nupstream_timeout: 5s\nupstream_backoff: 0s\n" + config)
+    rc = RegistryCache()
+    with taddons.context(rc) as tctx:
+        add_proxyserver_options(tctx)
+        tctx.configure(rc, regcache_dir=str(tmp_path / "cache"), regcache_config=str(cfg), regcache_offline=offline)
+        await rc.running()
+        assert tctx.options.connection_strategy == "lazy"  # a hit must open no upstream connection
+        try:
+            yield rc, tctx
+        finally:
+            await rc.done()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def error_code(flow: http.HTTPFlow) -> str:
+    assert flow.response.headers["content-type"] == "application/json"
+    doc = json.loads(flow.response.content)
+    return doc["errors"][0]["code"]
+
+
+def mark_public(rc: RegistryCache, registry: str, repo: str) -> None:
+    rc.access.remember_public(registry, repo, True)
+
+
+# The local upstream answers for quay.io: flows to 127.0.0.1:<port> are cached as quay.io.
+LOCAL_ALIAS = "aliases:\n  127.0.0.1: quay.io\n"
+
+
+def local_flow(upstream_server, path: str, method: str = "GET", headers=()) -> http.HTTPFlow:
+    return make_flow("127.0.0.1", path, method, headers, port=upstream_server.port, scheme="http")
+
+
+# --- options ---------------------------------------------------------------------------------------
+
+
+def test_options_load_and_validate(tmp_path):
+    async def main():
+        good = tmp_path / "good.yaml"
+        good.write_text("tag_ttl: 1m\nsize_limit: 1GiB\nfastpath: false\n")
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("tag_ttl: 1m\nsize_limt: 1GiB\n")
+        rc = RegistryCache()
+        with taddons.context(rc) as tctx:
+            assert tctx.options.regcache_offline is False
+            tctx.configure(rc, regcache_dir=str(tmp_path / "cache"), regcache_config=str(good))
+            assert rc.config.tag_ttl == 60.0
+            assert rc.store.directory == str(tmp_path / "cache")
+            with pytest.raises(exceptions.OptionsError) as ei:
+                tctx.configure(rc, regcache_config=str(bad))
+            assert f"{bad}:2:1" in str(ei.value)
+            assert "size_limt" in str(ei.value)
+            # the bad value was rolled back; the last good config stays in force
+            assert tctx.options.regcache_config == str(good)
+            assert rc.config.tag_ttl == 60.0
+            with pytest.raises(exceptions.OptionsError, match="cannot read"):
+                tctx.configure(rc, regcache_config=str(tmp_path / "missing.yaml"))
+            with pytest.raises(exceptions.OptionsError):
+                tctx.configure(rc, regcache_dir="")
+            await rc.done()
+
+    run(main())
+
+
+def test_regcache_dir_option_moves_the_store(tmp_path):
+    async def main():
+        rc = RegistryCache()
+        with taddons.context(rc) as tctx:
+            tctx.configure(rc, regcache_dir=str(tmp_path / "one"))
+            digest = stage_and_commit(rc.store, b"in one")
+            tctx.configure(rc, regcache_dir=str(tmp_path / "two"))
+            assert rc.store.directory == str(tmp_path / "two")
+            assert not rc.store.has_blob(digest)
+            tctx.configure(rc, regcache_dir=str(tmp_path / "one"))
+            assert rc.store.has_blob(digest)
+            await rc.done()
+
+    run(main())
+
+
+def test_startup_sweeps_leftover_staging_files(tmp_path):
+    staging = tmp_path / "cache" / "staging"
+    staging.mkdir(parents=True)
+    (staging / "sha256-dead.1.abcd").write_bytes(b"partial")
+
+    async def main():
+        async with running_addon(tmp_path):
+            assert list(staging.iterdir()) == []
+
+    run(main())
+
+
+# --- what is left alone ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["example.com", "auth.docker.io", "production.cloudflare.docker.com"])
+def test_non_registry_host_is_left_alone(tmp_path, host):
+    async def main():
+        async with running_addon(tmp_path, offline=True) as (rc, _):
+            for path in ("/v2/library/alpine/manifests/latest", "/v2/../../etc/passwd/blobs/x", "/token?scope=x"):
+                flow = make_flow(host, path)
+                await rc.request(flow)
+                assert flow.response is None
+                assert flow.request.host == host
+
+    run(main())
+
+
+@pytest.mark.parametrize("method", ["PUT", "POST", "PATCH", "DELETE"])
+def test_writes_pass_through_online(tmp_path, method):
+    async def main():
+        async with running_addon(tmp_path) as (rc, _):
+            flow = make_flow("quay.io", "/v2/org/img/manifests/latest", method=method)
+            await rc.request(flow)
+            assert flow.response is None
+            flow = make_flow("quay.io", "/v2/org/img/blobs/uploads/", method=method)
+            await rc.request(flow)
+            assert flow.response is None
+
+    run(main())
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path,code",
+    [
+        ("/v2/org/../../etc/manifests/latest", "NAME_INVALID"),
+        ("/v2/org/%2e%2e/%2e%2e/blobs/" + BLOB_DIGEST, "NAME_INVALID"),
+        ("/v2/org/img%00/manifests/latest", "NAME_INVALID"),
+        ("/v2/" + "a" * 300 + "/manifests/latest", "NAME_INVALID"),
+        ("/v2/org/img/blobs/sha256:1234", "DIGEST_INVALID"),
+        ("/v2/org/img/blobs/md5:" + "a" * 32, "DIGEST_INVALID"),
+        ("/v2/org/img/manifests/-bad-tag", "MANIFEST_INVALID"),
+    ],
+)
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_malformed_paths_get_oci_errors(tmp_path, path, code, method):
+    async def main():
+        async with running_addon(tmp_path) as (rc, _):
+            flow = make_flow("quay.io", path, method=method)
+            await rc.request(flow)
+            assert flow.response is not None
+            assert flow.response.status_code == 400
+            assert error_code(flow) == code
+            assert flow.request.host == "quay.io"  # never sent anywhere
+
+    run(main())
+
+
+# --- offline ---------------------------------------------------------------------------------------------
+
+
+def test_offline_unknown_content_is_404(tmp_path):
+    async def main():
+        async with running_addon(tmp_path, offline=True) as (rc, _):
+            for method in ("GET", "HEAD"):
+                flow = make_flow("quay.io", f"/v2/org/img/blobs/{BLOB_DIGEST}", method)
+                await rc.request(flow)
+                assert flow.response.status_code == 404
+                assert method == "HEAD" or error_code(flow) == "BLOB_UNKNOWN"
+            flow = make_flow("quay.io", "/v2/org/img/manifests/latest")
+            await rc.request(flow)
+            assert (flow.response.status_code, error_code(flow)) == (404, "MANIFEST_UNKNOWN")
+            flow = make_flow("registry-1.docker.io", f"/v2/alpine/manifests/{MANIFEST_DIGEST}")
+            await rc.request(flow)
+            assert (flow.response.status_code, error_code(flow)) == (404, "MANIFEST_UNKNOWN")
+
+    run(main())
+
+
+def test_offline_ping_is_answered(tmp_path):
+    async def main():
+        async with running_addon(tmp_path, offline=True) as (rc, _):
+            flow = make_flow("quay.io", "/v2/")
+            await rc.request(flow)
+            assert flow.response.status_code == 200
+
+    run(main())
+
+
+def test_offline_tag_and_digest_hits(tmp_path):
+    async def main():
+        async with running_addon(tmp_path, offline=True) as (rc, _):
+            mark_public(rc, "docker.io", "library/alpine")
+            rc.store.put_manifest(MANIFEST_DIGEST, oci.OCI_INDEX, MANIFEST)
+            rc.store.set_tag("docker.io", "library/alpine", "3.19", oci.OCI_INDEX, MANIFEST_DIGEST)
+            # docker.io's library/ normalisation: "alpine" and "library/alpine" are one repository
+            for path in ("/v2/alpine/manifests/3.19", "/v2/library/alpine/manifests/3.19", f"/v2/alpine/manifests/{MANIFEST_DIGEST}"):
+                flow = make_flow("registry-1.docker.io", path, headers=[("Accept", oci.OCI_INDEX)])
+                await rc.request(flow)
+                assert flow.response.status_code == 200, flow.response.content
+                assert flow.response.content == MANIFEST
+                assert flow.response.headers["content-type"] == oci.OCI_INDEX
+                assert flow.response.headers["docker-content-digest"] == MANIFEST_DIGEST
+                assert flow.response.headers["x-cache"] == "HIT"
+
+    run(main())
+
+
+def test_offline_old_tag_is_served_stale(tmp_path):
+    async def main():
+        async with running_addon(tmp_path, "tag_ttl: 1m\n", offline=True) as (rc, _):
+            mark_public(rc, "quay.io", "org/img")
+            rc.store.put_manifest(MANIFEST_DIGEST, oci.OCI_INDEX, MANIFEST)
+            rc.store.set_tag("quay.io", "org/img", "v1", oci.OCI_INDEX, MANIFEST_DIGEST, now=time.time() - 3600)
+            flow = make_flow("quay.io", "/v2/org/img/manifests/v1")
+            await rc.request(flow)
+            assert flow.response.status_code == 200
+            assert flow.response.content == MANIFEST
+            assert flow.response.headers["x-cache"] == "STALE"
+
+    run(main())
+
+
+def test_offline_tag_never_answered_with_an_unaccepted_media_type(tmp_path):
+    async def main():
+        async with running_addon(tmp_path, offline=True) as (rc, _):
+            mark_public(rc, "quay.io", "org/img")
+            rc.store.put_manifest(MANIFEST_DIGEST, oci.OCI_INDEX, MANIFEST)
+            rc.store.set_tag("quay.io", "org/img", "v1", oci.OCI_INDEX, MANIFEST_DIGEST)
+            flow = make_flow("quay.io", "/v2/org/img/manifests/v1", headers=[("Accept", f"{oci.DOCKER_MANIFEST}, {oci.DOCKER_LIST}")])
+            await rc.request(flow)
+            assert flow.response.status_code == 404
+            assert error_code(flow) == "MANIFEST_UNKNOWN"
+            assert flow.response.content != MANIFEST
+
+    run(main())
+
+
+def test_head_blob_hit(tmp_path):
+    async def main():
+        async with running_addon(tmp_path, offline=True) as (rc, _):
+            mark_public(rc, "quay.io", "org/img")
+            digest = stage_and_commit(rc.store, BLOB)
+            flow = make_flow("quay.io", f"/v2/org/img/blobs/{digest}", "HEAD")
+            await rc.request(flow)
+            assert flow.response.status_code == 200
+            assert flow.response.headers["content-length"] == str(len(BLOB))
+            assert flow.response.headers["docker-content-digest"] == digest
+            assert flow.response.headers["x-cache"] == "HIT"
+            assert flow.response.content == b""
+
+    run(main())
+
+
+def test_offline_private_repository_is_not_served(tmp_path):
+    # Nothing says org/private is public, and offline nobody can check the client's credentials.
+    async def main():
+        async with running_addon(tmp_path, offline=True) as (rc, _):
+            rc.store.put_manifest(MANIFEST_DIGEST, oci.OCI_INDEX, MANIFEST)
+            rc.store.set_tag("quay.io", "org/private", "v1", oci.OCI_INDEX, MANIFEST_DIGEST)
+            flow = make_flow("quay.io", "/v2/org/private/manifests/v1", headers=[("Authorization", "Bearer whatever")])
+            await rc.request(flow)
+            assert flow.response.status_code in (401, 403)
+            assert flow.response.content != MANIFEST
+
+    run(main())
+
+
+# --- online, against the local upstream -------------------------------------------------------------
+
+
+def test_fresh_tag_is_answered_from_the_store(tmp_path, upstream_server):
+    path = "/v2/org/img/manifests/v1"
+    upstream_server.routes[path] = Reply(body=MANIFEST, headers=[("Content-Type", oci.OCI_INDEX), ("Docker-Content-Digest", MANIFEST_DIGEST)])
+
+    async def main():
+        async with running_addon(tmp_path, LOCAL_ALIAS) as (rc, _):
+            rc.store.put_manifest(MANIFEST_DIGEST, oci.OCI_INDEX, MANIFEST)
+            rc.store.set_tag("quay.io", "org/img", "v1", oci.OCI_INDEX, MANIFEST_DIGEST)
+            flow = local_flow(upstream_server, path, headers=[("Accept", f"{oci.OCI_INDEX}, {oci.OCI_MANIFEST}")])
+            await rc.request(flow)
+            assert flow.response.status_code == 200
+            assert flow.response.content == MANIFEST
+            assert flow.response.headers["content-type"] == oci.OCI_INDEX
+            assert flow.response.headers["x-cache"] == "HIT"
+            head = local_flow(upstream_server, path, "HEAD", headers=[("Accept", oci.OCI_INDEX)])
+            await rc.request(head)
+            assert head.response.status_code == 200
+            assert head.response.headers["content-length"] == str(len(MANIFEST))
+            assert head.response.headers["docker-content-digest"] == MANIFEST_DIGEST
+
+    run(main())
+    assert upstream_server.count("GET", path) == 0  # a fresh tag costs no upstream GET
+
+
+def test_tag_with_unaccepted_media_type_goes_upstream(tmp_path, upstream_server):
+    path = "/v2/org/img/manifests/v1"
+    docker_digest = sha256(DOCKER_MANIFEST)
+    upstream_server.routes[path] = Reply(body=DOCKER_MANIFEST, headers=[("Content-Type", oci.DOCKER_MANIFEST), ("Docker-Content-Digest", docker_digest)])
+
+    async def main():
+        async with running_addon(tmp_path, LOCAL_ALIAS) as (rc, _):
+            rc.store.put_manifest(MANIFEST_DIGEST, oci.OCI_INDEX, MANIFEST)
+            rc.store.set_tag("quay.io", "org/img", "v1", oci.OCI_INDEX, MANIFEST_DIGEST)
+            flow = local_flow(upstream_server, path, headers=[("Accept", oci.DOCKER_MANIFEST)])
+            await rc.request(flow)
+            assert flow.response.status_code == 200
+            assert flow.response.headers["content-type"] == oci.DOCKER_MANIFEST
+            assert flow.response.content == DOCKER_MANIFEST
+            assert flow.response.headers["x-cache"] == "MISS"
+            # both answers are now kept, each for the clients that accept it
+            assert rc.store.find_tag("quay.io", "org/img", "v1", {oci.DOCKER_MANIFEST}).digest == docker_digest
+            assert rc.store.find_tag("quay.io", "org/img", "v1", {oci.OCI_INDEX}).digest == MANIFEST_DIGEST
+            assert rc.store.get_manifest(docker_digest).body == DOCKER_MANIFEST
+
+    run(main())
+    (get,) = [h for m, p, h in upstream_server.requests if m == "GET" and p == path]
+    assert get["accept"] == oci.DOCKER_MANIFEST
+
+
+def test_blob_miss_then_hit_through_the_blob_server(tmp_path, upstream_server):
+    path = f"/v2/org/img/blobs/{BLOB_DIGEST}"
+    upstream_server.routes[path] = Reply(body=BLOB, headers=[("Content-Type", "application/octet-stream")])
+
+    async def main():
+        async with running_addon(tmp_path, LOCAL_ALIAS) as (rc, _):
+            flow = local_flow(upstream_server, path, headers=[("Authorization", "Bearer t0ken")])
+            await rc.request(flow)
+            assert flow.response is None  # streamed by mitmproxy from the in-band blob server
+            assert (flow.request.host, flow.request.port) == ("127.0.0.1", rc.blobserver.inband_port)
+            assert flow.request.path.startswith("/_regcache/t/")
+            assert "authorization" not in flow.request.headers
+            resp = await http_request(flow.request.port, flow.request.path)
+            assert resp.status == 200 and resp.body == BLOB
+            assert resp.headers["x-cache"] == "MISS"
+            await wait_until(lambda: rc.store.has_blob(BLOB_DIGEST))
+            with open(rc.store.miss_log_path) as f:
+                misses = [json.loads(line) for line in f]
+            assert [(m["kind"], m["digest"], m["registry"], m["repo"]) for m in misses] == [("blob", BLOB_DIGEST, "quay.io", "org/img")]
+            assert "t0ken" not in json.dumps(misses)
+
+            hit = local_flow(upstream_server, path, headers=[("Range", "bytes=100-199")])
+            await rc.request(hit)
+            resp = await http_request(hit.request.port, hit.request.path)
+            assert resp.status == 206 and resp.body == BLOB[100:200]
+            assert resp.headers["x-cache"] == "HIT"
+
+    run(main())
+    assert upstream_server.count("GET", path) == 1
+
+
+def test_blob_upstream_401_is_relayed(tmp_path, upstream_server):
+    path = f"/v2/org/img/blobs/{BLOB_DIGEST}"
+    challenge = 'Bearer realm="https://auth.example/token",service="quay.io"'
+    upstream_server.routes[path] = Reply(status=401, body=oci.error_body("UNAUTHORIZED", "auth"), headers=[("WWW-Authenticate", challenge), ("Content-Type", "application/json")])
+
+    async def main():
+        async with running_addon(tmp_path, LOCAL_ALIAS) as (rc, _):
+            flow = local_flow(upstream_server, path)
+            await rc.request(flow)
+            assert flow.response.status_code == 401
+            assert flow.response.headers["www-authenticate"] == challenge
+            assert error_code(flow) == "UNAUTHORIZED"
+            assert not rc.store.has_blob(BLOB_DIGEST)
+
+    run(main())
+
+
+def test_blob_request_with_broken_upstream_redirect_gets_an_answer(tmp_path, upstream_server):
+    path = f"/v2/org/img/blobs/{BLOB_DIGEST}"
+    upstream_server.routes[path] = Reply(status=307, headers=[("Location", "http://127.0.0.1:notaport/blob")])
+
+    async def main():
+        async with running_addon(tmp_path, LOCAL_ALIAS) as (rc, _):
+            flow = local_flow(upstream_server, path)
+            await asyncio.wait_for(rc.request(flow), 3)
+            assert flow.response is not None and flow.response.status_code >= 500
+            assert not rc.store.has_blob(BLOB_DIGEST)
+
+    run(main())

@@ -1,0 +1,404 @@
+"""fill.py + blobserver.py + upstream.py end to end, in process, against a local HTTP upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import ssl
+
+import pytest
+
+from regcachelib import oci
+from regcachelib.blobserver import FASTPATH_PREFIX, BlobServer, Signer, Ticket
+from regcachelib.fill import CHUNK, HOLDBACK, Fill, Fills
+from regcachelib.store import Store
+from regcachelib.upstream import Target, Upstream
+
+from .helpers import Reply, http_request, random_bytes, sha256, wait_until
+
+SIZE = 300 * 1024
+DATA = random_bytes(SIZE, seed=7)
+DIGEST = sha256(DATA)
+BLOB_PATH = f"/v2/org/img/blobs/{DIGEST}"
+
+
+class Rig:
+    """Store, Upstream, Fills and BlobServer wired as the addon wires them."""
+
+    def __init__(self, directory: str, upstream_port: int):
+        self.store = Store(directory)
+        self.upstream = Upstream(ssl.create_default_context(), timeout=5.0, backoff=0.0)
+        self.fills = Fills(self.store, self.upstream, max_workers=8)
+        self.signer = Signer(os.urandom(32))
+        self.server = BlobServer(self.store, self.fills, self.signer)
+        self.target = Target(host="127.0.0.1", port=upstream_port, scheme="http")
+        self.issued = 0
+        real_issue = self.server.issue
+
+        def counting_issue(ticket: Ticket) -> str:
+            self.issued += 1
+            return real_issue(ticket)
+
+        self.server.issue = counting_issue
+
+    async def readers_connected(self, n: int) -> None:
+        """Until n tickets were issued and every one has been claimed by its connection."""
+        await wait_until(lambda: self.issued >= n and not self.server.tickets)
+
+    async def __aenter__(self) -> Rig:
+        await self.server.start(None, None)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.server.stop()
+        self.fills.shutdown()
+        self.store.close()
+
+    def fill_for(self, digest: str = DIGEST, headers=()) -> Fill:
+        """What the addon does for a blob GET miss: join the fill in flight or lead a new one."""
+        fill = self.fills.get(digest)
+        if fill is None or (fill.done and not fill.ok):
+            fill = self.fills.start(oci.parse_digest(digest), "quay.io", "org/img", self.target, f"/v2/org/img/blobs/{digest}", list(headers))
+        return fill
+
+    async def get(self, digest: str = DIGEST, range_header: str | None = None, method: str = "GET"):
+        fill = self.fill_for(digest)
+        await asyncio.wait_for(fill.headers_ready.wait(), 10)
+        assert fill.status == 200, (fill.status, fill.failure)
+        path = self.server.issue(Ticket(digest, "MISS", range_header))
+        return await http_request(self.server.inband_port, path, method=method)
+
+    async def settle(self, digest: str = DIGEST) -> None:
+        """Wait until the fill's worker has finished (and cleaned up) and been forgotten."""
+        await wait_until(lambda: self.fills.get(digest) is None)
+
+    def staging(self) -> list[str]:
+        return os.listdir(self.store.staging_dir)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+@pytest.fixture
+def rig_factory(tmp_path, upstream_server):
+    return lambda: Rig(str(tmp_path / "cache"), upstream_server.port)
+
+
+# --- the good path ---------------------------------------------------------------------------------
+
+
+def test_fill_serves_verified_bytes_and_stores_them(rig_factory, upstream_server):
+    upstream_server.routes[BLOB_PATH] = Reply(body=DATA)
+
+    async def main():
+        async with rig_factory() as rig:
+            resp = await rig.get()
+            assert resp.status == 200
+            assert resp.body == DATA and sha256(resp.body) == DIGEST
+            assert resp.content_length == SIZE
+            assert resp.headers["docker-content-digest"] == DIGEST
+            assert resp.headers["x-cache"] == "MISS"
+            await rig.settle()
+            assert rig.store.has_blob(DIGEST)
+            assert rig.staging() == []
+            # later readers are served from the store, with no upstream request
+            hit = await http_request(rig.server.inband_port, rig.server.issue(Ticket(DIGEST, "HIT")))
+            assert (hit.status, hit.body, hit.headers["x-cache"]) == (200, DATA, "HIT")
+            head = await http_request(rig.server.inband_port, rig.server.issue(Ticket(DIGEST, "HIT")), method="HEAD")
+            assert head.status == 200 and head.content_length == SIZE and head.body == b""
+
+    run(main())
+    assert upstream_server.count("GET", BLOB_PATH) == 1
+
+
+def test_ten_concurrent_readers_share_one_upstream_get(rig_factory, upstream_server):
+    upstream_server.routes[BLOB_PATH] = Reply(body=DATA, gate_after=100 * 1024)
+
+    async def main():
+        async with rig_factory() as rig:
+            readers = [asyncio.create_task(rig.get()) for _ in range(10)]
+            # every reader holds its ticket and is being served while upstream is still sending
+            await rig.readers_connected(10)
+            fill = rig.fills.get(DIGEST)
+            assert fill is not None and not fill.done
+            upstream_server.gate.set()
+            results = await asyncio.gather(*readers)
+            for resp in results:
+                assert resp.status == 200
+                assert resp.body == DATA
+            await rig.settle()
+            assert rig.store.has_blob(DIGEST)
+
+    run(main())
+    assert upstream_server.count("GET", BLOB_PATH) == 1
+
+
+BIG = random_bytes(5 * 1024 * 1024 // 2, seed=11)  # 2.5 MiB: more than one CHUNK
+BIG_DIGEST = sha256(BIG)
+
+
+def test_range_on_a_follower(rig_factory, upstream_server):
+    size = len(BIG)
+    upstream_server.routes[f"/v2/org/img/blobs/{BIG_DIGEST}"] = Reply(body=BIG, gate_after=3 * CHUNK // 2)
+
+    async def main():
+        async with rig_factory() as rig:
+            head_part = await asyncio.wait_for(rig.get(BIG_DIGEST, range_header="bytes=1000-1999"), 10)
+            # answered from the growing staging file before upstream finished
+            assert not upstream_server.gate.is_set()
+            assert not rig.fills.get(BIG_DIGEST).done
+            assert head_part.status == 206
+            assert head_part.headers["content-range"] == f"bytes 1000-1999/{size}"
+            assert head_part.content_length == 1000
+            assert head_part.body == BIG[1000:2000]
+            # the tail lies in the held-back bytes: it only comes once the digest verified
+            tail = asyncio.create_task(rig.get(BIG_DIGEST, range_header="bytes=-100"))
+            await asyncio.sleep(0.2)
+            assert not tail.done()
+            upstream_server.gate.set()
+            tail = await tail
+            assert tail.status == 206
+            assert tail.headers["content-range"] == f"bytes {size - 100}-{size - 1}/{size}"
+            assert tail.body == BIG[-100:]
+            await rig.settle(BIG_DIGEST)
+            assert rig.store.has_blob(BIG_DIGEST)
+
+    run(main())
+    assert upstream_server.count("GET", f"/v2/org/img/blobs/{BIG_DIGEST}") == 1
+
+
+def test_follower_gets_delivered_bytes_without_waiting_for_a_whole_chunk(rig_factory, upstream_server):
+    upstream_server.routes[BLOB_PATH] = Reply(body=DATA, gate_after=100 * 1024)
+
+    async def main():
+        async with rig_factory() as rig:
+            try:
+                part = await asyncio.wait_for(rig.get(range_header="bytes=1000-1999"), 1.5)
+                assert part.status == 206 and part.body == DATA[1000:2000]
+            finally:
+                upstream_server.gate.set()
+                await rig.settle()
+
+    run(main())
+
+
+def test_stored_blob_ranges_and_416(rig_factory, upstream_server):
+    upstream_server.routes[BLOB_PATH] = Reply(body=DATA)
+
+    async def main():
+        async with rig_factory() as rig:
+            assert (await rig.get()).body == DATA
+            await rig.settle()
+            port = rig.server.inband_port
+            r = await http_request(port, rig.server.issue(Ticket(DIGEST, "HIT", "bytes=10-")))
+            assert r.status == 206 and r.body == DATA[10:]
+            assert r.headers["content-range"] == f"bytes 10-{SIZE - 1}/{SIZE}"
+            r = await http_request(port, rig.server.issue(Ticket(DIGEST, "HIT", "bytes=0-1,5-6")))
+            assert r.status == 200 and r.body == DATA
+            r = await http_request(port, rig.server.issue(Ticket(DIGEST, "HIT", f"bytes={SIZE}-")))
+            assert r.status == 416
+            assert r.headers["content-range"] == f"bytes */{SIZE}"
+            assert b'"errors"' in r.body
+
+    run(main())
+
+
+def test_signed_fast_path_urls(rig_factory, upstream_server):
+    upstream_server.routes[BLOB_PATH] = Reply(body=DATA)
+
+    async def main():
+        async with rig_factory() as rig:
+            assert (await rig.get()).body == DATA
+            await rig.settle()
+            port = rig.server.inband_port
+            url = rig.signer.sign(DIGEST)
+            r = await http_request(port, url)
+            assert (r.status, r.body, r.headers["x-cache"]) == (200, DATA, "HIT")
+            r = await http_request(port, url, headers={"Range": "bytes=5-9"})
+            assert (r.status, r.body) == (206, DATA[5:10])
+            r = await http_request(port, url.replace("sig=", "sig=0"))
+            assert r.status == 403 and b"DENIED" in r.body
+            r = await http_request(port, f"{FASTPATH_PREFIX}{DIGEST}")
+            assert r.status == 403
+            r = await http_request(port, "/_regcache/t/" + "0" * 32)
+            assert r.status == 404 and b"BLOB_UNKNOWN" in r.body
+            # a ticket is good for one request only
+            ticket = rig.server.issue(Ticket(DIGEST, "HIT"))
+            assert (await http_request(port, ticket)).status == 200
+            assert (await http_request(port, ticket)).status == 404
+            r = await http_request(port, url, method="DELETE")
+            assert r.status == 405
+
+    run(main())
+
+
+# --- what must never happen: a wrong or short blob delivered whole, or stored --------------------
+
+
+CORRUPT = DATA[:150_000] + bytes([DATA[150_000] ^ 0xFF]) + DATA[150_001:]
+
+
+@pytest.mark.parametrize(
+    "bad_reply",
+    [
+        pytest.param(Reply(body=CORRUPT, gate_after=100 * 1024), id="corrupt-same-length"),
+        pytest.param(Reply(body=DATA, length=SIZE, close_after=200 * 1024, gate_after=100 * 1024), id="short-body-then-close"),
+    ],
+)
+def test_bad_upstream_body_ends_readers_short_and_stores_nothing(rig_factory, upstream_server, bad_reply):
+    upstream_server.routes[BLOB_PATH] = bad_reply
+
+    async def main():
+        async with rig_factory() as rig:
+            readers = [asyncio.create_task(rig.get()) for _ in range(3)]
+            await rig.readers_connected(3)
+            upstream_server.gate.set()
+            for resp in await asyncio.gather(*readers):
+                assert resp.status == 200  # headers were out before the failure was known
+                assert resp.content_length == SIZE
+                assert len(resp.body) < SIZE, "a reader received a complete body of a bad blob"
+                assert len(resp.body) <= SIZE - HOLDBACK
+            await rig.settle()
+            assert not rig.store.has_blob(DIGEST)
+            assert rig.store.open_blob(DIGEST) is None
+            assert rig.staging() == []
+
+            # the next attempt, with upstream healthy again, succeeds
+            upstream_server.routes[BLOB_PATH] = Reply(body=DATA)
+            resp = await rig.get()
+            assert resp.status == 200 and resp.body == DATA
+            await rig.settle()
+            assert rig.store.has_blob(DIGEST)
+            assert rig.staging() == []
+
+    run(main())
+    assert upstream_server.count("GET", BLOB_PATH) == 2
+
+
+def test_late_reader_after_failure_gets_no_bad_bytes(rig_factory, upstream_server):
+    upstream_server.routes[BLOB_PATH] = Reply(body=CORRUPT)
+
+    async def main():
+        async with rig_factory() as rig:
+            fill = rig.fill_for()
+            await rig.settle()
+            assert fill.done and not fill.ok and "digest mismatch" in fill.failure
+            r = await http_request(rig.server.inband_port, rig.server.issue(Ticket(DIGEST, "MISS")))
+            assert r.status == 404 and b"BLOB_UNKNOWN" in r.body
+            assert rig.staging() == []
+
+    run(main())
+
+
+def test_small_blob_is_held_back_entirely_until_verified(rig_factory, upstream_server):
+    small = random_bytes(HOLDBACK // 2, seed=3)
+    bad = bytes([small[0] ^ 1]) + small[1:]
+    digest = sha256(small)
+    path = f"/v2/org/img/blobs/{digest}"
+    upstream_server.routes[path] = Reply(body=bad, gate_after=len(bad) - 1)
+
+    async def main():
+        async with rig_factory() as rig:
+            reader = asyncio.create_task(rig.get(digest))
+            await rig.readers_connected(1)
+            upstream_server.gate.set()
+            resp = await reader
+            assert resp.body == b""
+            await rig.settle(digest)
+            assert not rig.store.has_blob(digest)
+
+    run(main())
+
+
+@pytest.mark.parametrize("good", [True, False], ids=["good", "corrupt"])
+def test_upstream_without_content_length(rig_factory, upstream_server, good):
+    upstream_server.routes[BLOB_PATH] = Reply(body=DATA if good else CORRUPT, length=-1, gate_after=100 * 1024)
+
+    async def main():
+        async with rig_factory() as rig:
+            reader = asyncio.create_task(rig.get())
+            await rig.readers_connected(1)
+            upstream_server.gate.set()
+            resp = await reader
+            if good:
+                assert (resp.status, resp.body) == (200, DATA)
+            else:
+                # the size was unknown, so the reader waited for the end: nothing of the bad blob went out
+                assert resp.status in (404, 502) and DATA[:100] not in resp.body
+                assert json.loads(resp.body)["errors"][0]["code"] == "BLOB_UNKNOWN"
+            await rig.settle()
+            assert rig.store.has_blob(DIGEST) is good
+            assert rig.staging() == []
+
+    run(main())
+
+
+# --- upstream answers that are not a blob ----------------------------------------------------------
+
+
+def test_upstream_error_is_kept_for_relaying(rig_factory, upstream_server):
+    upstream_server.routes[BLOB_PATH] = Reply(status=401, body=b'{"errors":[{"code":"UNAUTHORIZED"}]}', headers=[("WWW-Authenticate", 'Bearer realm="https://auth.example/token"')])
+
+    async def main():
+        async with rig_factory() as rig:
+            fill = rig.fill_for()
+            await asyncio.wait_for(fill.headers_ready.wait(), 10)
+            assert fill.status == 401 and not fill.ok
+            assert b"UNAUTHORIZED" in fill.error_body
+            assert ("WWW-Authenticate", 'Bearer realm="https://auth.example/token"') in fill.upstream_headers
+            await rig.settle()
+            assert rig.staging() == [] and not rig.store.has_blob(DIGEST)
+
+    run(main())
+
+
+def test_unreachable_upstream_is_502(tmp_path):
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+
+    async def main():
+        async with Rig(str(tmp_path / "cache"), port) as rig:
+            fill = rig.fill_for()
+            await asyncio.wait_for(fill.headers_ready.wait(), 10)
+            assert fill.status == 502 and "unavailable" in fill.failure
+
+    run(main())
+
+
+def test_redirect_to_another_host_drops_credentials(rig_factory, upstream_server):
+    cdn_path = "/cdn/blob?X-Amz-Signature=abc"
+    upstream_server.routes[BLOB_PATH] = Reply(status=307, headers=[("Location", f"http://localhost:{upstream_server.port}{cdn_path}")])
+    upstream_server.routes["/cdn/blob"] = Reply(body=DATA)
+
+    async def main():
+        async with rig_factory() as rig:
+            fill = rig.fill_for(headers=[("Authorization", "Bearer secret"), ("Cookie", "c=1"), ("Accept", "*/*")])
+            await asyncio.wait_for(fill.headers_ready.wait(), 10)
+            assert fill.status == 200
+            await rig.settle()
+            assert rig.store.has_blob(DIGEST)
+
+    run(main())
+    (registry_req,) = [h for m, p, h in upstream_server.requests if p == BLOB_PATH]
+    (cdn_req,) = [h for m, p, h in upstream_server.requests if p.startswith("/cdn/")]
+    assert registry_req["authorization"] == "Bearer secret"
+    assert "authorization" not in cdn_req and "cookie" not in cdn_req
+    assert cdn_req["accept"] == "*/*"
+
+
+def test_fill_with_unexpected_error_still_releases_waiters(rig_factory, upstream_server):
+    upstream_server.routes[BLOB_PATH] = Reply(status=307, headers=[("Location", "http://127.0.0.1:notaport/blob")])
+
+    async def main():
+        async with rig_factory() as rig:
+            fill = rig.fill_for()
+            await asyncio.wait_for(fill.headers_ready.wait(), 2)
+            assert fill.status != 200 and fill.failure
+
+    run(main())
