@@ -231,6 +231,8 @@ class BlobServer:
         if f is None:
             await self._send_error(writer, 404, "Not Found", "BLOB_UNKNOWN", "blob unknown to the cache", extra=extra)
             return True
+        if fill is not None:
+            cache_status = "MISS"  # following a download in progress (a fast-path URL says HIT)
         with f:
             size = fill.size if fill is not None else os.fstat(f.fileno()).st_size
             try:
