@@ -24,6 +24,7 @@ from .access import Access
 from .blobserver import FASTPATH_PREFIX, TICKET_PREFIX, BlobServer, Signer, Ticket
 from .config import Config, ConfigError, load_config
 from .fill import MAX_ERROR_BODY, Fills
+from .metrics import Monitor
 from .store import Manifest, Store
 from .upstream import Target, Upstream, UpstreamUnavailable, make_ssl_context
 
@@ -70,6 +71,9 @@ class RegistryCache:
         # single-flight for manifests and tag revalidation: key -> future of the leader
         self.manifest_flights: dict[tuple, asyncio.Future] = {}
         self._probing: set[tuple[str, str]] = set()
+        # statistics, /metrics and the status page (a child addon: mitmproxy loads it too)
+        self.monitor = Monitor(self)
+        self.addons = [self.monitor]
 
     # --- options ----------------------------------------------------------------------
 
@@ -121,7 +125,7 @@ class RegistryCache:
         if ctx.options.connection_strategy != "lazy":
             ctx.options.update(connection_strategy="lazy")
         self.blobserver = BlobServer(self.store, self.fills, self.signer)
-        fast_port = self.config.fastpath_port if self.config.fastpath else None
+        fast_port = self.config.fastpath_port if self.config.fastpath != "off" else None
         try:
             await self.blobserver.start(self.config.fastpath_bind, fast_port)
         except OSError as e:
@@ -342,7 +346,7 @@ class RegistryCache:
 
     def _serve_blob(self, flow, ident, route, cache_status: str) -> None:
         digest = str(route.digest)
-        if self._use_fastpath(flow):
+        if self._use_fastpath(flow, ident, route):
             host = self.config.fastpath_host or self._local_address_for(flow)
             netloc = f"[{host}]" if ":" in host else host
             location = f"http://{netloc}:{self.blobserver.fastpath_port}{self.signer.sign(digest)}"
@@ -366,9 +370,14 @@ class RegistryCache:
             s.connect((peer, 9))  # UDP connect sends nothing; it only picks the route
             return s.getsockname()[0]
 
-    def _use_fastpath(self, flow) -> bool:
-        if not (self.config.fastpath and self.blobserver and self.blobserver.fastpath_port):
+    def _use_fastpath(self, flow, ident: Identity, route: oci.Route) -> bool:
+        if self.config.fastpath == "off" or not (self.blobserver and self.blobserver.fastpath_port):
             return False
+        if not self.config.fastpath_private and not self.access.known_public(ident.registry, route.name)[0]:
+            return False
+        if self.config.fastpath == "always":
+            return True
+        # auto: only where the client reaches regcache directly, not through HTTPS_PROXY
         return isinstance(flow.client_conn.proxy_mode, (mode_specs.TransparentMode, mode_specs.ReverseMode))
 
     def _is_fastpath_request(self, flow) -> bool:
@@ -648,6 +657,7 @@ class RegistryCache:
             f" bytes={size}" if size is not None else "",
             f" via={via}" if via else "",
         )
+        self.monitor.request(flow, ident, route, outcome, size)
 
 
 def _token_hash(authorization: str) -> str:

@@ -50,7 +50,10 @@ class Config:
     aliases: dict[str, str] = field(default_factory=dict)
     upstream_timeout: float = 30.0
     upstream_backoff: float = 15.0
-    fastpath: bool = True
+    # auto: where clients reach regcache directly (transparent, mirror); always: also for
+    # HTTPS_PROXY clients (their NO_PROXY must name the cache host); off: never
+    fastpath: str = "auto"
+    fastpath_private: bool = True  # false: blobs of repositories not known to be public stay in-band
     fastpath_port: int = 5080
     fastpath_host: str | None = None  # address clients reach the fast path on; default: the one they reached us on
     fastpath_bind: str = "0.0.0.0"
@@ -130,6 +133,16 @@ def _bool(value) -> bool:
     return value
 
 
+def _fastpath_mode(value) -> str:
+    if value is True:
+        return "auto"
+    if value is False:
+        return "off"
+    if value in ("auto", "always", "off"):
+        return value
+    raise ValueError("expected auto, always or off")
+
+
 def _port(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise ValueError("expected a port number 0-65535")
@@ -154,7 +167,8 @@ _KEYS = {
     "aliases": ("aliases", _aliases),
     "upstream_timeout": ("upstream_timeout", parse_duration),
     "upstream_backoff": ("upstream_backoff", parse_duration),
-    "fastpath": ("fastpath", _bool),
+    "fastpath": ("fastpath", _fastpath_mode),
+    "fastpath_private": ("fastpath_private", _bool),
     "fastpath_port": ("fastpath_port", _port),
     "fastpath_host": ("fastpath_host", _opt_str),
     "fastpath_bind": ("fastpath_bind", _opt_str),

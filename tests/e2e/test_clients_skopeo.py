@@ -1,5 +1,7 @@
 """skopeo through each way in: HTTPS_PROXY, transparent (iptables REDIRECT), registry mirror."""
 
+import re
+
 import pytest
 
 from .conftest import FASTPATH_PORT, MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, dir_manifest_digest, mirror_registries_conf, skopeo_copy
@@ -58,3 +60,22 @@ def test_skopeo_multiarch_platform_through_proxy(world, regcache_factory, tmp_pa
     out = skopeo_copy(world, "docker://quay.io/org/multi-oci:1", tmp_path / "arm", env, ["--override-arch", "arm64"])
     assert out.returncode == 0, out.stderr
     assert dir_manifest_digest(tmp_path / "arm") == arm_digest
+
+
+@pytest.mark.parametrize("no_proxy", [True, False], ids=["NO_PROXY-direct", "back-through-proxy"])
+def test_skopeo_https_proxy_fastpath_always(world, regcache_factory, tmp_path, no_proxy):
+    """fastpath: always sends HTTPS_PROXY clients to the fast path too. With the cache host in
+    NO_PROXY the body goes direct; without, the redirect comes back through the proxy and is
+    served anyway."""
+    rc = regcache_factory(config="fastpath: always\n")
+    env = {"HTTPS_PROXY": f"http://{world.router_client_ip}:{PROXY_PORT}", "SSL_CERT_FILE": str(rc.client_bundle())}
+    if no_proxy:
+        env["NO_PROXY"] = world.router_client_ip
+    else:
+        env["HTTP_PROXY"] = env["HTTPS_PROXY"]
+    pull_twice(world, rc, tmp_path, env, ["docker.io/library/small:1"])
+    log = rc.log_text()
+    assert "outcome=HIT via=fastpath" in log
+    # a fast-path URL that reached mitmproxy shows up as a flow (served by the in-band server)
+    came_back = re.search(r"GET http://\S+/_regcache/blobs/sha256:", log) is not None
+    assert came_back != no_proxy

@@ -91,7 +91,7 @@ fastpath_host: 10.0.0.1
     assert "quay.io" in cfg.registries  # extra_ adds to the built-in list
     assert cfg.aliases == {"mirror.corp.example": "docker.io"}
     assert (cfg.upstream_timeout, cfg.upstream_backoff) == (5.0, 60.0)
-    assert (cfg.fastpath, cfg.fastpath_port, cfg.fastpath_host) == (False, 6000, "10.0.0.1")
+    assert (cfg.fastpath, cfg.fastpath_port, cfg.fastpath_host) == ("off", 6000, "10.0.0.1")
 
 
 def test_registries_replaces_the_builtin_list():

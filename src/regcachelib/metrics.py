@@ -1,0 +1,457 @@
+"""Seeing into a running cache: persisted statistics, a Prometheus endpoint, a status page.
+
+`Monitor` is a child addon of RegistryCache (mitmproxy loads an addon's `addons` too). It
+counts every answered request (RegistryCache._log calls `request`), the bytes the blob server
+sends and the bytes fills download (stats.Stats, persisted in the cache dir), times upstream
+requests, and — when the option `regcache_metrics` is set to host:port — serves on the
+addon's own event loop:
+
+    /             HTML status page: hit ratio, bytes saved, store fill, top images, recent misses
+    /metrics      Prometheus text format (prometheus-client)
+    /status.json  what the page shows, as JSON
+    /healthz      "ok" (for container health checks)
+
+It also keeps the store under its size limit the manifest-aware way: when the store passes
+90% of size_limit it runs inventory.gc down to 80% (least recently used images first, never
+a blob a retained manifest references, never a pinned image), before diskcache's own
+cull at 100% (which knows nothing of manifests) has to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import logging
+import os
+import time
+from urllib.parse import urlsplit
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from . import oci
+from .stats import Stats
+from .upstream import UpstreamUnavailable
+
+log = logging.getLogger("regcache")
+
+OPTION = "regcache_metrics"
+GC_INTERVAL = 60.0
+GC_HIGH, GC_LOW = 0.90, 0.80
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+MODE_BINARY, MODE_PICKLE = 2, 4  # diskcache value modes: blob files, pickled manifests
+
+
+def parse_listen(value: str) -> tuple[str, int] | None:
+    """'' -> off; '9090' or ':9090' -> all interfaces; 'host:port'; '[::1]:9090'."""
+    value = (value or "").strip()
+    if not value or value.lower() in ("off", "false", "no", "0"):
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = "", value
+    host = host.strip("[]")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{OPTION}: expected host:port or port, got {value!r}")
+    return host or "0.0.0.0", int(port)
+
+
+def _ratelimit_value(header: str | None) -> int | None:
+    """Docker Hub sends 'ratelimit-remaining: 76;w=21600'."""
+    if not header:
+        return None
+    head = header.split(";", 1)[0].strip()
+    return int(head) if head.isdigit() else None
+
+
+def tail_lines(path: str, n: int, max_bytes: int = 256 * 1024) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except OSError:
+        return []
+    lines = data.decode("utf-8", "replace").splitlines()
+    if size > max_bytes and lines:
+        lines = lines[1:]  # the first one is probably cut
+    return lines[-n:]
+
+
+def human(n: float | int | None) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def store_summary(store) -> dict:
+    """Size, limit and entry counts of a store, from the SQLite index only."""
+    content = store.content
+    counts = dict(content._sql("SELECT mode, COUNT(*) FROM Cache GROUP BY mode").fetchall())
+    tags = 0
+    pins = 0
+    for key in store.tags.iterkeys():
+        if isinstance(key, tuple) and key:
+            if key[0] == "tag":
+                tags += 1
+            elif key[0] == "pin":
+                pins += 1
+    return {
+        "size": int(content.volume()),
+        "limit": int(content.size_limit),
+        "blobs": int(counts.get(MODE_BINARY, 0)),
+        "manifests": int(counts.get(MODE_PICKLE, 0)),
+        "tags": tags,
+        "pins": pins,
+    }
+
+
+class _StatsCollector:
+    """Prometheus view of the persisted counters and of the store (read at scrape time)."""
+
+    def __init__(self, monitor: "Monitor"):
+        self.monitor = monitor
+
+    def collect(self):
+        m = self.monitor
+        stats, cache = m.stats, m.cache
+        if stats is None or cache.store is None:
+            return
+        snap = stats.snapshot()
+        requests = CounterMetricFamily("regcache_requests", "Registry requests answered, by registry, kind (blob/manifest) and outcome (HIT, MISS, REVALIDATED, STALE, UNKNOWN, UPSTREAM_<status>...)", labels=["registry", "kind", "outcome"])
+        for registry, r in sorted(snap.registries.items()):
+            for (kind, outcome), count in sorted(r.outcomes.items()):
+                requests.add_metric([registry, kind, outcome], count)
+        yield requests
+        b = CounterMetricFamily("regcache_bytes", "Bytes by source: served (sent to clients), cache (of those, read from stored content), upstream (fetched from upstream registries)", labels=["source"])
+        b.add_metric(["served"], snap.served_bytes)
+        b.add_metric(["cache"], snap.cache_bytes)
+        b.add_metric(["upstream"], snap.upstream_bytes)
+        yield b
+        up = CounterMetricFamily("regcache_upstream_bytes", "Bytes fetched from upstream, by registry", labels=["registry"])
+        for registry, r in sorted(snap.registries.items()):
+            up.add_metric([registry], r.upstream_bytes)
+        yield up
+        yield CounterMetricFamily("regcache_evictions", "Blobs and manifests evicted by manifest-aware gc (regcache gc, and the proxy's own size limit)", value=snap.evictions)
+        yield CounterMetricFamily("regcache_evicted_bytes", "Bytes evicted by manifest-aware gc", value=snap.evicted_bytes)
+        yield CounterMetricFamily("regcache_verification_failures", "Stored blobs and manifests that failed `regcache verify` (quarantined)", value=snap.verify_failures)
+        ratio = snap.hit_ratio
+        yield GaugeMetricFamily("regcache_hit_ratio", "hits / (hits + misses) since the counters began", value=ratio if ratio is not None else 0.0)
+        s = store_summary(cache.store)
+        yield GaugeMetricFamily("regcache_store_bytes", "Size of the store on disk", value=s["size"])
+        yield GaugeMetricFamily("regcache_store_limit_bytes", "The store's size limit", value=s["limit"])
+        entries = GaugeMetricFamily("regcache_store_entries", "Entries in the store", labels=["kind"])
+        entries.add_metric(["blob"], s["blobs"])
+        entries.add_metric(["manifest"], s["manifests"])
+        entries.add_metric(["tag"], s["tags"])
+        entries.add_metric(["pin"], s["pins"])
+        yield entries
+        yield GaugeMetricFamily("regcache_fills_in_flight", "Blob downloads in progress", value=len(cache.fills.inflight) if cache.fills else 0)
+
+
+class Monitor:
+    """Child addon of RegistryCache: statistics, metrics, status page, size-limit gc."""
+
+    def __init__(self, cache):
+        self.cache = cache  # the RegistryCache
+        self.stats: Stats | None = None
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.latency = Histogram("regcache_upstream_request_seconds", "Time from sending an upstream request to its response headers, by host", ["host"], registry=self.registry, buckets=LATENCY_BUCKETS)
+        self.upstream_errors = Counter("regcache_upstream_errors", "Upstream requests that failed to connect, timed out or were backed off, by host", ["host"], registry=self.registry)
+        self.ratelimit_remaining = Gauge("regcache_upstream_ratelimit_remaining", "Pulls left in the current window, as last reported by the upstream (Docker Hub's ratelimit-remaining)", ["registry"], registry=self.registry)
+        self.ratelimit_limit = Gauge("regcache_upstream_ratelimit_limit", "Pulls allowed per window, as last reported by the upstream (ratelimit-limit)", ["registry"], registry=self.registry)
+        self.registry.register(_StatsCollector(self))
+        self.listen: tuple[str, int] | None = None
+        self.server: asyncio.base_events.Server | None = None
+        self.port = 0
+        self._running = False
+        self._gc_task: asyncio.Task | None = None
+        self._gc_busy = False
+        self.started = time.time()
+
+    # --- mitmproxy events -------------------------------------------------------------------
+
+    def load(self, loader):
+        loader.add_option(OPTION, str, "", "Serve Prometheus metrics (/metrics) and a status page (/) on host:port (e.g. 127.0.0.1:9090 or :9090); empty: off.")
+
+    def configure(self, updated):
+        from mitmproxy import ctx, exceptions
+
+        cache = self.cache
+        if cache.store is not None and (self.stats is None or self.stats.cache is not cache.store.tags):
+            if self.stats is not None:
+                self.stats.stop()
+            self.stats = Stats(cache.store.tags)
+            if self._running:
+                self.stats.start()
+        if cache.fills is not None:
+            cache.fills.stats = self.stats
+        if cache.blobserver is not None:
+            cache.blobserver.stats = self.stats
+        if cache.upstream is not None:
+            self.instrument(cache.upstream)
+        if OPTION in updated:
+            try:
+                listen = parse_listen(getattr(ctx.options, OPTION))
+            except ValueError as e:
+                raise exceptions.OptionsError(str(e)) from None
+            if listen != self.listen:
+                self.listen = listen
+                if self._running:
+                    asyncio.get_running_loop().create_task(self._restart_server())
+
+    async def running(self):
+        self._running = True
+        if self.stats is not None:
+            self.stats.start()
+        if self.cache.blobserver is not None:
+            self.cache.blobserver.stats = self.stats
+        await self._restart_server()
+        self._gc_task = asyncio.get_running_loop().create_task(self._gc_loop())
+
+    async def done(self):
+        self._running = False
+        if self._gc_task is not None:
+            self._gc_task.cancel()
+        await self._stop_server()
+        if self.stats is not None:
+            self.stats.stop()  # flushes; reopens the tags db if the store closed it first
+            self.stats.cache.close()
+
+    # --- counting -----------------------------------------------------------------------------------
+
+    def request(self, flow, ident, route, outcome: str, size: int | None) -> None:
+        """One answered request, from RegistryCache._log."""
+        if self.stats is not None:
+            self.stats.request(ident.registry, route.kind, outcome, route.name, flow.request.method, size)
+
+    def instrument(self, upstream) -> None:
+        """Time every upstream request; note rate-limit headers (Docker Hub)."""
+        if getattr(upstream, "_regcache_monitor", None) is self:
+            return
+        original = upstream.request
+        monitor = self
+
+        def request(method, target, path, headers, follow_redirects=True):
+            t0 = time.monotonic()
+            try:
+                resp = original(method, target, path, headers, follow_redirects)
+            except UpstreamUnavailable:
+                monitor.upstream_errors.labels(target.host).inc()
+                raise
+            monitor.latency.labels(target.host).observe(time.monotonic() - t0)
+            remaining = _ratelimit_value(resp.header("ratelimit-remaining"))
+            if remaining is not None:
+                registry = oci.canonical_registry(target.host)
+                monitor.ratelimit_remaining.labels(registry).set(remaining)
+                limit = _ratelimit_value(resp.header("ratelimit-limit"))
+                if limit is not None:
+                    monitor.ratelimit_limit.labels(registry).set(limit)
+            return resp
+
+        upstream.request = request
+        upstream._regcache_monitor = self
+
+    # --- size limit -----------------------------------------------------------------------------------
+
+    async def _gc_loop(self) -> None:
+        while True:
+            await asyncio.sleep(GC_INTERVAL)
+            try:
+                await self.gc_if_needed()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001
+                log.exception("regcache: size-limit gc failed")
+
+    async def gc_if_needed(self):
+        store = self.cache.store
+        if store is None or self._gc_busy:
+            return None
+        limit = int(store.content.size_limit)
+        if store.content.volume() <= limit * GC_HIGH:
+            return None
+        from .inventory import gc
+
+        self._gc_busy = True
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(None, gc, store, int(limit * GC_LOW), False, self.stats)
+        finally:
+            self._gc_busy = False
+        log.info("regcache: size limit: evicted %d manifests and %d blobs (%s), store now %s of %s",
+                 len(result.removed_manifests), len(result.removed_blobs), human(result.removed_bytes), human(result.after), human(limit))
+        return result
+
+    # --- the HTTP endpoint ------------------------------------------------------------------------------
+
+    async def _restart_server(self) -> None:
+        await self._stop_server()
+        if self.listen is None:
+            return
+        host, port = self.listen
+        try:
+            self.server = await asyncio.start_server(self._handle, host, port, limit=16 * 1024)
+        except OSError as e:
+            log.warning("regcache: metrics and status page disabled, cannot listen on %s:%d: %s", host, port, e)
+            return
+        self.port = self.server.sockets[0].getsockname()[1]
+        log.info("regcache: metrics on http://%s:%d/metrics, status page on http://%s:%d/", host, self.port, host, self.port)
+
+    async def _stop_server(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            try:
+                await asyncio.wait_for(self.server.wait_closed(), 2)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+                pass
+            self.server = None
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError):
+                return
+            request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+            parts = request_line.split(" ")
+            if len(parts) != 3:
+                await self._send(writer, 400, "text/plain", b"bad request\n")
+                return
+            method, target = parts[0], parts[1]
+            if method not in ("GET", "HEAD"):
+                await self._send(writer, 405, "text/plain", b"only GET\n")
+                return
+            path = urlsplit(target).path
+            loop = asyncio.get_running_loop()
+            if path == "/metrics":
+                body = await loop.run_in_executor(None, generate_latest, self.registry)
+                ctype = "text/plain; version=0.0.4; charset=utf-8"
+            elif path in ("/", "/status", "/index.html"):
+                body = (await loop.run_in_executor(None, self.render_html)).encode()
+                ctype = "text/html; charset=utf-8"
+            elif path == "/status.json":
+                body = json.dumps(await loop.run_in_executor(None, self.status), indent=1).encode()
+                ctype = "application/json"
+            elif path == "/healthz":
+                ok = self.cache.store is not None
+                await self._send(writer, 200 if ok else 503, "text/plain", b"ok\n" if ok else b"no store\n", method)
+                return
+            else:
+                await self._send(writer, 404, "text/plain", b"not found\n")
+                return
+            await self._send(writer, 200, ctype, body, method)
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        except Exception:  # noqa: BLE001
+            log.exception("regcache: metrics endpoint failed")
+            try:
+                await self._send(writer, 500, "text/plain", b"internal error\n")
+            except Exception:  # noqa: BLE001
+                pass
+        finally:
+            writer.close()
+
+    async def _send(self, writer, status: int, ctype: str, body: bytes, method: str = "GET") -> None:
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error", 503: "Service Unavailable"}[status]
+        head = f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+        writer.write(head.encode("latin-1") + (body if method != "HEAD" else b""))
+        await writer.drain()
+
+    # --- what the page shows -------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        cache = self.cache
+        snap = self.stats.snapshot() if self.stats is not None else None
+        store = cache.store
+        summary = store_summary(store) if store is not None else {}
+        misses = []
+        if store is not None:
+            for line in reversed(tail_lines(store.miss_log_path, 20)):
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict):
+                    misses.append(rec)
+        fills = []
+        if cache.fills is not None:
+            for fill in list(cache.fills.inflight.values()):
+                fills.append({"digest": str(fill.digest), "registry": fill.registry, "repo": fill.repo, "written": fill.written, "size": fill.size})
+        return {
+            "time": time.time(),
+            "uptime": time.time() - self.started,
+            "directory": store.directory if store is not None else None,
+            "stats": snap.as_dict() if snap is not None else None,
+            "store": summary,
+            "recent_misses": misses,
+            "fills_in_flight": fills,
+        }
+
+    def render_html(self) -> str:
+        return render_status_page(self.status())
+
+
+def _short_ref(ref: str) -> str:
+    return ref[:19] + "…" if ref.startswith("sha") and len(ref) > 20 else ref[:80]
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def render_status_page(status: dict) -> str:
+    e = html.escape
+    stats = status.get("stats") or {}
+    b = stats.get("bytes") or {}
+    store = status.get("store") or {}
+    size, limit = store.get("size", 0), store.get("limit", 0) or 1
+    fill_pct = min(100.0, 100.0 * size / limit)
+    rows_reg = "".join(
+        f"<tr><td>{e(name)}</td><td>{r['requests']}</td><td>{r['hits']}</td><td>{r['misses']}</td><td>{_pct(r['hit_ratio'])}</td><td>{human(r['upstream_bytes'])}</td></tr>"
+        for name, r in (stats.get("registries") or {}).items()
+    ) or '<tr><td colspan="6">no requests yet</td></tr>'
+    rows_top = "".join(f"<tr><td>{e(t['image'])}</td><td>{t['pulls']}</td></tr>" for t in stats.get("top_images") or []) or '<tr><td colspan="2">no pulls yet</td></tr>'
+    rows_miss = "".join(
+        "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
+            e(time.strftime("%m-%d %H:%M:%S", time.localtime(m.get("time", 0)))),
+            e(f"{m.get('registry', '')}/{m.get('repo', '')}"),
+            e(str(m.get("kind", ""))),
+            e(_short_ref(str(m.get("reference", "")))),
+            e(human(m.get("size")) if isinstance(m.get("size"), int) else "-"),
+        )
+        for m in status.get("recent_misses") or []
+    ) or '<tr><td colspan="5">no misses recorded</td></tr>'
+    rows_fill = "".join(
+        f"<tr><td>{e(f['registry'])}/{e(f['repo'])}</td><td><code>{e(f['digest'][:19])}…</code></td><td>{human(f['written'])} of {human(f['size'])}</td></tr>"
+        for f in status.get("fills_in_flight") or []
+    ) or '<tr><td colspan="3">none</td></tr>'
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="10">
+<title>regcache status</title>
+<style>
+body{{font-family:system-ui,sans-serif;margin:2em;color:#222}} h1{{margin-bottom:0}} .sub{{color:#666;margin-top:.2em}}
+.cards{{display:flex;gap:1em;flex-wrap:wrap;margin:1.5em 0}} .card{{border:1px solid #ccc;border-radius:6px;padding:.8em 1.2em;min-width:11em}}
+.card .v{{font-size:1.8em;font-weight:600}} table{{border-collapse:collapse;margin-bottom:1.5em}}
+td,th{{border-bottom:1px solid #ddd;padding:.3em .8em;text-align:left;white-space:nowrap}} .bar{{width:20em;height:1em;background:#eee;border-radius:3px}}
+.bar div{{height:100%;background:#4a8;border-radius:3px}}
+</style></head><body>
+<h1>regcache</h1><p class="sub">cache <code>{e(str(status.get('directory')))}</code> · counting since {e(time.strftime('%Y-%m-%d %H:%M', time.localtime(stats.get('since') or status.get('time', 0))))}</p>
+<div class="cards">
+<div class="card" id="hit-ratio"><div>Hit ratio</div><div class="v">{_pct(stats.get('hit_ratio'))}</div><div>{stats.get('hits', 0)} hits · {stats.get('misses', 0)} misses</div></div>
+<div class="card" id="bytes-saved"><div>Bytes saved</div><div class="v">{human(b.get('saved', 0))}</div><div>served {human(b.get('served', 0))} · from upstream {human(b.get('from_upstream', 0))}</div></div>
+<div class="card" id="store-fill"><div>Store fill</div><div class="v">{fill_pct:.1f}%</div><div>{human(size)} of {human(limit)}</div><div class="bar"><div style="width:{fill_pct:.1f}%"></div></div><div>{store.get('blobs', 0)} blobs · {store.get('manifests', 0)} manifests · {store.get('tags', 0)} tags · {store.get('pins', 0)} pinned</div></div>
+</div>
+<h2>Registries</h2><table id="registries"><tr><th>registry</th><th>requests</th><th>hits</th><th>misses</th><th>hit ratio</th><th>from upstream</th></tr>{rows_reg}</table>
+<h2>Top images</h2><table id="top-images"><tr><th>image</th><th>pulls</th></tr>{rows_top}</table>
+<h2>Recent misses</h2><table id="recent-misses"><tr><th>time</th><th>repository</th><th>kind</th><th>reference</th><th>size</th></tr>{rows_miss}</table>
+<h2>Downloads in progress</h2><table id="fills"><tr><th>repository</th><th>digest</th><th>progress</th></tr>{rows_fill}</table>
+<p class="sub">Prometheus metrics: <a href="/metrics">/metrics</a> · JSON: <a href="/status.json">/status.json</a></p>
+</body></html>
+"""

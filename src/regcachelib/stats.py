@@ -1,0 +1,280 @@
+"""Persisted counters: what the cache answered, how many bytes it saved.
+
+The counters live in the cache directory's tags/ diskcache (so they travel with the cache
+dir and survive restarts) under keys ("stats", name, *labels), each row tagged "stats" so
+they can be read back with one query. Increments are buffered in memory (the event loop
+only touches a dict) and written with diskcache's atomic `incr` by `flush()`: from a
+background thread once a second in the proxy, at the end of a command in the CLI. Several
+processes on one cache directory add up correctly.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+TAG = "stats"
+PREFIX = "stats"
+
+# Outcomes (as logged by the addon) that were answered from the store.
+HIT_OUTCOMES = frozenset({"HIT", "REVALIDATED", "STALE"})
+MISS_OUTCOMES = frozenset({"MISS"})
+
+
+def outcome_class(outcome: str) -> str:
+    if outcome in HIT_OUTCOMES:
+        return "hit"
+    if outcome in MISS_OUTCOMES:
+        return "miss"
+    return "other"
+
+
+@dataclass
+class RegistryStats:
+    hits: int = 0
+    misses: int = 0
+    other: int = 0
+    upstream_bytes: int = 0
+    outcomes: Counter = field(default_factory=Counter)  # (kind, outcome) -> count
+
+    @property
+    def requests(self) -> int:
+        return self.hits + self.misses + self.other
+
+    @property
+    def hit_ratio(self) -> float | None:
+        answered = self.hits + self.misses
+        return self.hits / answered if answered else None
+
+
+@dataclass
+class Snapshot:
+    """Everything counted so far, summed over all processes that used the cache dir."""
+
+    since: float | None = None
+    registries: dict[str, RegistryStats] = field(default_factory=dict)
+    served_bytes: int = 0  # sent to clients: blob bodies and manifests
+    cache_bytes: int = 0  # of which read from stored content (blob files, manifest hits)
+    upstream_bytes: int = 0  # fetched from upstream registries
+    pulls: Counter = field(default_factory=Counter)  # (registry, repo) -> manifest GETs
+    evictions: int = 0
+    evicted_bytes: int = 0
+    verify_failures: int = 0
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def hits(self) -> int:
+        return sum(r.hits for r in self.registries.values())
+
+    @property
+    def misses(self) -> int:
+        return sum(r.misses for r in self.registries.values())
+
+    @property
+    def other(self) -> int:
+        return sum(r.other for r in self.registries.values())
+
+    @property
+    def hit_ratio(self) -> float | None:
+        answered = self.hits + self.misses
+        return self.hits / answered if answered else None
+
+    @property
+    def saved_bytes(self) -> int:
+        """Bytes clients received that did not have to come from upstream."""
+        return max(0, self.served_bytes - self.upstream_bytes)
+
+    def top_images(self, n: int = 10) -> list[tuple[str, str, int]]:
+        return [(reg, repo, count) for (reg, repo), count in self.pulls.most_common(n)]
+
+    def as_dict(self) -> dict:
+        return {
+            "since": self.since,
+            "requests": self.hits + self.misses + self.other,
+            "hits": self.hits,
+            "misses": self.misses,
+            "other": self.other,
+            "hit_ratio": self.hit_ratio,
+            "bytes": {
+                "served": self.served_bytes,
+                "from_cache": self.cache_bytes,
+                "from_upstream": self.upstream_bytes,
+                "saved": self.saved_bytes,
+            },
+            "registries": {
+                name: {
+                    "requests": r.requests,
+                    "hits": r.hits,
+                    "misses": r.misses,
+                    "other": r.other,
+                    "hit_ratio": r.hit_ratio,
+                    "upstream_bytes": r.upstream_bytes,
+                    "outcomes": {f"{k}:{o}": c for (k, o), c in sorted(r.outcomes.items())},
+                }
+                for name, r in sorted(self.registries.items())
+            },
+            "top_images": [{"image": f"{reg}/{repo}", "pulls": c} for reg, repo, c in self.top_images()],
+            "evictions": self.evictions,
+            "evicted_bytes": self.evicted_bytes,
+            "verify_failures": self.verify_failures,
+        }
+
+
+class Stats:
+    """Buffered, process-safe counters in a diskcache Cache (the store's tags cache)."""
+
+    def __init__(self, cache, flush_interval: float = 1.0):
+        self.cache = cache
+        self.flush_interval = flush_interval
+        self._pending: Counter = Counter()
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._known: set[tuple] = set()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # --- counting (cheap; safe from any thread) --------------------------------------------
+
+    def add(self, *key, n: int = 1) -> None:
+        if n:
+            with self._lock:
+                self._pending[(PREFIX, *key)] += n
+
+    def request(self, registry: str, kind: str, outcome: str, repo: str | None = None, method: str = "GET", size: int | None = None) -> None:
+        """One answered /v2 request, as logged by the addon."""
+        with self._lock:
+            p = self._pending
+            p[(PREFIX, "requests", registry, kind, outcome)] += 1
+            if kind == "manifest" and method == "GET" and repo and outcome_class(outcome) != "other":
+                p[(PREFIX, "pulls", registry, repo)] += 1
+            if kind == "manifest" and method == "GET" and size:
+                cls = outcome_class(outcome)
+                if cls == "hit":
+                    p[(PREFIX, "bytes", "served")] += size
+                    p[(PREFIX, "bytes", "cache")] += size
+                elif cls == "miss":
+                    p[(PREFIX, "bytes", "served")] += size
+                    p[(PREFIX, "upstream_bytes", registry)] += size
+
+    def served_bytes(self, n: int, from_store: bool) -> None:
+        """Blob body bytes sent to a client (from a stored file, or following a download)."""
+        with self._lock:
+            self._pending[(PREFIX, "bytes", "served")] += n
+            if from_store:
+                self._pending[(PREFIX, "bytes", "cache")] += n
+
+    def upstream_bytes(self, registry: str, n: int) -> None:
+        with self._lock:
+            self._pending[(PREFIX, "upstream_bytes", registry)] += n
+
+    # --- persisting --------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, Counter()
+        if not pending:
+            return
+        with self._flush_lock:
+            try:
+                self.cache.add((PREFIX, "since"), time.time(), tag=TAG)
+                with self.cache.transact():
+                    for key, n in pending.items():
+                        if key not in self._known:
+                            # add() keeps an existing row; the tag lets snapshot() find it
+                            self.cache.add(key, 0, tag=TAG)
+                            self._known.add(key)
+                        self.cache.incr(key, n)
+            except Exception as e:  # noqa: BLE001 - counting must never break serving
+                log.warning("regcache: could not persist statistics: %s", e)
+                with self._lock:
+                    self._pending.update(pending)
+
+    def start(self) -> None:
+        """Flush from a daemon thread every flush_interval seconds."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+
+        def loop():
+            while not self._stop.wait(self.flush_interval):
+                self.flush()
+
+        self._thread = threading.Thread(target=loop, name="regcache-stats", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(5)
+            self._thread = None
+        self.flush()
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def values(self) -> dict[tuple, float]:
+        """Every persisted counter plus what is still buffered here."""
+        out: dict[tuple, float] = {}
+        try:
+            rows = self.cache._sql("SELECT key, raw, value FROM Cache WHERE tag = ?", (TAG,)).fetchall()
+            for db_key, raw, value in rows:
+                key = self.cache._disk.get(db_key, raw)
+                if isinstance(key, tuple) and key and key[0] == PREFIX and isinstance(value, (int, float)):
+                    out[key] = value
+        except AttributeError:  # pragma: no cover - a diskcache without the private API
+            for key in self.cache.iterkeys():
+                if isinstance(key, tuple) and key and key[0] == PREFIX:
+                    out[key] = self.cache.get(key, 0)
+        with self._lock:
+            for key, n in self._pending.items():
+                out[key] = out.get(key, 0) + n
+        return out
+
+    def snapshot(self) -> Snapshot:
+        snap = Snapshot()
+        values = self.values()
+        snap.raw = values
+        for key, value in values.items():
+            name, labels = key[1], key[2:]
+            value = int(value) if name != "since" else value
+            if name == "since":
+                snap.since = value
+            elif name == "requests" and len(labels) == 3:
+                registry, kind, outcome = labels
+                r = snap.registries.setdefault(registry, RegistryStats())
+                r.outcomes[(kind, outcome)] += value
+                cls = outcome_class(outcome)
+                if cls == "hit":
+                    r.hits += value
+                elif cls == "miss":
+                    r.misses += value
+                else:
+                    r.other += value
+            elif name == "upstream_bytes" and len(labels) == 1:
+                r = snap.registries.setdefault(labels[0], RegistryStats())
+                r.upstream_bytes += value
+                snap.upstream_bytes += value
+            elif name == "bytes" and labels == ("served",):
+                snap.served_bytes += value
+            elif name == "bytes" and labels == ("cache",):
+                snap.cache_bytes += value
+            elif name == "pulls" and len(labels) == 2:
+                snap.pulls[labels] += value
+            elif name == "evictions":
+                snap.evictions += value
+            elif name == "evicted_bytes":
+                snap.evicted_bytes += value
+            elif name == "verify_failures":
+                snap.verify_failures += value
+        return snap
+
+    def reset(self) -> int:
+        """Forget every counter (all processes); returns how many were removed."""
+        with self._lock:
+            self._pending.clear()
+        self._known.clear()
+        return self.cache.evict(TAG)

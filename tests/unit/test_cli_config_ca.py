@@ -1,0 +1,160 @@
+"""`regcache client-config` (every snippet parses as what the client reads) and `regcache ca`
+(created by mitmproxy's own code, key 0600, never printed, installed where clients look)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import stat
+import tomllib
+
+import pytest
+
+from regcachelib import cacerts, clientconfig
+
+from .test_cli_inventory import run_cli
+
+
+def systemd_environment(text: str) -> dict[str, str]:
+    """The environment a systemd drop-in sets (Environment= lines, systemd's quoting)."""
+    env = {}
+    section = None
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line
+            continue
+        key, _, value = line.partition("=")
+        assert section == "[Service]" and key == "Environment", line
+        for assignment in shlex.split(value):
+            k, _, v = assignment.partition("=")
+            env[k] = v
+    return env
+
+
+def test_docker_daemon_json(capsys):
+    code, out, err = run_cli(capsys, "client-config", "docker", "--cache", "cache.example.net")
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["registry-mirrors"] == ["http://cache.example.net:5000"]
+    assert doc["proxies"]["https-proxy"] == "http://cache.example.net:8080"
+    assert "cache.example.net" in doc["proxies"]["no-proxy"].split(",")
+    assert "/etc/docker/daemon.json" in err
+    code, out, _ = run_cli(capsys, "client-config", "docker", "--cache", "10.0.0.5:5001", "--no-proxies")
+    assert json.loads(out) == {"registry-mirrors": ["http://10.0.0.5:5001"]}
+
+
+def test_containerd_hosts_toml(capsys):
+    code, out, err = run_cli(capsys, "client-config", "containerd", "--cache", "10.0.0.5")
+    doc = tomllib.loads(out)
+    assert doc == {"host": {"http://10.0.0.5:5000": {"capabilities": ["pull", "resolve"]}}}
+    assert "config_path" in err
+
+
+def test_podman_registries_conf(capsys):
+    code, out, err = run_cli(capsys, "client-config", "podman", "--cache", "cache:5000")
+    doc = tomllib.loads(out)
+    by_prefix = {r["prefix"]: r for r in doc["registry"]}
+    assert by_prefix["docker.io"]["mirror"] == [{"location": "cache:5000", "insecure": True}]
+    assert by_prefix["quay.io"]["mirror"] == [{"location": "cache:5000/quay.io", "insecure": True}]
+    assert by_prefix["registry.k8s.io"]["location"] == "registry.k8s.io"
+    assert not any("*" in p for p in by_prefix)
+    _, out, _ = run_cli(capsys, "client-config", "podman", "--cache", "cache", "--registry", "ghcr.io", "--mirror-port", "5555")
+    assert [r["prefix"] for r in tomllib.loads(out)["registry"]] == ["ghcr.io"]
+    assert tomllib.loads(out)["registry"][0]["mirror"][0]["location"] == "cache:5555/ghcr.io"
+
+
+def test_systemd_drop_in_never_proxies_the_cache_itself(capsys):
+    code, out, err = run_cli(capsys, "client-config", "systemd", "--cache", "cache.lan", "--service", "containerd")
+    env = systemd_environment(out)
+    assert env["HTTPS_PROXY"] == "http://cache.lan:8080"
+    assert {"cache.lan", "localhost", "127.0.0.1"} <= set(env["NO_PROXY"].split(","))
+    assert "containerd.service.d" in out and "daemon-reload" in err
+
+
+def test_iptables_script_exempts_the_owner(capsys):
+    code, out, _ = run_cli(capsys, "client-config", "iptables", "--user", "999", "--iface", "docker0")
+    assert "-m owner ! --uid-owner 999 -j REGCACHE" in out
+    assert "PREROUTING -i docker0 -p tcp --dport 443 -j REGCACHE" in out
+    assert "REDIRECT --to-ports 8081" in out and out.startswith("#!/bin/sh")
+
+
+@pytest.mark.parametrize("text,host,port", [
+    ("cache", "cache", None), ("cache:5001", "cache", 5001), ("http://cache:5001/", "cache", 5001),
+    ("[fd00::1]:5000", "fd00::1", 5000), ("fd00::1", "fd00::1", None), ("10.0.0.1", "10.0.0.1", None),
+])
+def test_parse_cache(text, host, port):
+    c = clientconfig.parse_cache(text)
+    assert (c.host, c.port) == (host, port)
+
+
+def test_ipv6_cache_address_is_bracketed(capsys):
+    _, out, _ = run_cli(capsys, "client-config", "docker", "--cache", "[fd00::1]")
+    assert json.loads(out)["registry-mirrors"] == ["http://[fd00::1]:5000"]
+
+
+def test_bad_cache_address(capsys):
+    code, _, err = run_cli(capsys, "client-config", "docker", "--cache", "host:99999")
+    assert code == 2 and "bad port" in err
+
+
+# --- ca ---------------------------------------------------------------------------------------------
+
+
+def test_ca_create_show_install(tmp_path, capsys):
+    certs = tmp_path / "certs"
+    code, out, _ = run_cli(capsys, "ca", "--certs", str(certs), "create")
+    assert code == 0 and out.startswith("created")
+    for name in ("mitmproxy-ca.pem", "mitmproxy-ca-cert.pem", "mitmproxy-ca.p12", "mitmproxy-ca-cert.cer", "mitmproxy-dhparam.pem"):
+        assert (certs / name).exists(), name
+    assert stat.S_IMODE(os.stat(certs / "mitmproxy-ca.pem").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(certs / "mitmproxy-ca.p12").st_mode) == 0o600
+    key_pem = (certs / "mitmproxy-ca.pem").read_text()
+    assert "PRIVATE KEY" in key_pem
+    first = (certs / "mitmproxy-ca-cert.pem").read_bytes()
+    # again: kept, not replaced
+    code, out, _ = run_cli(capsys, "ca", "--certs", str(certs), "create")
+    assert out.startswith("already there") and (certs / "mitmproxy-ca-cert.pem").read_bytes() == first
+
+    code, out, _ = run_cli(capsys, "ca", "--certs", str(certs), "show")
+    assert code == 0 and "CN=mitmproxy" in out and "sha256" in out and "BEGIN CERTIFICATE" in out
+    assert "PRIVATE KEY" not in out and key_pem.splitlines()[1] not in out
+    _, pem, _ = run_cli(capsys, "ca", "show", "--certs", str(certs), "--pem")
+    assert pem == first.decode()
+    os.chmod(certs / "mitmproxy-ca.pem", 0o644)
+    _, out, _ = run_cli(capsys, "ca", "--certs", str(certs), "show")
+    assert "WARNING" in out and "chmod 600" in out
+    os.chmod(certs / "mitmproxy-ca.pem", 0o600)
+
+    root = tmp_path / "root"
+    code, out, _ = run_cli(capsys, "ca", "--certs", str(certs), "install", "system", "--root", str(root), "--no-update")
+    assert code == 0 and (root / "usr/local/share/ca-certificates/regcache-ca.crt").read_bytes() == first
+    code, out, _ = run_cli(capsys, "ca", "--certs", str(certs), "install", "docker", "--root", str(root), "--host", "quay.io", "--host", "cache:5000")
+    assert (root / "etc/docker/certs.d/quay.io/ca.crt").read_bytes() == first
+    assert (root / "etc/docker/certs.d/cache:5000/ca.crt").read_bytes() == first
+    code, out, _ = run_cli(capsys, "ca", "--certs", str(certs), "install", "docker", "--root", str(root))
+    assert (root / "etc/docker/certs.d/registry-1.docker.io/ca.crt").exists() and (root / "etc/docker/certs.d/ghcr.io/ca.crt").exists()
+    code, out, err = run_cli(capsys, "ca", "--certs", str(certs), "install", "containerd", "--root", str(root))
+    assert 'ca = "/etc/containerd/certs.d/regcache-ca.crt"' in out
+    assert tomllib.loads(out.splitlines()[-1])["ca"] == "/etc/containerd/certs.d/regcache-ca.crt"
+    assert (root / "etc/containerd/certs.d/regcache-ca.crt").read_bytes() == first
+    for p in root.rglob("*.crt"):
+        assert "PRIVATE KEY" not in p.read_text()
+
+
+def test_ca_created_is_what_mitmproxy_loads(tmp_path):
+    from mitmproxy.certs import CertStore
+
+    created, cert = cacerts.create(str(tmp_path / "c"))
+    assert created
+    store = CertStore.from_store(tmp_path / "c", "mitmproxy", 2048)
+    leaf = store.get_cert("quay.io", [])
+    assert leaf.cert.issuer == store.default_ca.issuer
+
+
+def test_ca_show_without_a_ca(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "ca", "--certs", str(tmp_path / "none"), "show")
+    assert code == 2 and "regcache ca create" in err

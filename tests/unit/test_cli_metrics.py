@@ -1,0 +1,243 @@
+"""stats.py and metrics.py: persisted counters (across processes), the hooks in fill.py and
+blobserver.py, the Monitor child addon, /metrics, the status page, upstream instrumentation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import os
+import ssl
+import types
+
+import diskcache
+import pytest
+from prometheus_client import generate_latest
+
+from regcachelib import oci
+from regcachelib.blobserver import BlobServer, Signer, Ticket
+from regcachelib.fill import Fills
+from regcachelib.metrics import Monitor, parse_listen, render_status_page
+from regcachelib.stats import Stats
+from regcachelib.store import Store
+from regcachelib.upstream import Target, Upstream, UpstreamUnavailable
+
+from .helpers import Reply, http_request, random_bytes, sha256, stage_and_commit, wait_until
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def _count_in_process(directory: str, n: int) -> None:
+    cache = diskcache.Cache(directory)
+    stats = Stats(cache)
+    for _ in range(n):
+        stats.request("quay.io", "blob", "HIT")
+        stats.served_bytes(10, from_store=True)
+    stats.flush()
+    cache.close()
+
+
+def test_counters_add_up_across_processes(tmp_path):
+    directory = str(tmp_path / "tags")
+    diskcache.Cache(directory).close()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_count_in_process, args=(directory, 200)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    snap = Stats(diskcache.Cache(directory)).snapshot()
+    assert snap.registries["quay.io"].hits == 600
+    assert snap.served_bytes == snap.cache_bytes == 6000
+
+
+def test_snapshot_semantics(tmp_path):
+    stats = Stats(diskcache.Cache(str(tmp_path / "t")))
+    stats.request("docker.io", "manifest", "MISS", "library/a", "GET", 500)  # fetched and served
+    stats.request("docker.io", "manifest", "HIT", "library/a", "GET", 500)  # served from the store
+    stats.request("docker.io", "manifest", "HIT", "library/a", "HEAD", 0)
+    stats.request("docker.io", "blob", "HIT", "library/a", "GET", None)
+    stats.request("docker.io", "manifest", "STALE", "library/b", "GET", 100)
+    stats.request("quay.io", "manifest", "UPSTREAM_404", "org/x", "GET", 50)
+    stats.upstream_bytes("docker.io", 1000)
+    stats.served_bytes(1000, from_store=False)  # the client that waited for that download
+    stats.served_bytes(1000, from_store=True)  # a later client
+    snap = stats.snapshot()  # counts what is still buffered too
+    hub = snap.registries["docker.io"]
+    assert (hub.hits, hub.misses, hub.other) == (4, 1, 0)
+    assert snap.registries["quay.io"].other == 1 and snap.registries["quay.io"].hit_ratio is None
+    assert snap.hit_ratio == pytest.approx(4 / 5)
+    assert snap.served_bytes == 500 + 500 + 100 + 2000
+    assert snap.cache_bytes == 500 + 100 + 1000
+    assert snap.upstream_bytes == 1500 and hub.upstream_bytes == 1500
+    assert snap.saved_bytes == 3100 - 1500
+    assert snap.top_images() == [("docker.io", "library/a", 2), ("docker.io", "library/b", 1)]
+    stats.flush()
+    again = Stats(stats.cache).snapshot()
+    assert {**again.as_dict(), "since": None} == snap.as_dict()
+    assert again.since is not None
+    assert stats.reset() > 0
+    assert Stats(stats.cache).snapshot().served_bytes == 0
+
+
+def test_fill_and_blobserver_hooks_count_upstream_and_served_bytes(tmp_path, upstream_server):
+    data = random_bytes(300 * 1024, seed=3)
+    digest = sha256(data)
+    # the download waits half way until the first reader follows it
+    upstream_server.routes[f"/v2/org/img/blobs/{digest}"] = Reply(body=data, gate_after=100 * 1024)
+
+    async def main():
+        store = Store(str(tmp_path / "cache"))
+        stats = Stats(store.tags)
+        fills = Fills(store, Upstream(ssl.create_default_context(), timeout=5, backoff=0))
+        fills.stats = stats
+        server = BlobServer(store, fills, Signer(os.urandom(32)))
+        server.stats = stats
+        await server.start(None, None)
+        try:
+            fill = fills.start(oci.parse_digest(digest), "quay.io", "org/img", Target("127.0.0.1", upstream_server.port, "http"), f"/v2/org/img/blobs/{digest}", [])
+            await fill.headers_ready.wait()
+            reader = asyncio.create_task(http_request(server.inband_port, server.issue(Ticket(digest, "MISS"))))
+            await wait_until(lambda: not server.tickets)
+            upstream_server.gate.set()
+            miss = await reader
+            assert miss.body == data
+            await wait_until(lambda: fills.get(digest) is None)
+            hit = await http_request(server.inband_port, server.issue(Ticket(digest, "HIT")))
+            assert hit.body == data
+        finally:
+            await server.stop()
+            fills.shutdown()
+        snap = stats.snapshot()
+        assert snap.upstream_bytes == len(data) and snap.registries["quay.io"].upstream_bytes == len(data)
+        assert snap.served_bytes == 2 * len(data)
+        assert snap.cache_bytes == len(data)  # only the hit was read from a stored file
+        store.close()
+
+    run(main())
+
+
+def test_parse_listen():
+    assert parse_listen("") is None and parse_listen("off") is None
+    assert parse_listen("9090") == ("0.0.0.0", 9090) and parse_listen(":9090") == ("0.0.0.0", 9090)
+    assert parse_listen("127.0.0.1:9") == ("127.0.0.1", 9) and parse_listen("[::1]:9090") == ("::1", 9090)
+    for bad in ("x", "host:", "host:99999"):
+        with pytest.raises(ValueError):
+            parse_listen(bad)
+
+
+def test_monitor_is_loaded_with_the_addon_and_counts_its_log(tmp_path, monkeypatch):
+    from mitmproxy.test import taddons, tflow
+
+    from regcachelib import addon as addon_mod
+
+    monkeypatch.setattr(addon_mod, "DEFAULT_DIR", str(tmp_path / "default-cache"))
+    cache = addon_mod.RegistryCache()
+    with taddons.context(cache) as tctx:
+        tctx.configure(cache, regcache_dir=str(tmp_path / "cache"))
+        assert tctx.options.regcache_metrics == ""
+        monitor = cache.monitor
+        assert monitor.stats is not None and monitor.stats.cache is cache.store.tags
+        assert cache.fills.stats is monitor.stats
+        assert cache.upstream._regcache_monitor is monitor
+        flow = tflow.tflow()
+        ident = addon_mod.Identity("quay.io", Target("quay.io"), "/v2/org/x/manifests/1")
+        route = oci.parse_route("quay.io", "/v2/org/x/manifests/1")
+        cache._log(flow, ident, route, "MISS", 321)
+        cache._log(flow, ident, route, "HIT", 321)
+        snap = monitor.stats.snapshot()
+        assert snap.registries["quay.io"].misses == 1 and snap.registries["quay.io"].hits == 1
+        assert snap.upstream_bytes == 321 and snap.cache_bytes == 321
+        with pytest.raises(Exception):
+            tctx.configure(cache, regcache_metrics="nonsense")
+
+
+def _fake_cache(store):
+    return types.SimpleNamespace(store=store, fills=None, blobserver=None, upstream=None)
+
+
+def test_endpoint_serves_metrics_status_page_json_and_health(tmp_path):
+    store = Store(str(tmp_path / "cache"))
+    stage_and_commit(store, random_bytes(70_000, 4))
+    store.set_tag("docker.io", "library/small", "1", oci.OCI_MANIFEST, "sha256:" + "1" * 64)
+    store.log_miss({"registry": "docker.io", "repo": "library/small", "reference": "1", "kind": "manifest", "size": 900, "outcome": "MISS"})
+    monitor = Monitor(_fake_cache(store))
+    monitor.stats = Stats(store.tags)
+    monitor.stats.request("docker.io", "manifest", "MISS", "library/small", "GET", 900)
+    for _ in range(3):
+        monitor.stats.request("docker.io", "manifest", "HIT", "library/small", "GET", 900)
+    monitor.listen = ("127.0.0.1", 0)
+
+    async def main():
+        await monitor._restart_server()
+        port = monitor.port
+        try:
+            m = await http_request(port, "/metrics")
+            page = await http_request(port, "/")
+            js = await http_request(port, "/status.json")
+            health = await http_request(port, "/healthz")
+            missing = await http_request(port, "/nope")
+            post = await http_request(port, "/metrics", method="POST")
+        finally:
+            await monitor._stop_server()
+        return m, page, js, health, missing, post
+
+    m, page, js, health, missing, post = run(main())
+    text = m.body.decode()
+    assert m.status == 200 and m.headers["content-type"].startswith("text/plain")
+    assert 'regcache_requests_total{kind="manifest",outcome="HIT",registry="docker.io"} 3.0' in text
+    assert 'regcache_bytes_total{source="cache"} 2700.0' in text
+    assert 'regcache_store_entries{kind="blob"} 1.0' in text
+    assert "regcache_hit_ratio 0.75" in text and "regcache_store_limit_bytes" in text
+    assert "regcache_fills_in_flight 0.0" in text and "regcache_verification_failures_total 0.0" in text
+    html = page.body.decode()
+    assert page.status == 200 and "75.0%" in html and "docker.io/library/small" in html and "Recent misses" in html
+    doc = json.loads(js.body)
+    assert doc["stats"]["hits"] == 3 and doc["store"]["blobs"] == 1 and doc["recent_misses"][0]["repo"] == "library/small"
+    assert health.status == 200 and health.body == b"ok\n"
+    assert missing.status == 404 and post.status == 405
+    store.close()
+
+
+def test_status_page_escapes_what_it_shows():
+    page = render_status_page({"stats": {"top_images": [{"image": "<script>x</script>", "pulls": 1}], "registries": {}}, "store": {}, "recent_misses": [{"registry": "<b>", "repo": "r", "kind": "blob", "reference": "x", "size": 1}]})
+    assert "<script>x" not in page and "&lt;script&gt;" in page and "&lt;b&gt;/r" in page
+
+
+def test_upstream_latency_errors_and_docker_hub_rate_limit(upstream_server):
+    upstream_server.routes["/v2/library/a/manifests/1"] = Reply(body=b"{}", headers=[("ratelimit-limit", "100;w=21600"), ("ratelimit-remaining", "76;w=21600")])
+    monitor = Monitor(_fake_cache(None))
+    up = Upstream(ssl.create_default_context(), timeout=5, backoff=0)
+    monitor.instrument(up)
+    monitor.instrument(up)  # idempotent
+    resp = up.request("GET", Target("127.0.0.1", upstream_server.port, "http"), "/v2/library/a/manifests/1", [])
+    resp.close()
+    with pytest.raises(UpstreamUnavailable):
+        up.request("GET", Target("127.0.0.1", 1, "http"), "/v2/", [])
+    text = generate_latest(monitor.registry).decode()
+    assert 'regcache_upstream_ratelimit_remaining{registry="127.0.0.1"} 76.0' in text
+    assert 'regcache_upstream_ratelimit_limit{registry="127.0.0.1"} 100.0' in text
+    assert 'regcache_upstream_request_seconds_count{host="127.0.0.1"} 1.0' in text
+    assert 'regcache_upstream_errors_total{host="127.0.0.1"} 1.0' in text
+
+
+def test_size_limit_gc_runs_above_ninety_percent(tmp_path):
+    from .test_cli_inventory import put_image
+
+    store = Store(str(tmp_path / "cache"), size_limit=10**9)
+    old, _ = put_image(store, "quay.io", "org/old", "1", [random_bytes(300_000, 5)])
+    new, _ = put_image(store, "quay.io", "org/new", "1", [random_bytes(300_000, 6)])
+    store.get_manifest(new)
+    monitor = Monitor(_fake_cache(store))
+    monitor.stats = Stats(store.tags)
+    assert run(monitor.gc_if_needed()) is None  # far below the limit
+    # 90% of the limit is passed: evict down to 80%, oldest image first
+    store.content.reset("size_limit", int(store.content.volume() / 0.95))
+    result = run(monitor.gc_if_needed())
+    assert result is not None and result.removed_manifests == [old]
+    assert store.get_manifest(new) is not None
+    assert monitor.stats.snapshot().evictions > 0
+    store.close()
