@@ -10,19 +10,15 @@ answer is remembered briefly per (token hash, registry, repository), in memory o
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
-import re
 import time
 from dataclasses import dataclass
-from urllib.parse import urlencode, urlsplit
 
 from .oci import MANIFEST_MEDIA_TYPES
-from .upstream import Target, Upstream, UpstreamUnavailable
+from .upstream import Target, Upstream, UpstreamUnavailable, fetch_bearer_token, parse_bearer_challenge  # noqa: F401 (re-export)
 
 log = logging.getLogger(__name__)
 
-_CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 # Registries answer a manifest HEAD only for media types the client accepts (distribution
 # answers 404 to an OCI manifest asked for without Accept), so a probe accepts them all.
 _PROBE_HEADERS = [("Accept", ", ".join(MANIFEST_MEDIA_TYPES)), ("Accept", "*/*")]
@@ -35,12 +31,6 @@ class Verdict:
     status: int = 0
     headers: list[tuple[str, str]] | None = None
     reason: str = ""
-
-
-def parse_bearer_challenge(header: str | None) -> dict[str, str] | None:
-    if not header or not header.lower().startswith("bearer "):
-        return None
-    return dict(_CHALLENGE_PARAM.findall(header[7:]))
 
 
 def token_hash(authorization: str) -> str:
@@ -82,27 +72,8 @@ class Access:
         return public
 
     def _anonymous_token_works(self, target: Target, repo: str, path: str, challenge: str | None) -> bool:
-        params = parse_bearer_challenge(challenge)
-        if not params or "realm" not in params:
-            return False
-        realm = urlsplit(params["realm"])
-        if realm.scheme != "https" or not realm.hostname:
-            return False
-        query = {"scope": f"repository:{repo}:pull"}
-        if "service" in params:
-            query["service"] = params["service"]
-        realm_target = Target(realm.hostname, realm.port or 443)
         # No credentials of anyone go to the realm: this asks as an anonymous client.
-        resp = self.upstream.request("GET", realm_target, (realm.path or "/") + "?" + urlencode(query), [])
-        try:
-            if resp.status != 200:
-                return False
-            doc = json.loads(resp.read_all(64 * 1024) or b"{}")
-        except ValueError:
-            return False
-        finally:
-            resp.close()
-        token = doc.get("token") or doc.get("access_token")
+        token = fetch_bearer_token(self.upstream, challenge, repo)
         if not token:
             return False
         check = self.upstream.request("HEAD", target, path, [("Authorization", f"Bearer {token}"), *_PROBE_HEADERS])

@@ -7,7 +7,6 @@ the request passes through untouched; keeps non-registry TLS out of interception
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import re
@@ -487,19 +486,29 @@ class RegistryCache:
         finally:
             resp.close()
 
+    async def _manifest_upstream(self, flow, ident: Identity, route: oci.Route, accepted, method: str):
+        """One upstream manifest request shared by concurrent identical requests.
+
+        Returns (status, headers, body, leader). A follower whose leader was refused (401/403)
+        asks again with its own credentials. Raises UpstreamUnavailable/ValueError.
+        """
+        path = f"/v2/{route.name}/manifests/{route.reference}"
+        headers = [h for h in _header_list(flow) if h[0].lower() != "range"]
+        key = (method, ident.registry, route.name, route.reference, tuple(sorted(accepted or ())))
+        (status, up_headers, body), leader = await self._single_flight(key, self._fetch, method, ident.target, path, headers)
+        if status in (401, 403) and not leader:
+            status, up_headers, body = await self._upstream_call(self._fetch, method, ident.target, path, headers)
+            leader = True  # this answer is the client's own
+        return status, up_headers, body, leader
+
     async def _manifest_miss(self, flow, ident: Identity, route: oci.Route, accepted) -> None:
         if flow.request.method == "HEAD":
             await self._manifest_head_miss(flow, ident, route, accepted)
             return
-        path = f"/v2/{route.name}/manifests/{route.reference}"
-        headers = [h for h in _header_list(flow) if h[0].lower() != "range"]
-        key = ("GET", ident.registry, route.name, route.reference, tuple(sorted(accepted or ())))
         try:
-            (status, up_headers, body), leader = await self._single_flight(key, self._fetch, "GET", ident.target, path, headers)
+            status, up_headers, body, leader = await self._manifest_upstream(flow, ident, route, accepted, "GET")
             if not leader and status == 200 and not await self._authorized(flow, ident, route):
                 return
-            if status in (401, 403) and not leader:
-                status, up_headers, body = await self._upstream_call(self._fetch, "GET", ident.target, path, headers)
         except (UpstreamUnavailable, ValueError) as e:
             self._answer_error(flow, 503, "UNAVAILABLE", f"upstream unavailable and manifest not cached: {e}", {"reference": route.reference})
             log.warning("regcache: manifest %s/%s:%s not served: %s", ident.registry, route.name, route.reference, e)
@@ -537,13 +546,8 @@ class RegistryCache:
     async def _manifest_head_miss(self, flow, ident: Identity, route: oci.Route, accepted) -> None:
         """A HEAD stays a HEAD upstream (free of Docker Hub's pull limit); its answer still
         teaches the tag's digest, so the GET by digest that follows completes the entry."""
-        path = f"/v2/{route.name}/manifests/{route.reference}"
-        headers = [h for h in _header_list(flow) if h[0].lower() != "range"]
-        key = ("HEAD", ident.registry, route.name, route.reference, tuple(sorted(accepted or ())))
         try:
-            (status, up_headers, _), leader = await self._single_flight(key, self._fetch, "HEAD", ident.target, path, headers)
-            if status in (401, 403) and not leader:
-                status, up_headers, _ = await self._upstream_call(self._fetch, "HEAD", ident.target, path, headers)
+            status, up_headers, _, _ = await self._manifest_upstream(flow, ident, route, accepted, "HEAD")
         except (UpstreamUnavailable, ValueError) as e:
             self._answer_error(flow, 503, "UNAVAILABLE", f"upstream unavailable and manifest not cached: {e}", {"reference": route.reference})
             return
@@ -564,13 +568,8 @@ class RegistryCache:
 
     async def _revalidate(self, flow, ident: Identity, route: oci.Route, accepted, cached: Manifest) -> None:
         """A tag past its TTL: HEAD upstream (free of Docker Hub's pull limit) and compare digests."""
-        path = f"/v2/{route.name}/manifests/{route.reference}"
-        headers = [h for h in _header_list(flow) if h[0].lower() != "range"]
-        key = ("HEAD", ident.registry, route.name, route.reference, tuple(sorted(accepted or ())))
         try:
-            (status, up_headers, _), leader = await self._single_flight(key, self._fetch, "HEAD", ident.target, path, headers)
-            if status in (401, 403) and not leader:
-                status, up_headers, _ = await self._upstream_call(self._fetch, "HEAD", ident.target, path, headers)
+            status, up_headers, _, _ = await self._manifest_upstream(flow, ident, route, accepted, "HEAD")
         except (UpstreamUnavailable, ValueError) as e:
             await self._serve_stale(flow, ident, route, cached, str(e))
             return
@@ -659,6 +658,3 @@ class RegistryCache:
         )
         self.monitor.request(flow, ident, route, outcome, size)
 
-
-def _token_hash(authorization: str) -> str:
-    return hashlib.sha256(authorization.encode()).hexdigest()[:16]

@@ -9,14 +9,17 @@ file write and sha256 of large buffers all release the GIL.
 
 from __future__ import annotations
 
+import base64
 import http.client
+import json
 import logging
+import re
 import socket
 import ssl
 import threading
 import time
 from dataclasses import dataclass, field
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urlencode, urljoin, urlsplit
 
 log = logging.getLogger(__name__)
 
@@ -206,3 +209,46 @@ def make_ssl_context(insecure: bool, ca_file: str | None, ca_path: str | None) -
     import certifi  # mitmproxy's own default trust store
 
     return ssl.create_default_context(cafile=certifi.where())
+
+
+_CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
+
+
+def parse_bearer_challenge(header: str | None) -> dict[str, str] | None:
+    """The parameters of a `WWW-Authenticate: Bearer realm=...,service=...,scope=...` header."""
+    if not header or not header.lower().startswith("bearer "):
+        return None
+    return dict(_CHALLENGE_PARAM.findall(header[7:]))
+
+
+def fetch_bearer_token(upstream: Upstream, challenge: str | None, repo: str, credentials: tuple[str, str] | None = None, allow_http: bool = False) -> str | None:
+    """Blocking: a pull token from the challenge's realm (docker token protocol), or None.
+
+    Anonymous unless credentials are given: regcache never forwards a client's credentials
+    to a token realm; only its own configured ones (warm) go there.
+    """
+    params = parse_bearer_challenge(challenge)
+    if not params or "realm" not in params:
+        return None
+    realm = urlsplit(params["realm"])
+    if realm.scheme not in (("https", "http") if allow_http else ("https",)) or not realm.hostname:
+        return None
+    query = {"scope": params.get("scope") or f"repository:{repo}:pull"}
+    if "service" in params:
+        query["service"] = params["service"]
+    target = Target(realm.hostname, realm.port or (443 if realm.scheme == "https" else 80), realm.scheme)
+    headers = []
+    if credentials:
+        basic = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
+        headers.append(("Authorization", "Basic " + basic))
+    resp = upstream.request("GET", target, (realm.path or "/") + "?" + urlencode(query), headers)
+    try:
+        if resp.status != 200:
+            return None
+        doc = json.loads(resp.read_all(256 * 1024) or b"{}")
+    except ValueError:
+        return None
+    finally:
+        resp.close()
+    token = doc.get("token") or doc.get("access_token") if isinstance(doc, dict) else None
+    return token or None

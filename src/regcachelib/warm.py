@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from urllib.parse import urlencode, urlsplit
 
 from . import oci
-from .access import parse_bearer_challenge
 from .fill import Fills
 from .inventory import ImageRef, format_platform, parse_image, platform_matches
 from .store import Store
-from .upstream import Target, Upstream, UpstreamUnavailable
+from .upstream import Target, Upstream, UpstreamUnavailable, fetch_bearer_token
 
 log = logging.getLogger(__name__)
 
@@ -74,31 +73,7 @@ class RegistryClient:
         return self.upstream.request(method, self.target, self.path(path), [*headers, ("Authorization", token)])
 
     def _token(self, repo: str, challenge: str | None) -> str | None:
-        params = parse_bearer_challenge(challenge)
-        if not params or "realm" not in params:
-            return None
-        realm = urlsplit(params["realm"])
-        if realm.scheme not in ("https", "http") or not realm.hostname:
-            return None
-        query = {"scope": params.get("scope") or f"repository:{repo}:pull"}
-        if "service" in params:
-            query["service"] = params["service"]
-        target = Target(realm.hostname, realm.port or (443 if realm.scheme == "https" else 80), realm.scheme)
-        headers = []
-        if self.credentials:
-            import base64
-
-            headers.append(("Authorization", "Basic " + base64.b64encode(f"{self.credentials[0]}:{self.credentials[1]}".encode()).decode()))
-        resp = self.upstream.request("GET", target, (realm.path or "/") + "?" + urlencode(query), headers)
-        try:
-            if resp.status != 200:
-                return None
-            doc = json.loads(resp.read_all(256 * 1024) or b"{}")
-        except ValueError:
-            return None
-        finally:
-            resp.close()
-        token = doc.get("token") or doc.get("access_token")
+        token = fetch_bearer_token(self.upstream, challenge, repo, self.credentials, allow_http=True)
         return f"Bearer {token}" if token else None
 
     def manifest(self, repo: str, reference: str) -> tuple[str, str, bytes]:
