@@ -70,6 +70,8 @@ class RegistryCache:
         # single-flight for manifests and tag revalidation: key -> future of the leader
         self.manifest_flights: dict[tuple, asyncio.Future] = {}
         self._probing: set[tuple[str, str]] = set()
+        # an open registry's anonymous /v2/ answer: target -> (monotonic time, status, headers, body)
+        self.ping_cache: dict[Target, tuple[float, int, list, bytes]] = {}
         # statistics, /metrics and the status page (a child addon: mitmproxy loads it too)
         self.monitor = Monitor(self)
         self.addons = [self.monitor]
@@ -234,6 +236,14 @@ class RegistryCache:
         Relayed from upstream (its 401 starts the client's token flow); answered by regcache
         itself when offline or when upstream is unreachable, so cached images stay pullable.
         """
+        anonymous = "authorization" not in flow.request.headers and flow.request.method == "GET"
+        cached = self.ping_cache.get(ident.target) if anonymous else None
+        if not ctx.options.regcache_offline and cached and time.monotonic() - cached[0] <= self.config.tag_ttl:
+            # A warm pull within the tag TTL opens no upstream connection. Only an open
+            # registry's 200 is kept: it is also what regcache answers when upstream is down,
+            # whereas a kept 401 would send clients to a token service that may be down too.
+            self._relay(flow, *cached[1:])
+            return
         if not ctx.options.regcache_offline:
             try:
                 status, headers, body = await self._upstream_call(self._fetch, flow.request.method, ident.target, "/v2/", _header_list(flow))
@@ -241,6 +251,8 @@ class RegistryCache:
                 log.warning("regcache: %s unreachable (%s); answering /v2/ from the cache", ident.target.host, e)
             else:
                 if status < 500 and status != 429:
+                    if anonymous and status == 200:
+                        self.ping_cache[ident.target] = (time.monotonic(), status, headers, body)
                     self._relay(flow, status, headers, body)
                     return
         self._answer(flow, 200, b"{}", [("Content-Type", "application/json")])

@@ -23,6 +23,7 @@ from .upstream import Target, Upstream, UpstreamUnavailable
 log = logging.getLogger(__name__)
 
 CHUNK = 1024 * 1024
+PUBLISH_BYTES = 1024 * 1024
 # Bytes withheld from readers until the digest checks out.
 HOLDBACK = 64 * 1024
 MAX_ERROR_BODY = 64 * 1024
@@ -134,21 +135,38 @@ class Fill:
                     staging_path=staging,
                 )
                 hasher = self.digest.hasher()
-                written = 0
+                written = published = 0
+                pending: list[bytes] = []
+                pending_len = 0
                 with f:
                     while True:
-                        # read1: whatever has arrived (up to CHUNK), so readers follow the
-                        # download as it happens instead of in 1 MiB steps
+                        # read1 returns what has arrived (a TLS record, 4-16 KiB). Records are
+                        # gathered while more are ready, then written, hashed and shown to
+                        # readers together: per-record work (and a loop wake-up per record)
+                        # would cost more than the download itself.
                         chunk = resp.read1(CHUNK)
+                        if chunk:
+                            pending.append(chunk)
+                            pending_len += len(chunk)
+                            if size is not None and written + pending_len > size:
+                                raise FillFailed(f"upstream sent more than its Content-Length {size}")
+                            if pending_len < CHUNK and resp.more_ready():
+                                continue
+                        if pending:
+                            data = b"".join(pending) if len(pending) > 1 else pending[0]
+                            pending.clear()
+                            pending_len = 0
+                            f.write(data)
+                            hasher.update(data)
+                            written += len(data)
+                        # Wake readers once per MiB, and always before waiting on the network,
+                        # so they never wait for bytes that are already on disk.
+                        if written > published and (written - published >= PUBLISH_BYTES or not chunk or not resp.more_ready()):
+                            f.flush()
+                            published = written
+                            self._publish(written=written)
                         if not chunk:
                             break
-                        f.write(chunk)
-                        hasher.update(chunk)
-                        written += len(chunk)
-                        if size is not None and written > size:
-                            raise FillFailed(f"upstream sent more than its Content-Length {size}")
-                        f.flush()
-                        self._publish(written=written)
                     if size is not None and written != size:
                         raise FillFailed(f"short body: {written} of {size} bytes")
                     if hasher.hexdigest() != self.digest.hex:

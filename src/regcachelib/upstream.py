@@ -14,6 +14,7 @@ import http.client
 import json
 import logging
 import re
+import select
 import socket
 import ssl
 import threading
@@ -62,6 +63,7 @@ class UpstreamResponse:
     url: str  # final URL after redirects (never logged with its query: it may be signed)
     _conn: http.client.HTTPConnection | None = field(default=None, repr=False)
     _resp: http.client.HTTPResponse | None = field(default=None, repr=False)
+    _sock: socket.socket | None = field(default=None, repr=False)
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -83,6 +85,19 @@ class UpstreamResponse:
         """Up to n bytes, returning as soon as any have arrived."""
         assert self._resp is not None
         return self._resp.read1(n)
+
+    def more_ready(self) -> bool:
+        """Whether the next read1 would return without waiting for the network (decrypted
+        bytes inside TLS, or bytes in the socket). False when unsure."""
+        sock = self._sock
+        if sock is None or sock.fileno() < 0:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        try:
+            return bool(select.select([sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
 
     def read_all(self, limit: int) -> bytes:
         """The whole body, refusing more than limit bytes (manifests, error documents)."""
@@ -176,6 +191,7 @@ class Upstream:
                 for k, v in send_headers:
                     conn.putheader(k, v)
                 conn.endheaders()
+                sock = conn.sock  # getresponse() drops it from a connection that will close
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException, ssl.SSLError) as e:
                 conn.close()
@@ -193,7 +209,7 @@ class Upstream:
                 if resp.status == 303:
                     method = "GET"
                 continue
-            return UpstreamResponse(resp.status, resp.reason, resp.getheaders(), url, conn, resp)
+            return UpstreamResponse(resp.status, resp.reason, resp.getheaders(), url, conn, resp, sock)
         raise UpstreamUnavailable(f"too many redirects from {target.host}")
 
 
