@@ -145,6 +145,7 @@ class RegistryCache:
             await self.blobserver.stop()
         if self.fills:
             self.fills.shutdown()
+        self.executor.shutdown(wait=False, cancel_futures=True)
         if self.store:
             self.store.close()
 

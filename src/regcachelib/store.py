@@ -141,8 +141,12 @@ class Store:
         """Create and lock a staging file; the lock tells sweep_staging it is alive."""
         name = f"{digest.replace(':', '-')}.{os.getpid()}.{os.urandom(4).hex()}"
         path = os.path.join(self.staging_dir, name)
-        f = open(path, "xb")
+        # Created under a dot-name and renamed once locked: another process's sweep never sees
+        # the unlocked moment between creating and locking (the lock follows the inode).
+        hidden = os.path.join(self.staging_dir, "." + name)
+        f = open(hidden, "xb")
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(hidden, path)
         return path, f
 
     def commit_blob(self, digest: str, staging_path: str, size: int) -> None:
@@ -173,6 +177,8 @@ class Store:
         for name in os.listdir(self.staging_dir):
             path = os.path.join(self.staging_dir, name)
             try:
+                if name.startswith(".") and time.time() - os.stat(path).st_mtime < 60:
+                    continue  # being created right now (see new_staging_file)
                 with open(path, "rb") as f:
                     try:
                         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
