@@ -27,14 +27,20 @@ venv_for() {
 }
 
 PY311=$(command -v python3.11 || command -v python3)
+# A Python >= 3.12 for mitmproxy 12: the first candidate that really runs (pyenv's shims
+# exist on PATH even for versions that are not selected, and then fail).
 PY312=""
-for c in python3.12 "$HOME/.pyenv/versions/3.12.1/bin/python3.12"; do
-    if command -v "$c" >/dev/null 2>&1; then PY312=$(command -v "$c"); break; fi
-done
-if [ -z "$PY312" ] && command -v pyenv >/dev/null; then
-    v=$(pyenv versions --bare | grep -E '^3\.1[2-9]' | head -1 || true)
-    [ -n "$v" ] && PY312="$(pyenv root)/versions/$v/bin/python"
+candidates=(python3.12)
+if command -v pyenv >/dev/null; then
+    for v in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.1[2-9](\.[0-9]+)?$' | sort -V); do
+        candidates+=("$(pyenv root)/versions/$v/bin/python")
+    done
 fi
+for c in "${candidates[@]}"; do
+    if "$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then
+        PY312=$c; break
+    fi
+done
 
 status=0
 echo "== Python $("$PY311" -V 2>&1) (mitmproxy 11): whole suite"
