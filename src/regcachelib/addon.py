@@ -306,7 +306,7 @@ class RegistryCache:
                 self._answer_error(flow, 404, "BLOB_UNKNOWN", "blob unknown to the cache (offline)", {"digest": digest})
                 self._log(flow, ident, route, "UNKNOWN", 0)
             else:
-                self._retarget(flow, ident)  # a HEAD miss goes upstream as a HEAD
+                await self._blob_head_miss(flow, ident, route)
             return
         if self.store.has_blob(digest):
             if await self._authorized(flow, ident, route):
@@ -342,6 +342,23 @@ class RegistryCache:
         elif not await self._authorized(flow, ident, route):
             return  # a follower rides on another client's download only with its own access
         self._serve_blob(flow, ident, route, "MISS")
+
+    async def _blob_head_miss(self, flow, ident: Identity, route: oci.Route) -> None:
+        """A HEAD miss goes upstream as a HEAD (never a GET), through regcache's own client so
+        a dead upstream gets a fast OCI error and its back-off applies."""
+        path = f"/v2/{route.name}/blobs/{route.digest}"
+        try:
+            status, up_headers, _ = await self._upstream_call(self._fetch, "HEAD", ident.target, path, _header_list(flow, ("authorization", "user-agent")))
+        except (UpstreamUnavailable, ValueError) as e:
+            self._answer_error(flow, 503, "UNAVAILABLE", f"upstream unavailable and blob not cached: {e}", {"digest": str(route.digest)})
+            self._log(flow, ident, route, "UNAVAILABLE", None)
+            return
+        keep = [(k, v) for k, v in up_headers if k.lower() in ("content-type", "docker-content-digest", "www-authenticate", "etag", "accept-ranges")]
+        self._answer(flow, status, b"", keep, "MISS" if status == 200 else None)
+        length = next((v for k, v in up_headers if k.lower() == "content-length"), None)
+        if length is not None:
+            flow.response.headers["content-length"] = length
+        self._log(flow, ident, route, "MISS" if status == 200 else f"UPSTREAM_{status}", None)
 
     def _blob_fill_failed(self, flow, ident, route, fill) -> None:
         if fill.upstream_headers:

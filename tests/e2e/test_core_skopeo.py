@@ -91,3 +91,40 @@ def test_miss_log_records_pulls(world, regcache_factory, tmp_path):
     kinds = {(l["registry"], l["kind"]) for l in lines}
     assert ("quay.io", "manifest") in kinds and ("quay.io", "blob") in kinds
     assert all("authorization" not in json.dumps(l).lower() for l in lines)
+
+
+def final_status(curl_head_output: str) -> int:
+    """The status of the response itself, after the proxy's CONNECT answer."""
+    lines = [l for l in curl_head_output.splitlines() if l.startswith("HTTP/") and "Connection established" not in l]
+    return int(lines[-1].split()[1])
+
+
+def test_blob_head_miss_stays_a_head_and_dead_upstream_fails_fast(world, regcache_factory, tmp_path):
+    """A HEAD of an uncached blob goes upstream as a HEAD (never a GET) and reports its size;
+    with the upstream down it gets a fast OCI error instead of hanging or an HTML page."""
+    import time
+
+    rc = regcache_factory()
+    image = world.image("quay.io/org/s2:1")
+    digest = image.blobs[-1]
+    url = f"https://quay.io/v2/org/s2/blobs/{digest}"
+    curl = ["curl", "-sS", "-I", "--proxy", f"http://{world.router_client_ip}:{PROXY_PORT}", "--cacert", str(rc.client_bundle()), url]
+    world.clear_request_logs()
+    out = world.run(world.ns_client, curl, check=False)
+    assert out.returncode == 0, out.stderr
+    head = out.stdout.lower()
+    assert final_status(out.stdout) == 200 and "x-cache: miss" in head
+    assert "content-length: 0" not in head
+    world.wait_request_log("quay.io", lambda r: digest in r["path"], count=1)
+    methods = [r["method"] for r in world.request_log("quay.io") if digest in r["path"]]
+    assert methods == ["HEAD"]
+
+    world.stop_upstream()
+    try:
+        t0 = time.monotonic()
+        out = world.run(world.ns_client, [*curl[:2], "-i", "-X", "HEAD", *curl[3:]], check=False, timeout=60)
+        assert time.monotonic() - t0 < 10
+        assert final_status(out.stdout) == 503, out.stdout
+        assert "unavailable" in out.stdout.lower() or "application/json" in out.stdout.lower()
+    finally:
+        world.start_upstream()
