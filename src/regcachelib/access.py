@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from .oci import MANIFEST_MEDIA_TYPES
-from .upstream import Target, Upstream, UpstreamUnavailable, fetch_bearer_token, parse_bearer_challenge  # noqa: F401 (re-export)
+from .upstream import Target, Upstream, UpstreamUnavailable, fetch_bearer_token
 
 log = logging.getLogger(__name__)
 

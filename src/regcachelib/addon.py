@@ -20,7 +20,7 @@ from mitmproxy.proxy import mode_specs
 
 from . import oci
 from .access import Access
-from .blobserver import FASTPATH_PREFIX, TICKET_PREFIX, BlobServer, Signer, Ticket
+from .blobserver import FASTPATH_PREFIX, BlobServer, Signer, Ticket
 from .config import Config, ConfigError, load_config
 from .fill import MAX_ERROR_BODY, Fills
 from .metrics import Monitor

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import oci
-from .store import Store, blob_key, manifest_key, tag_key
+from .store import Store, blob_key, hash_copy, manifest_key, tag_key
 
 # --- image references --------------------------------------------------------------------
 
@@ -419,16 +419,8 @@ class VerifyResult:
 
 def _hash_file(path: str, algorithm: str, progress=None) -> tuple[str, int]:
     h = hashlib.new(algorithm)
-    n = 0
     with open(path, "rb") as f:
-        while True:
-            chunk = f.read(1024 * 1024)
-            if not chunk:
-                break
-            h.update(chunk)
-            n += len(chunk)
-            if progress:
-                progress(len(chunk))
+        n = hash_copy(f.read, h, progress=progress)
     return h.hexdigest(), n
 
 

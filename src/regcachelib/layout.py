@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from . import oci
 from .inventory import ImageRef, Inventory, manifest_refs, parse_image
-from .store import Store
+from .store import Store, hash_copy
 
 REF_NAME = "org.opencontainers.image.ref.name"
 CHECKED_AT = "io.regcache.checked-at"
@@ -59,17 +59,8 @@ def _copy_verified(src, dest: str, digest: str, progress=None) -> int:
     d = oci.parse_digest(digest)
     h = d.hasher()
     tmp = dest + ".part"
-    n = 0
     with open(tmp, "wb") as out:
-        while True:
-            chunk = src.read(1024 * 1024)
-            if not chunk:
-                break
-            h.update(chunk)
-            out.write(chunk)
-            n += len(chunk)
-            if progress:
-                progress(len(chunk))
+        n = hash_copy(src.read, h, out.write, progress)
     if h.hexdigest() != d.hex:
         os.unlink(tmp)
         raise LayoutError(f"{digest}: the stored bytes hash to {d.algorithm}:{h.hexdigest()} (run `regcache verify`)")
@@ -315,17 +306,8 @@ def _import_blob(store: Store, bundle: str, digest: str, progress=None) -> int:
     committed = False
     try:
         h = d.hasher()
-        n = 0
         with open(src, "rb") as f, out:
-            while True:
-                chunk = f.read(1024 * 1024)
-                if not chunk:
-                    break
-                h.update(chunk)
-                out.write(chunk)
-                n += len(chunk)
-                if progress:
-                    progress(len(chunk))
+            n = hash_copy(f.read, h, out.write, progress)
             if h.hexdigest() != d.hex:
                 raise LayoutError(f"{digest}: the bundle's blob hashes to {d.algorithm}:{h.hexdigest()}")
             out.flush()

@@ -55,6 +55,24 @@ class RenamingDisk(diskcache.Disk):
         return super().store(value, read, key)
 
 
+def hash_copy(read, hasher, write=None, progress=None, chunk: int = 1024 * 1024) -> int:
+    """Feed everything read() yields to hasher (and to write, if given); return the byte count.
+
+    The one loop behind import, export, verify and warm: bytes are checked as they pass.
+    """
+    n = 0
+    while True:
+        data = read(chunk)
+        if not data:
+            return n
+        hasher.update(data)
+        if write is not None:
+            write(data)
+        n += len(data)
+        if progress:
+            progress(len(data))
+
+
 @dataclass
 class TagEntry:
     digest: str
