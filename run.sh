@@ -4,7 +4,8 @@
 # fast blob path on :5080. Extra arguments go to mitmdump (e.g. --set regcache_offline=true).
 set -euo pipefail
 cd "$(dirname "$0")"
-PY=$(command -v python3.12 || command -v python3)
+PY=${PYTHON:-python3}  # Python >= 3.11 (3.11: mitmproxy 11; >= 3.12: mitmproxy 12)
+"$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "regcache needs Python >= 3.11 (set PYTHON=...)" >&2; exit 2; }
 [ -x .venv/bin/mitmdump ] || { "$PY" -m venv .venv && .venv/bin/pip install -q --disable-pip-version-check -e .; }
 exec .venv/bin/mitmdump -s addons/regcache.py \
     --set confdir="$PWD/certs" \
