@@ -135,6 +135,9 @@ class Upstream:
         self.backoff = backoff
         self._down_until: dict[str, float] = {}
         self._lock = threading.Lock()
+        # registry host -> hosts it redirected us to that then asked for a Bearer token
+        # (registry.k8s.io -> *-docker.pkg.dev): the client's token was issued for them.
+        self._challenge_hosts: dict[str, set[str]] = {}
 
     # A dead upstream should not make every request wait for a connect timeout.
     def is_backed_off(self, host: str) -> bool:
@@ -176,8 +179,10 @@ class Upstream:
             if self.is_backed_off(host):
                 raise UpstreamUnavailable(f"{host} is backed off after a recent failure")
             send_headers = [(k, v) for k, v in headers if k.lower() not in HOP_HEADERS]
-            if host != origin_host or parts.scheme != origin_scheme:
-                # Credentials are meant for the registry only; a CDN gets none of them.
+            trusted = host == origin_host or host in self._challenge_hosts.get(origin_host, ())
+            if not trusted or parts.scheme != origin_scheme:
+                # Credentials are meant for the registry (and a host it delegates its token
+                # challenge to) only; a CDN gets none of them.
                 send_headers = [(k, v) for k, v in send_headers if k.lower() not in ("authorization", "cookie")]
             netloc = host if port in (80, 443) else f"{host}:{port}"
             send_headers.append(("Host", netloc))
@@ -198,6 +203,11 @@ class Upstream:
                 self._mark(host, False)
                 raise UpstreamUnavailable(f"{host}: {e.__class__.__name__}: {e}") from e
             self._mark(host, True)
+            if resp.status == 401 and host != origin_host and parse_bearer_challenge(resp.getheader("www-authenticate")):
+                # The registry redirected us to a host that challenges for a token: clients
+                # will present that host's token to the registry, so it may travel there.
+                with self._lock:
+                    self._challenge_hosts.setdefault(origin_host, set()).add(host)
             location = resp.getheader("location")
             if follow_redirects and resp.status in REDIRECTS and location:
                 resp.read(64 * 1024)

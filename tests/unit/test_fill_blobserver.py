@@ -402,3 +402,28 @@ def test_fill_with_unexpected_error_still_releases_waiters(rig_factory, upstream
             assert fill.status != 200 and fill.failure
 
     run(main())
+
+
+def test_token_travels_to_the_host_a_registry_delegates_its_challenge_to(upstream_server):
+    """registry.k8s.io redirects every /v2 request to *-docker.pkg.dev, which asks for a Bearer
+    token: the token the client got from that challenge must reach pkg.dev on redirects (else
+    every pull fails), while a host that never challenged still gets no credentials."""
+    from regcachelib.upstream import Target, Upstream, make_ssl_context
+
+    port = upstream_server.port
+    upstream_server.routes["/v2/"] = Reply(status=307, headers=[("Location", f"http://localhost:{port}/delegate/v2/")])
+    upstream_server.routes["/delegate/v2/"] = Reply(status=401, headers=[("WWW-Authenticate", f'Bearer realm="http://localhost:{port}/token",service="pkg"')])
+    upstream_server.routes["/v2/img/manifests/1"] = Reply(status=307, headers=[("Location", f"http://localhost:{port}/delegate/v2/img/manifests/1")])
+    upstream_server.routes["/delegate/v2/img/manifests/1"] = Reply(body=b"{}")
+
+    up = Upstream(make_ssl_context(False, None, None), timeout=5)
+    target = Target("127.0.0.1", port, "http")
+    auth = [("Authorization", "Bearer pkg-token")]
+    # before the challenge is seen, another host gets nothing
+    up.request("GET", target, "/v2/img/manifests/1", auth).close()
+    # the ping: the registry delegates its challenge to "localhost"
+    assert up.request("GET", target, "/v2/", []).status == 401
+    up.request("GET", target, "/v2/img/manifests/1", auth).close()
+    delegated = [h for m, p, h in upstream_server.requests if p == "/delegate/v2/img/manifests/1"]
+    assert "authorization" not in delegated[0]
+    assert delegated[1]["authorization"] == "Bearer pkg-token"
