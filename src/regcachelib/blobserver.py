@@ -122,7 +122,6 @@ class BlobServer:
         self.servers: list[asyncio.base_events.Server] = []
         self.inband_port = 0
         self.fastpath_port = 0
-        self.bytes_served = 0
         self.stats = None  # stats.Stats: counts body bytes sent (from a stored file or a download)
 
     async def start(self, fastpath_host: str | None, fastpath_port: int | None) -> None:
@@ -273,7 +272,6 @@ class BlobServer:
             count = min(limit - offset, SLICE)
             sent = await loop.sendfile(writer.transport, f, offset, count, fallback=True)
             offset += sent
-            self.bytes_served += sent
             if self.stats is not None:
                 self.stats.served_bytes(sent, from_store=fill is None)
         return True

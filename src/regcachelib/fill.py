@@ -58,7 +58,6 @@ class Fill:
         self.no_room = False
         self._status_published = False  # worker-thread side: has a status gone out yet
         self._changed = asyncio.Event()
-        self.readers = 0
         self.stats = None  # stats.Stats: upstream bytes of a completed download are counted
 
     # --- what readers see --------------------------------------------------------------
