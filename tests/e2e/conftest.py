@@ -163,6 +163,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process_group(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM a daemon's process group, wait, then SIGKILL whatever is left of it."""
+    import signal
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def router_client_iface(world: World) -> str:
     out = world.run(world.ns_router, ["ip", "-o", "-4", "addr", "show"]).stdout
     for line in out.splitlines():

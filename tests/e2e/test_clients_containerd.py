@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT
+from .conftest import MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, stop_process_group
 
 pytestmark = [pytest.mark.e2e]
 NEEDS = [n for n in ("containerd", "ctr") if shutil.which(n) is None]
@@ -131,20 +130,7 @@ class Containerd:
     def stop(self) -> None:
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
+        stop_process_group(self.proc, 15)
         self.proc = None
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT
+from .conftest import MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, stop_process_group
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -120,20 +120,7 @@ class Dockerd:
 
     def stop(self) -> None:
         if self.proc is not None:
-            if self.proc.poll() is None:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGTERM)  # dockerd stops its containerd itself
-                except ProcessLookupError:
-                    pass
-                try:
-                    self.proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    pass
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
+            stop_process_group(self.proc, 20)  # on SIGTERM dockerd stops its containerd itself
             self.proc = None
         # containerd runs in its own session; dockerd's SIGTERM (or its parent-death signal)
         # normally ends it, this is the backstop.
