@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.e2e.conftest import Regcache, mirror_registries_conf
+from tests.e2e.conftest import Regcache, mirror_registries_conf, stop_process_group
 from tests.world import PKI, World
 from tests.world.world import REGISTRY_BIN, REGISTRY_PORTS, NGINX_BIN
 
@@ -324,17 +324,8 @@ def wait_listening(world: World, ports, proc, log_path: Path, timeout: float = 2
 
 
 def stop_proc(proc, timeout: float = 10) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    if proc is not None:
+        stop_process_group(proc, timeout)
 
 
 # --------------------------------------------------------------------------- clients
