@@ -686,5 +686,5 @@ class RegistryCache:
             f" bytes={size}" if size is not None else "",
             f" via={via}" if via else "",
         )
-        self.monitor.request(flow, ident, route, outcome, size)
+        self.monitor.record(flow, ident, route, outcome, size)
 

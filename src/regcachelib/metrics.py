@@ -227,7 +227,7 @@ class Monitor:
 
     # --- counting -----------------------------------------------------------------------------------
 
-    def request(self, flow, ident, route, outcome: str, size: int | None) -> None:
+    def record(self, flow, ident, route, outcome: str, size: int | None) -> None:
         """One answered request, from RegistryCache._log."""
         if self.stats is not None:
             self.stats.request(ident.registry, route.kind, outcome, route.name, flow.request.method, size)

@@ -112,6 +112,44 @@ def parse_digest(text: str) -> Digest:
     return Digest(algorithm, hexpart)
 
 
+def valid_digest(text: object) -> str | None:
+    """The digest as text if it is a well-formed, supported digest; else None."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return str(parse_digest(text))
+    except ProtocolError:
+        return None
+
+
+def referenced_digests(body: bytes) -> list[str]:
+    """Every well-formed digest a manifest points at: an index's manifests, config, layers.
+
+    What upstream serves under a repository whose manifest names it, so the repository is
+    known to hold each of them (the membership index, see store.Store.learn_manifest).
+    """
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return []
+    if not isinstance(doc, dict):
+        return []
+
+    def listed(key: str) -> list:
+        value = doc.get(key)
+        return value if isinstance(value, list) else []
+
+    found: list[object] = []
+    for entry in listed("manifests") + [doc.get("config")] + listed("layers") + listed("blobs"):
+        if isinstance(entry, dict):
+            found.append(entry.get("digest"))
+    for layer in listed("fsLayers"):  # schema 1
+        if isinstance(layer, dict):
+            found.append(layer.get("blobSum"))
+    digests = [d for d in map(valid_digest, found) if d]
+    return list(dict.fromkeys(digests))
+
+
 def is_digest(reference: str) -> bool:
     return ":" in reference
 

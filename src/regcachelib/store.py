@@ -4,7 +4,9 @@ Layout of the cache directory (the directory is the whole state; copy it to migr
 
     content/   diskcache Cache: ("blob", digest) -> blob file, ("manifest", digest) -> manifest.
                Size-limited, least-recently-used eviction, process-safe (SQLite).
-    tags/      diskcache Cache without eviction: ("tag", registry, repo, tag) -> {media type: entry}
+    tags/      diskcache Cache without eviction: ("tag", registry, repo, tag) -> {media type: entry};
+               ("member", registry, repo, digest) -> when learnt: the membership index, which
+               digests a repository is known to hold (a digest is only ever served under one)
     staging/   partial downloads; a file only leaves here by being verified and renamed into content/
     misses.jsonl  one JSON line per upstream fetch, for warming and replay
 """
@@ -97,6 +99,10 @@ def manifest_key(digest: str) -> tuple:
 
 def tag_key(registry: str, repo: str, tag: str) -> tuple:
     return ("tag", registry, repo, tag)
+
+
+def member_key(registry: str, repo: str, digest: str) -> tuple:
+    return ("member", registry, repo, digest)
 
 
 class Store:
@@ -246,6 +252,41 @@ class Store:
         for key in self.tags.iterkeys():
             if isinstance(key, tuple) and key[0] == "tag":
                 yield key[1:], self.tags.get(key) or {}
+
+    # --- repository membership ---------------------------------------------------------
+    # Upstream serves a digest only under a repository that holds it; so does regcache. A
+    # repository is known to hold a digest once upstream served it there (200) or a manifest
+    # upstream served there names it. Kept with the tags: a copied cache dir keeps it.
+
+    def add_members(self, registry: str, repo: str, digests) -> None:
+        now = time.time()
+        with self.tags.transact():
+            for digest in digests:
+                digest = oci.valid_digest(digest)
+                if digest is not None:
+                    self.tags.set(member_key(registry, repo, digest), now)
+
+    def learn_manifest(self, registry: str, repo: str, digest: str, body: bytes) -> None:
+        """repo holds this manifest and everything it references."""
+        self.add_members(registry, repo, [digest, *oci.referenced_digests(body)])
+
+    def holds(self, registry: str, repo: str, digest: str) -> bool:
+        return member_key(registry, repo, digest) in self.tags
+
+    def iter_members(self):
+        """(registry, repo, digest) for every membership entry."""
+        for key in self.tags.iterkeys():
+            if isinstance(key, tuple) and key[0] == "member":
+                yield key[1:]
+
+    def forget_members(self, digests) -> int:
+        """Drop membership of digests no longer stored (gc, verify's quarantine)."""
+        gone = set(digests)
+        removed = 0
+        for registry, repo, digest in list(self.iter_members()):
+            if digest in gone and self.tags.delete(member_key(registry, repo, digest)):
+                removed += 1
+        return removed
 
     # --- miss log ----------------------------------------------------------------------
 
