@@ -19,7 +19,7 @@ from mitmproxy import ctx, exceptions, http
 from mitmproxy.proxy import mode_specs
 
 from . import oci
-from .access import Access
+from .access import Access, Question
 from .blobserver import FASTPATH_PREFIX, BlobServer, Signer, Ticket
 from .config import Config, ConfigError, load_config
 from .fill import MAX_ERROR_BODY, Fills
@@ -47,6 +47,18 @@ class Identity:
     # A path-prefix mirror request carries a token the client got for the mirror's own
     # registry (its /v2/ ping is never prefixed); it must not travel to another registry.
     forward_credentials: bool = True
+
+
+def _answered_digest(route: oci.Route, method: str, status: int, headers, body: bytes) -> str | None:
+    """The digest a 200 manifest answer is for, or None when it cannot be told."""
+    if status != 200:
+        return None
+    if route.digest is not None:
+        return str(route.digest)
+    if method == "GET":
+        return oci.sha256_digest(body)
+    claimed = next((v for k, v in headers if k.lower() == "docker-content-digest"), None)
+    return oci.valid_digest(claimed)
 
 
 def _header_list(flow: http.HTTPFlow, names=_FORWARD) -> list[tuple[str, str]]:
@@ -116,7 +128,8 @@ class RegistryCache:
                 self.fills = Fills(self.store, self.upstream)
             else:
                 self.fills.store, self.fills.upstream = self.store, self.upstream
-            self.access = Access(self.upstream, self.store.tags, self.config.auth_ttl, self.config.public_ttl, self.config.trust_clients_offline)
+            self.access = Access(self.upstream, self.store, self.config.auth_ttl, self.config.public_ttl,
+                                 self.config.trust_clients_offline)
         if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
             # Eager connections would reach upstream for every hit (and fail when it is down).
             log.info("regcache: setting connection_strategy=lazy so cache hits open no upstream connection")
@@ -298,7 +311,7 @@ class RegistryCache:
         if flow.request.method == "HEAD":
             size = self.store.blob_size(digest)
             if size is not None:
-                if not await self._authorized(flow, ident, route):
+                if not await self._may_serve(flow, ident, route, digest):
                     return
                 self._answer_head(flow, size, digest)
                 self._log(flow, ident, route, "HIT", 0)
@@ -309,7 +322,7 @@ class RegistryCache:
                 await self._blob_head_miss(flow, ident, route)
             return
         if self.store.has_blob(digest):
-            if await self._authorized(flow, ident, route):
+            if await self._may_serve(flow, ident, route, digest):
                 self._serve_blob(flow, ident, route, "HIT")
             return
         if ctx.options.regcache_offline:
@@ -337,9 +350,11 @@ class RegistryCache:
                 self._blob_fill_failed(flow, ident, route, fill)
                 return
         if leader:
+            # Upstream served this digest under this repository: it holds it.
+            self.store.add_members(ident.registry, route.name, [digest])
             self.store.log_miss({"registry": ident.registry, "repo": route.name, "reference": digest, "digest": digest, "kind": "blob", "media_type": fill.content_type, "size": fill.size, "outcome": "MISS"})
             self._probe_public_later(ident, route)
-        elif not await self._authorized(flow, ident, route):
+        elif not await self._may_serve(flow, ident, route, digest):
             return  # a follower rides on another client's download only with its own access
         self._serve_blob(flow, ident, route, "MISS")
 
@@ -353,6 +368,8 @@ class RegistryCache:
             self._answer_error(flow, 503, "UNAVAILABLE", f"upstream unavailable and blob not cached: {e}", {"digest": str(route.digest)})
             self._log(flow, ident, route, "UNAVAILABLE", None)
             return
+        if status == 200:
+            self.store.add_members(ident.registry, route.name, [str(route.digest)])
         keep = [(k, v) for k, v in up_headers if k.lower() in ("content-type", "docker-content-digest", "www-authenticate", "etag", "accept-ranges")]
         self._answer(flow, status, b"", keep, "MISS" if status == 200 else None)
         length = next((v for k, v in up_headers if k.lower() == "content-length"), None)
@@ -444,7 +461,7 @@ class RegistryCache:
         if route.digest is not None:
             manifest = self.store.get_manifest(route.reference)
             if manifest is not None:
-                if not await self._authorized(flow, ident, route):
+                if not await self._may_serve(flow, ident, route, manifest.digest):
                     return
                 self._answer_manifest(flow, manifest, "HIT")
                 self._log(flow, ident, route, "HIT", len(manifest.body))
@@ -458,7 +475,7 @@ class RegistryCache:
         manifest = self.store.get_manifest(entry.digest) if entry else None
         if manifest is not None:
             age = time.time() - entry.checked_at
-            if (offline or age <= self.config.tag_ttl) and not await self._authorized(flow, ident, route):
+            if (offline or age <= self.config.tag_ttl) and not await self._may_serve(flow, ident, route, manifest.digest):
                 return
             if offline:
                 status = "HIT" if age <= self.config.tag_ttl else "STALE"
@@ -526,9 +543,18 @@ class RegistryCache:
         headers = [h for h in _header_list(flow) if h[0].lower() != "range"]
         key = (method, ident.registry, route.name, route.reference, tuple(sorted(accepted or ())))
         (status, up_headers, body), leader = await self._single_flight(key, self._fetch, method, ident.target, path, headers)
-        if status in (401, 403) and not leader:
+        shared_digest = _answered_digest(route, method, status, up_headers, body) if not leader else None
+        if not leader and (status in (401, 403) or (status == 200 and shared_digest is None)):
+            # The leader's credentials were refused (this client may hold better ones), or the
+            # shared answer names no digest to check this client's access against: ask as itself.
             status, up_headers, body = await self._upstream_call(self._fetch, method, ident.target, path, headers)
             leader = True  # this answer is the client's own
+        elif not leader and status == 200:
+            # Another client's answer: upstream says the repository holds it, but whether
+            # *this* client may have it is decided as for a cache hit.
+            self.store.add_members(ident.registry, route.name, [shared_digest])
+            if not await self._may_serve(flow, ident, route, shared_digest):
+                return None
         return status, up_headers, body, leader
 
     async def _manifest_miss(self, flow, ident: Identity, route: oci.Route, accepted) -> None:
@@ -536,13 +562,14 @@ class RegistryCache:
             await self._manifest_head_miss(flow, ident, route, accepted)
             return
         try:
-            status, up_headers, body, leader = await self._manifest_upstream(flow, ident, route, accepted, "GET")
-            if not leader and status == 200 and not await self._authorized(flow, ident, route):
-                return
+            answer = await self._manifest_upstream(flow, ident, route, accepted, "GET")
         except (UpstreamUnavailable, ValueError) as e:
             self._answer_error(flow, 503, "UNAVAILABLE", f"upstream unavailable and manifest not cached: {e}", {"reference": route.reference})
             log.warning("regcache: manifest %s/%s:%s not served: %s", ident.registry, route.name, route.reference, e)
             return
+        if answer is None:
+            return  # refused to this client
+        status, up_headers, body, leader = answer
         if status != 200:
             self._relay(flow, status, up_headers, body)
             self._log(flow, ident, route, f"UPSTREAM_{status}", len(body))
@@ -565,6 +592,7 @@ class RegistryCache:
             self._probe_public_later(ident, route)
             try:
                 self.store.put_manifest(digest, media_type, body)
+                self.store.learn_manifest(ident.registry, route.name, digest, body)
                 if route.is_tag:
                     self.store.set_tag(ident.registry, route.name, route.reference, media_type, digest)
             except Exception as e:  # noqa: BLE001 - a full disk must not fail the pull
@@ -577,12 +605,17 @@ class RegistryCache:
         """A HEAD stays a HEAD upstream (free of Docker Hub's pull limit); its answer still
         teaches the tag's digest, so the GET by digest that follows completes the entry."""
         try:
-            status, up_headers, _, _ = await self._manifest_upstream(flow, ident, route, accepted, "HEAD")
+            answer = await self._manifest_upstream(flow, ident, route, accepted, "HEAD")
         except (UpstreamUnavailable, ValueError) as e:
             self._answer_error(flow, 503, "UNAVAILABLE", f"upstream unavailable and manifest not cached: {e}", {"reference": route.reference})
             return
+        if answer is None:
+            return  # refused to this client
+        status, up_headers, _, _ = answer
         header = {k.lower(): v for k, v in up_headers}
         digest, content_type = header.get("docker-content-digest"), header.get("content-type")
+        if status == 200 and oci.valid_digest(digest):
+            self.store.add_members(ident.registry, route.name, [digest])
         if status == 200 and route.is_tag and digest and content_type:
             try:
                 media_type = oci.manifest_media_type(b"", content_type)
@@ -599,10 +632,13 @@ class RegistryCache:
     async def _revalidate(self, flow, ident: Identity, route: oci.Route, accepted, cached: Manifest) -> None:
         """A tag past its TTL: HEAD upstream (free of Docker Hub's pull limit) and compare digests."""
         try:
-            status, up_headers, _, _ = await self._manifest_upstream(flow, ident, route, accepted, "HEAD")
+            answer = await self._manifest_upstream(flow, ident, route, accepted, "HEAD")
         except (UpstreamUnavailable, ValueError) as e:
             await self._serve_stale(flow, ident, route, cached, str(e))
             return
+        if answer is None:
+            return  # refused to this client
+        status, up_headers, _, _ = answer
         if status == 200:
             header = dict((k.lower(), v) for k, v in up_headers)
             if header.get("docker-content-digest") == cached.digest:
@@ -624,7 +660,7 @@ class RegistryCache:
         self._log(flow, ident, route, f"UPSTREAM_{status}", 0)
 
     async def _serve_stale(self, flow, ident, route, cached: Manifest, why: str) -> None:
-        if not await self._authorized(flow, ident, route):
+        if not await self._may_serve(flow, ident, route, cached.digest):
             return
         self._answer_manifest(flow, cached, "STALE")
         flow.response.headers["Warning"] = '110 regcache "Response is stale"'
@@ -633,19 +669,26 @@ class RegistryCache:
 
     # --- access ---------------------------------------------------------------------------------
 
-    async def _authorized(self, flow, ident: Identity, route: oci.Route) -> bool:
-        """Private-repository isolation: answer the client as upstream would if it may not see this."""
+    async def _may_serve(self, flow, ident: Identity, route: oci.Route, digest: str) -> bool:
+        """The one access rule (access.py) for every answer built from cached or shared bytes;
+        a refusal is answered as upstream would answer this client."""
         kind = "blobs" if route.kind == oci.BLOB else "manifests"
-        path = f"/v2/{route.name}/{kind}/{route.reference}"
-        verdict = await self._upstream_call(
-            self.access.decide, ident.target, ident.registry, route.name, path,
-            _header_list(flow, ("authorization", "accept")), ctx.options.regcache_offline,
-        )
+        question = Question(ident.target, ident.registry, route.name, digest, f"/v2/{route.name}/{kind}/{digest}",
+                            tuple(_header_list(flow, ("authorization", "accept"))))
+        offline = ctx.options.regcache_offline
+        # Known answers (a public repository that holds the digest, a remembered grant) cost no
+        # thread hop: a hit never waits behind upstream I/O.
+        verdict = self.access.decide_cached(question, offline)
+        if verdict is None:
+            verdict = await self._upstream_call(self.access.decide, question, offline)
         if verdict.allow:
             return True
-        code = "DENIED" if verdict.status == 403 else ("UNAUTHORIZED" if verdict.status == 401 else "NAME_UNKNOWN")
-        self._answer_error(flow, verdict.status, code, verdict.reason, extra=verdict.headers or [])
-        log.warning("regcache: not serving cached %s/%s to this client: %s", ident.registry, route.name, verdict.reason)
+        if verdict.status == 404:
+            code = "BLOB_UNKNOWN" if route.kind == oci.BLOB else "MANIFEST_UNKNOWN"
+        else:
+            code = {401: "UNAUTHORIZED", 403: "DENIED"}.get(verdict.status, "NAME_UNKNOWN")
+        self._answer_error(flow, verdict.status, code, verdict.reason, {"digest": digest}, extra=verdict.headers or [])
+        log.warning("regcache: not serving cached %s/%s %s to this client: %s", ident.registry, route.name, digest, verdict.reason)
         return False
 
     def _probe_public_later(self, ident: Identity, route: oci.Route) -> None:

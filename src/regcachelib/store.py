@@ -57,6 +57,28 @@ class RenamingDisk(diskcache.Disk):
         return super().store(value, read, key)
 
 
+def restrict_to_owner(directory: str) -> None:
+    """The cache dir holds private images: owner only (0700 dirs, 0600 files), whatever the umask.
+
+    Files created later are unreachable by others through the 0700 directory; regcache's own
+    files are also created 0600.
+    """
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            _chmod(os.path.join(root, name), 0o700)
+        for name in files:
+            _chmod(os.path.join(root, name), 0o600)
+    _chmod(directory, 0o700)
+
+
+def _chmod(path: str, mode: int) -> None:
+    try:
+        if os.stat(path, follow_symlinks=False).st_mode & 0o777 != mode:
+            os.chmod(path, mode, follow_symlinks=False)
+    except (FileNotFoundError, NotImplementedError, PermissionError):
+        pass
+
+
 def hash_copy(read, hasher, write=None, progress=None, chunk: int = 1024 * 1024) -> int:
     """Feed everything read() yields to hasher (and to write, if given); return the byte count.
 
@@ -105,6 +127,11 @@ def member_key(registry: str, repo: str, digest: str) -> tuple:
     return ("member", registry, repo, digest)
 
 
+# Present once the membership index covers every tag (cache dirs from before it existed get
+# it derived from their tags and manifests when first opened).
+MEMBERSHIP_SCHEMA = ("schema", "membership")
+
+
 class Store:
     def __init__(self, directory: str, size_limit: int = DEFAULT_SIZE_LIMIT):
         self.directory = os.path.abspath(directory)
@@ -123,6 +150,9 @@ class Store:
         )
         self.tags = diskcache.Cache(os.path.join(self.directory, "tags"), eviction_policy="none", size_limit=2**62)
         self.miss_log_path = os.path.join(self.directory, "misses.jsonl")
+        restrict_to_owner(self.directory)
+        if MEMBERSHIP_SCHEMA not in self.tags:
+            self._derive_membership()
 
     def close(self) -> None:
         self.content.close()
@@ -168,7 +198,7 @@ class Store:
         # Created under a dot-name and renamed once locked: another process's sweep never sees
         # the unlocked moment between creating and locking (the lock follows the inode).
         hidden = os.path.join(self.staging_dir, "." + name)
-        f = open(hidden, "xb")
+        f = os.fdopen(os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb")
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.rename(hidden, path)
         return path, f
@@ -247,6 +277,12 @@ class Store:
             value = dict(self.tags.get(key) or {})
             value[media_type] = (digest, now if now is not None else time.time())
             self.tags.set(key, value)
+        # The tag's repository holds its manifest (and what the manifest references).
+        manifest = self.get_manifest(digest)
+        if manifest is not None:
+            self.learn_manifest(registry, repo, digest, manifest.body)
+        else:
+            self.add_members(registry, repo, [digest])
 
     def iter_tags(self):
         for key in self.tags.iterkeys():
@@ -269,6 +305,23 @@ class Store:
     def learn_manifest(self, registry: str, repo: str, digest: str, body: bytes) -> None:
         """repo holds this manifest and everything it references."""
         self.add_members(registry, repo, [digest, *oci.referenced_digests(body)])
+
+    def _derive_membership(self) -> None:
+        for (registry, repo, _tag), entries in list(self.iter_tags()):
+            pending = [digest for digest, _checked in entries.values()]
+            seen: set[str] = set()
+            while pending:
+                digest = pending.pop()
+                if digest in seen:
+                    continue
+                seen.add(digest)
+                self.add_members(registry, repo, [digest])
+                manifest = self.get_manifest(digest)
+                if manifest is not None:
+                    refs = oci.referenced_digests(manifest.body)
+                    self.add_members(registry, repo, refs)
+                    pending.extend(refs)
+        self.tags.set(MEMBERSHIP_SCHEMA, 1)
 
     def holds(self, registry: str, repo: str, digest: str) -> bool:
         return member_key(registry, repo, digest) in self.tags
@@ -294,7 +347,7 @@ class Store:
         line = json.dumps({"time": round(time.time(), 3), **record}, separators=(",", ":")) + "\n"
         # One write of one line with O_APPEND: lines from two processes never interleave.
         try:
-            fd = os.open(self.miss_log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.miss_log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
                 os.write(fd, line.encode())
             finally:

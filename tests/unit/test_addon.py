@@ -291,6 +291,12 @@ def test_head_blob_hit(tmp_path):
         async with running_addon(tmp_path, offline=True) as (rc, _):
             mark_public(rc, "quay.io", "org/img")
             digest = stage_and_commit(rc.store, BLOB)
+            # stored, but org/img is not known to hold it: offline, that is a 404
+            flow = make_flow("quay.io", f"/v2/org/img/blobs/{digest}", "HEAD")
+            await rc.request(flow)
+            assert flow.response.status_code == 404
+            assert "x-cache" not in flow.response.headers
+            rc.store.add_members("quay.io", "org/img", [digest])
             flow = make_flow("quay.io", f"/v2/org/img/blobs/{digest}", "HEAD")
             await rc.request(flow)
             assert flow.response.status_code == 200
@@ -322,6 +328,8 @@ def test_offline_private_repository_is_not_served(tmp_path):
 def test_fresh_tag_is_answered_from_the_store(tmp_path, upstream_server):
     path = "/v2/org/img/manifests/v1"
     upstream_server.routes[path] = Reply(body=MANIFEST, headers=[("Content-Type", oci.OCI_INDEX), ("Docker-Content-Digest", MANIFEST_DIGEST)])
+    # the public probe asks for the digest the repository holds
+    upstream_server.routes[f"/v2/org/img/manifests/{MANIFEST_DIGEST}"] = upstream_server.routes[path]
 
     async def main():
         async with running_addon(tmp_path, LOCAL_ALIAS) as (rc, _):
