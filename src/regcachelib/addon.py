@@ -33,6 +33,10 @@ DEFAULT_DIR = os.path.join(os.getcwd(), "regcache-cache")
 API_VERSION = ("Docker-Distribution-API-Version", "registry/2.0")
 # A path-prefix mirror names the registry as the first path component: /v2/quay.io/org/img/...
 _PREFIXED = re.compile(r"^/v2/(?P<registry>[^/]+\.[^/]+|[^/]+:\d+|localhost)/(?P<rest>.+)$")
+# Worker threads for upstream calls, and how many of them one upstream endpoint may hold: a
+# slow (or hostile) upstream keeps its own requests waiting, never everyone else's.
+UPSTREAM_WORKERS = 32
+UPSTREAM_PER_ENDPOINT = 8
 # Request headers forwarded to upstream on our own fetches.
 _FORWARD = ("authorization", "accept", "user-agent", "range")
 
@@ -47,6 +51,9 @@ class Identity:
     # A path-prefix mirror request carries a token the client got for the mirror's own
     # registry (its /v2/ ping is never prefixed); it must not travel to another registry.
     forward_credentials: bool = True
+    # Whether answers for this flow may enter the shared cache: only from the registry's own
+    # HTTPS endpoint (or one configured as plain HTTP), never from a scheme or port a client chose.
+    cacheable: bool = True
 
 
 def _answered_digest(route: oci.Route, method: str, status: int, headers, body: bytes) -> str | None:
@@ -78,7 +85,9 @@ class RegistryCache:
         self.blobserver: BlobServer | None = None
         self.access: Access | None = None
         self.signer = Signer(os.urandom(32))
-        self.executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="regcache-upstream")
+        self.executor = ThreadPoolExecutor(max_workers=UPSTREAM_WORKERS, thread_name_prefix="regcache-upstream")
+        # (host, address) -> how many of its upstream calls may hold a worker at once
+        self._endpoint_slots: dict[tuple, asyncio.Semaphore] = {}
         # single-flight for manifests and tag revalidation: key -> future of the leader
         self.manifest_flights: dict[tuple, asyncio.Future] = {}
         self._probing: set[tuple[str, str]] = set()
@@ -205,7 +214,8 @@ class RegistryCache:
             return None
         address = flow.server_conn.address[0] if isinstance(mode, mode_specs.TransparentMode) and flow.server_conn.address else None
         target = Target(host.lower(), flow.request.port, flow.request.scheme, address)
-        return Identity(self.config.registry_for_host(host), target, path)
+        own_endpoint = (target.scheme, target.port) == ("https", 443) or self.config.is_plain_http(host)
+        return Identity(self.config.registry_for_host(host), target, path, cacheable=own_endpoint)
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         # Pushes and other large uploads stream through instead of being buffered.
@@ -220,6 +230,13 @@ class RegistryCache:
             return
         ident = self.identify(flow)
         if ident is None or not ident.path.startswith("/v2"):
+            return
+        if not ident.cacheable:
+            # e.g. http://quay.io/... or quay.io:9999 through the proxy: what that endpoint says is
+            # this client's business alone; it passes through and never touches the shared cache.
+            log.info("regcache: passing %s through uncached: not the registry's HTTPS endpoint", flow.request.pretty_url[:200])
+            if ctx.options.regcache_offline:
+                self._answer_error(flow, 503, "UNAVAILABLE", "regcache is offline and does not forward requests")
             return
         flow.metadata["regcache"] = (ident, None)
         if ident.path in ("/v2", "/v2/") and flow.request.method in ("GET", "HEAD"):
@@ -260,7 +277,7 @@ class RegistryCache:
             return
         if not ctx.options.regcache_offline:
             try:
-                status, headers, body = await self._upstream_call(self._fetch, flow.request.method, ident.target, "/v2/", _header_list(flow))
+                status, headers, body = await self._upstream_call(ident.target, self._fetch, flow.request.method, ident.target, "/v2/", _header_list(flow))
             except (UpstreamUnavailable, ValueError) as e:
                 log.warning("regcache: %s unreachable (%s); answering /v2/ from the cache", ident.target.host, e)
             else:
@@ -363,7 +380,7 @@ class RegistryCache:
         a dead upstream gets a fast OCI error and its back-off applies."""
         path = f"/v2/{route.name}/blobs/{route.digest}"
         try:
-            status, up_headers, _ = await self._upstream_call(self._fetch, "HEAD", ident.target, path, _header_list(flow, ("authorization", "user-agent")))
+            status, up_headers, _ = await self._upstream_call(ident.target, self._fetch, "HEAD", ident.target, path, _header_list(flow, ("authorization", "user-agent")))
         except (UpstreamUnavailable, ValueError) as e:
             self._answer_error(flow, 503, "UNAVAILABLE", f"upstream unavailable and blob not cached: {e}", {"digest": str(route.digest)})
             self._log(flow, ident, route, "UNAVAILABLE", None)
@@ -502,10 +519,18 @@ class RegistryCache:
         else:
             self._answer(flow, 200, manifest.body, headers, cache_status)
 
-    async def _upstream_call(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    async def _upstream_call(self, target: Target, fn, *args):
+        """Run a blocking upstream call in a worker, at most UPSTREAM_PER_ENDPOINT per endpoint."""
+        endpoint = (target.host, target.port, target.connect_address)
+        slots = self._endpoint_slots.get(endpoint)
+        if slots is None:
+            if len(self._endpoint_slots) > 4096:  # endpoints are client-chosen: forget idle ones
+                self._endpoint_slots = {k: v for k, v in self._endpoint_slots.items() if v.locked()}
+            slots = self._endpoint_slots[endpoint] = asyncio.Semaphore(UPSTREAM_PER_ENDPOINT)
+        async with slots:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
-    async def _single_flight(self, key: tuple, fn, *args):
+    async def _single_flight(self, key: tuple, target: Target, fn, *args):
         """Run fn once for concurrent callers with the same key; all get its result."""
         future = self.manifest_flights.get(key)
         if future is not None:
@@ -513,7 +538,7 @@ class RegistryCache:
         future = asyncio.get_running_loop().create_future()
         self.manifest_flights[key] = future
         try:
-            result = await self._upstream_call(fn, *args)
+            result = await self._upstream_call(target, fn, *args)
             future.set_result(result)
             return result, True
         except BaseException as e:
@@ -542,12 +567,12 @@ class RegistryCache:
         path = f"/v2/{route.name}/manifests/{route.reference}"
         headers = [h for h in _header_list(flow) if h[0].lower() != "range"]
         key = (method, ident.registry, route.name, route.reference, tuple(sorted(accepted or ())))
-        (status, up_headers, body), leader = await self._single_flight(key, self._fetch, method, ident.target, path, headers)
+        (status, up_headers, body), leader = await self._single_flight(key, ident.target, self._fetch, method, ident.target, path, headers)
         shared_digest = _answered_digest(route, method, status, up_headers, body) if not leader else None
         if not leader and (status in (401, 403) or (status == 200 and shared_digest is None)):
             # The leader's credentials were refused (this client may hold better ones), or the
             # shared answer names no digest to check this client's access against: ask as itself.
-            status, up_headers, body = await self._upstream_call(self._fetch, method, ident.target, path, headers)
+            status, up_headers, body = await self._upstream_call(ident.target, self._fetch, method, ident.target, path, headers)
             leader = True  # this answer is the client's own
         elif not leader and status == 200:
             # Another client's answer: upstream says the repository holds it, but whether
@@ -680,7 +705,7 @@ class RegistryCache:
         # thread hop: a hit never waits behind upstream I/O.
         verdict = self.access.decide_cached(question, offline)
         if verdict is None:
-            verdict = await self._upstream_call(self.access.decide, question, offline)
+            verdict = await self._upstream_call(ident.target, self.access.decide, question, offline)
         if verdict.allow:
             return True
         if verdict.status == 404:

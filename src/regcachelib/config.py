@@ -60,6 +60,8 @@ class Config:
     auth_ttl: float = 60.0  # how long upstream's "yes" to a client's credentials is remembered
     public_ttl: float = 3600.0  # how long a repository's public/private status is trusted
     trust_clients_offline: bool = False  # serve private cached content unverified when upstream is unreachable
+    # registries whose own endpoint is plain HTTP; every other registry is cached only from HTTPS :443
+    plain_http_registries: list[str] = field(default_factory=list)
 
     def is_registry_host(self, host: str) -> bool:
         if self.intercept_all:
@@ -68,6 +70,10 @@ class Config:
         if host in self.aliases:
             return True
         return any(fnmatch.fnmatchcase(host, pattern) for pattern in self.registries)
+
+    def is_plain_http(self, host: str) -> bool:
+        host = host.lower().rstrip(".")
+        return any(fnmatch.fnmatchcase(host, pattern) for pattern in self.plain_http_registries)
 
     def registry_for_host(self, host: str) -> str:
         host = host.lower().rstrip(".")
@@ -175,6 +181,7 @@ _KEYS = {
     "auth_ttl": ("auth_ttl", parse_duration),
     "public_ttl": ("public_ttl", parse_duration),
     "trust_clients_offline": ("trust_clients_offline", _bool),
+    "plain_http_registries": ("plain_http_registries", _hosts),
 }
 
 

@@ -112,6 +112,8 @@ class Fill:
                     body = resp.read_all(MAX_ERROR_BODY) if resp.status not in (204, 304) else b""
                     self._publish(status=resp.status, upstream_headers=resp.headers, error_body=body, failure=f"upstream answered {resp.status}", done=True)
                     return
+                # A layer's body may take long: per-read timeouts apply to it, not the exchange's deadline.
+                resp.end_deadline()
                 size = resp.content_length
                 if not store.has_room(size):
                     log.warning("regcache: cache disk full: %s (%s bytes) passes through uncached", self.digest, size)

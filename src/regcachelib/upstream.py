@@ -10,6 +10,7 @@ file write and sha256 of large buffers all release the GIL.
 from __future__ import annotations
 
 import base64
+import heapq
 import http.client
 import json
 import logging
@@ -34,6 +35,85 @@ HOP_HEADERS = frozenset(
 
 class UpstreamUnavailable(Exception):
     """The upstream could not be reached (connect error, timeout, TLS failure) or is backed off."""
+
+
+class Deadline:
+    """A point in time after which the sockets of one upstream exchange are shut down.
+
+    Per-read socket timeouts never end an upstream that trickles a byte every few seconds;
+    shutting the socket down from another thread ends any blocking read at once.
+    """
+
+    def __init__(self, at: float):
+        self.at = at
+        self.expired = False
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def attach(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socks.append(sock)
+            expired = self.expired
+        if expired:
+            _shutdown(sock)
+
+    def expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            socks, self._socks = self._socks, []
+        for sock in socks:
+            _shutdown(sock)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._socks = []
+
+    def __lt__(self, other: "Deadline") -> bool:
+        return self.at < other.at
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        # socket.socket's own shutdown, also for an SSLSocket: no TLS close_notify from
+        # this thread while another may be inside a read.
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+class Watchdog:
+    """One thread that expires Deadlines (instead of a timer thread per request)."""
+
+    def __init__(self) -> None:
+        self._heap: list[Deadline] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def start(self, seconds: float) -> Deadline:
+        deadline = Deadline(time.monotonic() + seconds)
+        with self._cond:
+            heapq.heappush(self._heap, deadline)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="regcache-deadlines", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return deadline
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._heap:
+                    self._cond.wait()
+                first = self._heap[0]
+                delay = first.at - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(min(delay, 1.0))
+                    continue
+                heapq.heappop(self._heap)
+            first.expire()
+
+
+WATCHDOG = Watchdog()
 
 
 @dataclass(frozen=True)
@@ -64,6 +144,12 @@ class UpstreamResponse:
     _conn: http.client.HTTPConnection | None = field(default=None, repr=False)
     _resp: http.client.HTTPResponse | None = field(default=None, repr=False)
     _sock: socket.socket | None = field(default=None, repr=False)
+    _deadline: Deadline | None = field(default=None, repr=False)
+
+    def end_deadline(self) -> None:
+        """The exchange's total deadline no longer applies (a long body with per-read timeouts)."""
+        if self._deadline is not None:
+            self._deadline.cancel()
 
     def header(self, name: str) -> str | None:
         name = name.lower()
@@ -108,6 +194,7 @@ class UpstreamResponse:
         return data
 
     def close(self) -> None:
+        self.end_deadline()
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -116,14 +203,26 @@ class UpstreamResponse:
 class _Connection(http.client.HTTPSConnection):
     """HTTPS to one name, optionally at a fixed address (transparent mode's original dst)."""
 
-    def __init__(self, host, port, address, context, timeout):
+    def __init__(self, host, port, address, context, timeout, deadline: Deadline):
         super().__init__(host, port, context=context, timeout=timeout)
         self._address = address
         self._context = context
+        self._deadline = deadline
 
     def connect(self):
         sock = socket.create_connection((self._address or self.host, self.port), self.timeout)
+        self._deadline.attach(sock)  # the TLS handshake is inside the deadline too
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+class _PlainConnection(http.client.HTTPConnection):
+    def __init__(self, host, port, timeout, deadline: Deadline):
+        super().__init__(host, port, timeout=timeout)
+        self._deadline = deadline
+
+    def connect(self):
+        super().connect()
+        self._deadline.attach(self.sock)
 
 
 class Upstream:
@@ -131,25 +230,33 @@ class Upstream:
 
     def __init__(self, ssl_context: ssl.SSLContext, timeout: float = 30.0, backoff: float = 15.0):
         self.ssl_context = ssl_context
-        self.timeout = timeout
+        self.timeout = timeout  # per read, and for a whole exchange up to its response headers
         self.backoff = backoff
-        self._down_until: dict[str, float] = {}
+        # (scheme, host, port, address) of a registry's endpoint -> monotonic time it is retried
+        self._down_until: dict[tuple, float] = {}
         self._lock = threading.Lock()
         # registry host -> hosts it redirected us to that then asked for a Bearer token
         # (registry.k8s.io -> *-docker.pkg.dev): the client's token was issued for them.
         self._challenge_hosts: dict[str, set[str]] = {}
 
-    # A dead upstream should not make every request wait for a connect timeout.
-    def is_backed_off(self, host: str) -> bool:
+    # A dead upstream should not make every request wait for a connect timeout. The back-off
+    # is kept per endpoint (scheme, host, port, address), for a registry's own endpoint only:
+    # a client that names a wrong port or address backs off only that, not the registry.
+    def is_backed_off(self, endpoint: tuple) -> bool:
         with self._lock:
-            return self._down_until.get(host, 0) > time.monotonic()
+            return self._down_until.get(endpoint, 0) > time.monotonic()
 
-    def _mark(self, host: str, ok: bool) -> None:
+    def _mark(self, endpoint: tuple, ok: bool) -> None:
         with self._lock:
             if ok:
-                self._down_until.pop(host, None)
+                self._down_until.pop(endpoint, None)
             else:
-                self._down_until[host] = time.monotonic() + self.backoff
+                self._down_until[endpoint] = time.monotonic() + self.backoff
+                # Bounded: a client can make regcache try many endpoints.
+                if len(self._down_until) > 1024:
+                    now = time.monotonic()
+                    for key in [k for k, until in self._down_until.items() if until <= now]:
+                        del self._down_until[key]
 
     def request(
         self,
@@ -161,8 +268,19 @@ class Upstream:
     ) -> UpstreamResponse:
         """Send a request; follow redirects, dropping credentials when the host changes.
 
-        The caller must read or close the returned response.
+        The caller must read or close the returned response. The whole exchange, up to the
+        response's end or its end_deadline(), must finish within the timeout.
         """
+        deadline = WATCHDOG.start(self.timeout)
+        try:
+            resp = self._request(method, target, path, headers, follow_redirects, deadline)
+        except BaseException:
+            deadline.cancel()
+            raise
+        resp._deadline = deadline
+        return resp
+
+    def _request(self, method, target: Target, path, headers, follow_redirects, deadline: Deadline) -> UpstreamResponse:
         url = target.url(path)
         origin_host = target.host
         address = target.connect_address
@@ -176,7 +294,8 @@ class Upstream:
                 raise UpstreamUnavailable(f"invalid redirect target from {origin_host}") from None
             if parts.scheme not in ("http", "https") or not host:
                 raise UpstreamUnavailable(f"invalid redirect target from {origin_host}")
-            if self.is_backed_off(host):
+            endpoint = (parts.scheme, host, port, address) if _hop == 0 else None
+            if endpoint and self.is_backed_off(endpoint):
                 raise UpstreamUnavailable(f"{host} is backed off after a recent failure")
             send_headers = [(k, v) for k, v in headers if k.lower() not in HOP_HEADERS]
             trusted = host == origin_host or host in self._challenge_hosts.get(origin_host, ())
@@ -187,9 +306,9 @@ class Upstream:
             netloc = host if port in (80, 443) else f"{host}:{port}"
             send_headers.append(("Host", netloc))
             if parts.scheme == "https":
-                conn: http.client.HTTPConnection = _Connection(host, port, address, self.ssl_context, self.timeout)
+                conn: http.client.HTTPConnection = _Connection(host, port, address, self.ssl_context, self.timeout, deadline)
             else:
-                conn = http.client.HTTPConnection(address or host, port, timeout=self.timeout)
+                conn = _PlainConnection(address or host, port, self.timeout, deadline)
             req_path = parts.path + ("?" + parts.query if parts.query else "")
             try:
                 conn.putrequest(method, req_path or "/", skip_host=True, skip_accept_encoding=True)
@@ -200,9 +319,13 @@ class Upstream:
                 resp = conn.getresponse()
             except (OSError, http.client.HTTPException, ssl.SSLError) as e:
                 conn.close()
-                self._mark(host, False)
+                if endpoint:
+                    self._mark(endpoint, False)
+                if deadline.expired:
+                    raise UpstreamUnavailable(f"{host}: no answer within {self.timeout:g}s") from e
                 raise UpstreamUnavailable(f"{host}: {e.__class__.__name__}: {e}") from e
-            self._mark(host, True)
+            if endpoint:
+                self._mark(endpoint, True)
             if resp.status == 401 and host != origin_host and parse_bearer_challenge(resp.getheader("www-authenticate")):
                 # The registry redirected us to a host that challenges for a token: clients
                 # will present that host's token to the registry, so it may travel there.

@@ -81,7 +81,8 @@ def mark_public(rc: RegistryCache, registry: str, repo: str) -> None:
 
 
 # The local upstream answers for quay.io: flows to 127.0.0.1:<port> are cached as quay.io.
-LOCAL_ALIAS = "aliases:\n  127.0.0.1: quay.io\n"
+# the local upstream is plain HTTP on a random port: configured as such, or it is never cached
+LOCAL_ALIAS = "aliases:\n  127.0.0.1: quay.io\nplain_http_registries: [127.0.0.1]\n"
 
 
 def local_flow(upstream_server, path: str, method: str = "GET", headers=()) -> http.HTTPFlow:
