@@ -159,11 +159,16 @@ class Access:
             return self._ask_as_client(q, membership=True)
         if self.fresh_public(q.registry, q.repo) is None:
             try:
-                if self.probe_public(q.target, q.registry, q.repo, q.path):
-                    return Verdict(True)
+                public = self.probe_public(q.target, q.registry, q.repo, q.path)
             except UpstreamUnavailable as e:
                 log.info("cannot check whether %s/%s is public: %s", q.registry, q.repo, e)
-                return self._unverifiable(q, f"upstream unreachable: {e}")
+                public = None
+            if public is None:
+                # No definitive answer now: the last one stands (a public image stays pullable
+                # while upstream is down; a 404 never turns a repository private).
+                public = self.known_public(q.registry, q.repo)[0]
+            if public:
+                return Verdict(True)
         return self._ask_as_client(q, membership=False)
 
     def _ask_as_client(self, q: Question, membership: bool) -> Verdict:
