@@ -60,6 +60,7 @@ class Config:
     auth_ttl: float = 60.0  # how long upstream's "yes" to a client's credentials is remembered
     public_ttl: float = 3600.0  # how long a repository's public/private status is trusted
     trust_clients_offline: bool = False  # serve private cached content unverified when upstream is unreachable
+    status_show_private: bool = False  # name repositories not known to be public on the status page
 
     def is_registry_host(self, host: str) -> bool:
         if self.intercept_all:
@@ -175,6 +176,7 @@ _KEYS = {
     "auth_ttl": ("auth_ttl", parse_duration),
     "public_ttl": ("public_ttl", parse_duration),
     "trust_clients_offline": ("trust_clients_offline", _bool),
+    "status_show_private": ("status_show_private", _bool),
 }
 
 
