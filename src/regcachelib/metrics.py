@@ -426,15 +426,15 @@ class Monitor:
                 registry, repo = rec.get("registry"), rec.get("repo")
                 if not (isinstance(registry, str) and isinstance(repo, str) and visible(registry, repo)):
                     # no name, tag, digest or size of a repository not known public
-                    rec = {"time": rec.get("time", 0), "registry": str(registry), "repo": PRIVATE, "kind": rec.get("kind"), "outcome": rec.get("outcome")}
+                    rec = {"time": rec.get("time", 0), "registry": str(registry), "repo": PRIVATE,
+                           "kind": rec.get("kind"), "outcome": rec.get("outcome")}
                 misses.append(rec)
         fills = []
         if cache.fills is not None:
             for fill in list(cache.fills.inflight.values()):
-                if visible(fill.registry, fill.repo):
-                    fills.append({"digest": str(fill.digest), "registry": fill.registry, "repo": fill.repo, "written": fill.written, "size": fill.size})
-                else:
-                    fills.append({"digest": None, "registry": fill.registry, "repo": PRIVATE, "written": fill.written, "size": fill.size})
+                shown = visible(fill.registry, fill.repo)
+                fills.append({"digest": str(fill.digest) if shown else None, "registry": fill.registry,
+                              "repo": fill.repo if shown else PRIVATE, "written": fill.written, "size": fill.size})
         return {
             "time": time.time(),
             "uptime": time.time() - self.started,
@@ -471,7 +471,8 @@ def render_status_page(status: dict) -> str:
     rows_top = "".join(f"<tr><td>{e(t['image'])}</td><td>{t['pulls']}</td></tr>" for t in stats.get("top_images") or []) or '<tr><td colspan="2">no pulls yet</td></tr>'
     private = stats.get("private_repositories") or {}
     note_private = (
-        '<p class="sub" id="private-note">' + ", ".join(f"{e(reg)}/{PRIVATE}: {n} repositories" for reg, n in private.items())
+        '<p class="sub" id="private-note">'
+        + ", ".join(f"{e(reg)}/{PRIVATE}: {n} repositories" for reg, n in private.items())
         + " not known to be public, summed (config <code>status_show_private: true</code> names them)</p>"
     ) if private else ""
     rows_miss = "".join(
@@ -485,7 +486,8 @@ def render_status_page(status: dict) -> str:
         for m in status.get("recent_misses") or []
     ) or '<tr><td colspan="5">no misses recorded</td></tr>'
     rows_fill = "".join(
-        f"<tr><td>{e(f['registry'])}/{e(f['repo'])}</td><td><code>{e(_short_ref(f['digest'] or '-'))}</code></td><td>{human(f['written'])} of {human(f['size'])}</td></tr>"
+        f"<tr><td>{e(f['registry'])}/{e(f['repo'])}</td><td><code>{e(_short_ref(f['digest'] or '-'))}</code></td>"
+        f"<td>{human(f['written'])} of {human(f['size'])}</td></tr>"
         for f in status.get("fills_in_flight") or []
     ) or '<tr><td colspan="3">none</td></tr>'
     return f"""<!doctype html>

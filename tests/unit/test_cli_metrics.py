@@ -262,7 +262,9 @@ def _private_and_public_traffic(store) -> Monitor:
     for repo in ("library/small", "private/secret"):
         monitor.stats.request("docker.io", "manifest", "MISS", repo, "GET", 900)
         monitor.stats.request("docker.io", "manifest", "HIT", repo, "GET", 900)
-        store.log_miss({"registry": "docker.io", "repo": repo, "reference": "v1-tag", "digest": SECRET_DIGEST if "secret" in repo else "sha256:" + "6" * 64, "kind": "manifest", "size": 901, "outcome": "MISS"})
+        digest = SECRET_DIGEST if "secret" in repo else "sha256:" + "6" * 64
+        store.log_miss({"registry": "docker.io", "repo": repo, "reference": "v1-tag", "digest": digest, "kind": "manifest",
+                        "size": 901, "outcome": "MISS"})
     fills = {}
     for repo, digest in (("library/small", "sha256:" + "7" * 64), ("private/secret", SECRET_DIGEST)):
         fills[digest] = types.SimpleNamespace(digest=digest, registry="docker.io", repo=repo, written=10, size=100)
@@ -436,6 +438,7 @@ def test_every_addon_method_named_like_a_hook_takes_that_hooks_arguments():
             try:
                 inspect.signature(method).bind(*fields)
             except TypeError as e:
-                pytest.fail(f"{type(addon).__name__}.{name} is called as mitmproxy's {name} hook with ({', '.join(fields)}): {e}")
+                pytest.fail(f"{type(addon).__name__}.{name} is called as mitmproxy's {name} hook "
+                            f"with ({', '.join(fields)}): {e}")
             checked.append(f"{type(addon).__name__}.{name}")
     assert "Monitor.configure" in checked and "RegistryCache.request" in checked
