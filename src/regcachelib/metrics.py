@@ -1,7 +1,7 @@
 """Seeing into a running cache: persisted statistics, a Prometheus endpoint, a status page.
 
 `Monitor` is a child addon of RegistryCache (mitmproxy loads an addon's `addons` too). It
-counts every answered request (RegistryCache._log calls `request`), the bytes the blob server
+counts every answered request (RegistryCache._log calls `record`), the bytes the blob server
 sends and the bytes fills download (stats.Stats, persisted in the cache dir), times upstream
 requests, and — when the option `regcache_metrics` is set to host:port — serves on the
 addon's own event loop:

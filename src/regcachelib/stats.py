@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 TAG = "stats"
 PREFIX = "stats"
 
-# Outcomes (as logged by the addon) that were answered from the store.
 # Bounds on client-chosen label values (rows in the store, series in /metrics).
 MAX_REGISTRIES = 100
 MAX_REPOS_PER_REGISTRY = 1000
@@ -38,6 +37,7 @@ PRIVATE = "(private)"  # repositories a reader may not see by name (never a vali
 # Rows of the admission tally: not counters a snapshot reports.
 _INDEX = "index"
 
+# Outcomes (as logged by the addon) that were answered from the store.
 HIT_OUTCOMES = frozenset({"HIT", "REVALIDATED", "STALE"})
 MISS_OUTCOMES = frozenset({"MISS"})
 
