@@ -62,6 +62,7 @@ class Config:
     trust_clients_offline: bool = False  # serve private cached content unverified when upstream is unreachable
     # registries whose own endpoint is plain HTTP; every other registry is cached only from HTTPS :443
     plain_http_registries: list[str] = field(default_factory=list)
+    status_show_private: bool = False  # name repositories not known to be public on the status page
 
     def is_registry_host(self, host: str) -> bool:
         if self.intercept_all:
@@ -182,6 +183,7 @@ _KEYS = {
     "public_ttl": ("public_ttl", parse_duration),
     "trust_clients_offline": ("trust_clients_offline", _bool),
     "plain_http_registries": ("plain_http_registries", _hosts),
+    "status_show_private": ("status_show_private", _bool),
 }
 
 

@@ -1,7 +1,7 @@
 """Seeing into a running cache: persisted statistics, a Prometheus endpoint, a status page.
 
 `Monitor` is a child addon of RegistryCache (mitmproxy loads an addon's `addons` too). It
-counts every answered request (RegistryCache._log calls `request`), the bytes the blob server
+counts every answered request (RegistryCache._log calls `record`), the bytes the blob server
 sends and the bytes fills download (stats.Stats, persisted in the cache dir), times upstream
 requests, and — when the option `regcache_metrics` is set to host:port — serves on the
 addon's own event loop:
@@ -10,6 +10,14 @@ addon's own event loop:
     /metrics      Prometheus text format (prometheus-client)
     /status.json  what the page shows, as JSON
     /healthz      "ok" (for container health checks)
+
+Repositories not known to be public (access.py's stored verdict, read when a page or
+status.json is rendered, so a repository counted before its probe finished stays hidden until
+it is known public) are never named there: their pulls are summed into one "(private)" row per
+registry, their misses and downloads in progress are shown without name, tag or digest. The
+config key `status_show_private: true` names them. Prometheus labels carry registries and
+upstream hosts only, never repositories, and are bounded like the persisted counters
+(stats.MAX_REGISTRIES; the rest under "(other)").
 
 It also keeps the store under its size limit the manifest-aware way: when the store passes
 90% of size_limit it runs inventory.gc down to 80% (least recently used images first, never
@@ -25,13 +33,14 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import oci
-from .stats import Stats
+from .stats import MAX_REGISTRIES, OTHER, PRIVATE, Stats
 from .upstream import UpstreamUnavailable
 
 log = logging.getLogger("regcache")
@@ -168,6 +177,7 @@ class Monitor:
         self.ratelimit_remaining = Gauge("regcache_upstream_ratelimit_remaining", "Pulls left in the current window, as last reported by the upstream (Docker Hub's ratelimit-remaining)", ["registry"], registry=self.registry)
         self.ratelimit_limit = Gauge("regcache_upstream_ratelimit_limit", "Pulls allowed per window, as last reported by the upstream (ratelimit-limit)", ["registry"], registry=self.registry)
         self.registry.register(_StatsCollector(self))
+        self._host_labels: set[str] = set()  # upstream hosts with series of their own
         self.listen: tuple[str, int] | None = None
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
@@ -244,12 +254,12 @@ class Monitor:
             try:
                 resp = original(method, target, path, headers, follow_redirects)
             except UpstreamUnavailable:
-                monitor.upstream_errors.labels(target.host).inc()
+                monitor.upstream_errors.labels(monitor._host_label(target.host)).inc()
                 raise
-            monitor.latency.labels(target.host).observe(time.monotonic() - t0)
+            monitor.latency.labels(monitor._host_label(target.host)).observe(time.monotonic() - t0)
             remaining = _ratelimit_value(resp.header("ratelimit-remaining"))
             if remaining is not None:
-                registry = oci.canonical_registry(target.host)
+                registry = monitor._host_label(oci.canonical_registry(target.host))
                 monitor.ratelimit_remaining.labels(registry).set(remaining)
                 limit = _ratelimit_value(resp.header("ratelimit-limit"))
                 if limit is not None:
@@ -258,6 +268,38 @@ class Monitor:
 
         upstream.request = request
         upstream._regcache_monitor = self
+
+    def _host_label(self, host: str) -> str:
+        # A wildcard registry pattern lets clients name the upstream host: each new name would
+        # be a new series forever.
+        if host in self._host_labels:
+            return host
+        if len(self._host_labels) >= MAX_REGISTRIES:
+            return OTHER
+        self._host_labels.add(host)
+        return host
+
+    # --- what may be shown -------------------------------------------------------------------------
+
+    def visible(self) -> Callable[[str, str], bool]:
+        """Whether a repository may be named on the status page and in status.json: only when
+        it is known to be public now, unless the operator set status_show_private. Answers are
+        kept for one rendering only: publicness may be learnt (or lost) at any time."""
+        if getattr(getattr(self.cache, "config", None), "status_show_private", False):
+            return lambda registry, repo: True
+        access = getattr(self.cache, "access", None)
+        answers: dict[tuple, bool] = {}
+
+        def visible(registry, repo) -> bool:
+            key = (registry, repo)
+            if key not in answers:
+                try:
+                    answers[key] = access is not None and access.known_public(registry, repo)[0] is True
+                except Exception:  # noqa: BLE001 - unreadable verdict: not known public
+                    answers[key] = False
+            return answers[key]
+
+        return visible
 
     # --- size limit -----------------------------------------------------------------------------------
 
@@ -368,7 +410,8 @@ class Monitor:
 
     def status(self) -> dict:
         cache = self.cache
-        snap = self.stats.snapshot() if self.stats is not None else None
+        visible = self.visible()
+        snap = self.stats.snapshot().redacted(visible) if self.stats is not None else None
         store = cache.store
         summary = store_summary(store) if store is not None else {}
         misses = []
@@ -378,12 +421,20 @@ class Monitor:
                     rec = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(rec, dict):
-                    misses.append(rec)
+                if not isinstance(rec, dict):
+                    continue
+                registry, repo = rec.get("registry"), rec.get("repo")
+                if not (isinstance(registry, str) and isinstance(repo, str) and visible(registry, repo)):
+                    # no name, tag, digest or size of a repository not known public
+                    rec = {"time": rec.get("time", 0), "registry": str(registry), "repo": PRIVATE,
+                           "kind": rec.get("kind"), "outcome": rec.get("outcome")}
+                misses.append(rec)
         fills = []
         if cache.fills is not None:
             for fill in list(cache.fills.inflight.values()):
-                fills.append({"digest": str(fill.digest), "registry": fill.registry, "repo": fill.repo, "written": fill.written, "size": fill.size})
+                shown = visible(fill.registry, fill.repo)
+                fills.append({"digest": str(fill.digest) if shown else None, "registry": fill.registry,
+                              "repo": fill.repo if shown else PRIVATE, "written": fill.written, "size": fill.size})
         return {
             "time": time.time(),
             "uptime": time.time() - self.started,
@@ -418,6 +469,12 @@ def render_status_page(status: dict) -> str:
         for name, r in (stats.get("registries") or {}).items()
     ) or '<tr><td colspan="6">no requests yet</td></tr>'
     rows_top = "".join(f"<tr><td>{e(t['image'])}</td><td>{t['pulls']}</td></tr>" for t in stats.get("top_images") or []) or '<tr><td colspan="2">no pulls yet</td></tr>'
+    private = stats.get("private_repositories") or {}
+    note_private = (
+        '<p class="sub" id="private-note">'
+        + ", ".join(f"{e(reg)}/{PRIVATE}: {n} repositories" for reg, n in private.items())
+        + " not known to be public, summed (config <code>status_show_private: true</code> names them)</p>"
+    ) if private else ""
     rows_miss = "".join(
         "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
             e(time.strftime("%m-%d %H:%M:%S", time.localtime(m.get("time", 0)))),
@@ -429,7 +486,8 @@ def render_status_page(status: dict) -> str:
         for m in status.get("recent_misses") or []
     ) or '<tr><td colspan="5">no misses recorded</td></tr>'
     rows_fill = "".join(
-        f"<tr><td>{e(f['registry'])}/{e(f['repo'])}</td><td><code>{e(f['digest'][:19])}…</code></td><td>{human(f['written'])} of {human(f['size'])}</td></tr>"
+        f"<tr><td>{e(f['registry'])}/{e(f['repo'])}</td><td><code>{e(_short_ref(f['digest'] or '-'))}</code></td>"
+        f"<td>{human(f['written'])} of {human(f['size'])}</td></tr>"
         for f in status.get("fills_in_flight") or []
     ) or '<tr><td colspan="3">none</td></tr>'
     return f"""<!doctype html>
@@ -449,7 +507,7 @@ td,th{{border-bottom:1px solid #ddd;padding:.3em .8em;text-align:left;white-spac
 <div class="card" id="store-fill"><div>Store fill</div><div class="v">{fill_pct:.1f}%</div><div>{human(size)} of {human(limit)}</div><div class="bar"><div style="width:{fill_pct:.1f}%"></div></div><div>{store.get('blobs', 0)} blobs · {store.get('manifests', 0)} manifests · {store.get('tags', 0)} tags · {store.get('pins', 0)} pinned</div></div>
 </div>
 <h2>Registries</h2><table id="registries"><tr><th>registry</th><th>requests</th><th>hits</th><th>misses</th><th>hit ratio</th><th>from upstream</th></tr>{rows_reg}</table>
-<h2>Top images</h2><table id="top-images"><tr><th>image</th><th>pulls</th></tr>{rows_top}</table>
+<h2>Top images</h2><table id="top-images"><tr><th>image</th><th>pulls</th></tr>{rows_top}</table>{note_private}
 <h2>Recent misses</h2><table id="recent-misses"><tr><th>time</th><th>repository</th><th>kind</th><th>reference</th><th>size</th></tr>{rows_miss}</table>
 <h2>Downloads in progress</h2><table id="fills"><tr><th>repository</th><th>digest</th><th>progress</th></tr>{rows_fill}</table>
 <p class="sub">Prometheus metrics: <a href="/metrics">/metrics</a> · JSON: <a href="/status.json">/status.json</a></p>

@@ -6,6 +6,13 @@ they can be read back with one query. Increments are buffered in memory (the eve
 only touches a dict) and written with diskcache's atomic `incr` by `flush()`: from a
 background thread once a second in the proxy, at the end of a command in the CLI. Several
 processes on one cache directory add up correctly.
+
+Registry and repository names come from clients (any repository name; any registry name a
+wildcard pattern in `registries` matches), so the rows they make are bounded: at most
+MAX_REGISTRIES registries and MAX_REPOS_PER_REGISTRY repositories per registry are counted by
+name, summed over every process (index rows in the same cache keep the tally); the rest are
+counted under OTHER. What a snapshot holds is everything counted; which of it may be shown to
+whom (private repositories) is decided by the reader (metrics.py).
 """
 
 from __future__ import annotations
@@ -14,12 +21,21 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 log = logging.getLogger(__name__)
 
 TAG = "stats"
 PREFIX = "stats"
+
+# Bounds on client-chosen label values (rows in the store, series in /metrics).
+MAX_REGISTRIES = 100
+MAX_REPOS_PER_REGISTRY = 1000
+OTHER = "(other)"  # registries / repositories past the bounds (never a valid name)
+PRIVATE = "(private)"  # repositories a reader may not see by name (never a valid name)
+# Rows of the admission tally: not counters a snapshot reports.
+_INDEX = "index"
 
 # Outcomes (as logged by the addon) that were answered from the store.
 HIT_OUTCOMES = frozenset({"HIT", "REVALIDATED", "STALE"})
@@ -65,7 +81,22 @@ class Snapshot:
     evictions: int = 0
     evicted_bytes: int = 0
     verify_failures: int = 0
+    # registry -> repositories whose pulls are summed under PRIVATE (set by redacted())
+    private_repositories: Counter = field(default_factory=Counter)
     raw: dict = field(default_factory=dict)
+
+    def redacted(self, visible: Callable[[str, str], bool]) -> "Snapshot":
+        """This snapshot with the pulls of every repository `visible` refuses summed into one
+        (registry, PRIVATE) row per registry, and how many repositories that row holds."""
+        pulls: Counter = Counter()
+        private: Counter = Counter()
+        for (registry, repo), count in self.pulls.items():
+            if repo == OTHER or visible(registry, repo):
+                pulls[(registry, repo)] += count
+            else:
+                pulls[(registry, PRIVATE)] += count
+                private[registry] += 1
+        return replace(self, pulls=pulls, private_repositories=private, raw={})
 
     @property
     def hits(self) -> int:
@@ -119,6 +150,7 @@ class Snapshot:
                 for name, r in sorted(self.registries.items())
             },
             "top_images": [{"image": f"{reg}/{repo}", "pulls": c} for reg, repo, c in self.top_images()],
+            "private_repositories": dict(sorted(self.private_repositories.items())),
             "evictions": self.evictions,
             "evicted_bytes": self.evicted_bytes,
             "verify_failures": self.verify_failures,
@@ -128,13 +160,19 @@ class Snapshot:
 class Stats:
     """Buffered, process-safe counters in a diskcache Cache (the store's tags cache)."""
 
-    def __init__(self, cache, flush_interval: float = 1.0):
+    def __init__(self, cache, flush_interval: float = 1.0, max_registries: int = MAX_REGISTRIES,
+                 max_repos: int = MAX_REPOS_PER_REGISTRY):
         self.cache = cache
         self.flush_interval = flush_interval
+        self.max_registries = max_registries
+        self.max_repos = max_repos
         self._pending: Counter = Counter()
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._known: set[tuple] = set()
+        # registry -> repositories counted by name: this process's view, so pending counts
+        # stay bounded between flushes; flush() checks admissions against the shared tally
+        self._named: dict[str, set[str]] | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -145,12 +183,43 @@ class Stats:
             with self._lock:
                 self._pending[(PREFIX, *key)] += n
 
+    def _labels(self, registry: str, repo: str | None = None) -> tuple[str, str | None]:
+        """The names a count goes under: its own while within the bounds, else OTHER.
+        Called with self._lock held."""
+        if self._named is None:
+            self._named = self._load_named()
+        if registry != OTHER and registry not in self._named:
+            if len(self._named) >= self.max_registries:
+                return OTHER, (OTHER if repo is not None else None)
+            self._named[registry] = set()
+        if repo is None or registry == OTHER or repo == OTHER:
+            return registry, (OTHER if registry == OTHER and repo is not None else repo)
+        repos = self._named[registry]
+        if repo not in repos:
+            if len(repos) >= self.max_repos:
+                return registry, OTHER
+            repos.add(repo)
+        return registry, repo
+
+    def _load_named(self) -> dict[str, set[str]]:
+        named: dict[str, set[str]] = {}
+        for key in self._rows():
+            name, labels = key[1], key[2:]
+            if name in ("requests", "upstream_bytes", "pulls") and labels and labels[0] != OTHER:
+                repos = named.setdefault(labels[0], set())
+                if name == "pulls" and len(labels) == 2 and labels[1] != OTHER:
+                    repos.add(labels[1])
+        return named
+
     def request(self, registry: str, kind: str, outcome: str, repo: str | None = None, method: str = "GET", size: int | None = None) -> None:
         """One answered /v2 request, as logged by the addon."""
         with self._lock:
+            pulled = kind == "manifest" and method == "GET" and repo and outcome_class(outcome) != "other"
+            # only a pull makes a row of its own per repository, so only a pull takes a place
+            registry, repo = self._labels(registry, repo if pulled else None)
             p = self._pending
             p[(PREFIX, "requests", registry, kind, outcome)] += 1
-            if kind == "manifest" and method == "GET" and repo and outcome_class(outcome) != "other":
+            if pulled:
                 p[(PREFIX, "pulls", registry, repo)] += 1
             if kind == "manifest" and method == "GET" and size:
                 cls = outcome_class(outcome)
@@ -170,6 +239,7 @@ class Stats:
 
     def upstream_bytes(self, registry: str, n: int) -> None:
         with self._lock:
+            registry, _ = self._labels(registry)
             self._pending[(PREFIX, "upstream_bytes", registry)] += n
 
     # --- persisting --------------------------------------------------------------------------
@@ -185,6 +255,7 @@ class Stats:
                 with self.cache.transact():
                     for key, n in pending.items():
                         if key not in self._known:
+                            key = self._admit(key)
                             # add() keeps an existing row; the tag lets snapshot() find it
                             self.cache.add(key, 0, tag=TAG)
                             self._known.add(key)
@@ -193,6 +264,32 @@ class Stats:
                 log.warning("regcache: could not persist statistics: %s", e)
                 with self._lock:
                     self._pending.update(pending)
+
+    def _admit(self, key: tuple) -> tuple:
+        """The row a counter new to this process goes to, within the bounds summed over every
+        process on this cache (inside flush's transaction, so two processes cannot both take
+        the last place). Index rows: (PREFIX, _INDEX, "registry", name) marks a registry
+        counted by name, (PREFIX, _INDEX, "registries") and (PREFIX, _INDEX, "repos", registry)
+        count them."""
+        name, labels = key[1], key[2:]
+        if name not in ("requests", "upstream_bytes", "pulls") or not labels or labels[0] == OTHER:
+            return key
+        registry = labels[0]
+        marker = (PREFIX, _INDEX, "registry", registry)
+        if marker not in self.cache:
+            tally = (PREFIX, _INDEX, "registries")
+            if self.cache.get(tally, 0) >= self.max_registries:
+                return (PREFIX, name, OTHER, *((OTHER,) if name == "pulls" else labels[1:]))
+            self.cache.add(tally, 0, tag=TAG)
+            self.cache.incr(tally)
+            self.cache.set(marker, 1, tag=TAG)
+        if name == "pulls" and labels[1] != OTHER and key not in self.cache:
+            tally = (PREFIX, _INDEX, "repos", registry)
+            if self.cache.get(tally, 0) >= self.max_repos:
+                return (PREFIX, name, registry, OTHER)
+            self.cache.add(tally, 0, tag=TAG)
+            self.cache.incr(tally)
+        return key
 
     def start(self) -> None:
         """Flush from a daemon thread every flush_interval seconds."""
@@ -216,19 +313,24 @@ class Stats:
 
     # --- reading --------------------------------------------------------------------------------
 
-    def values(self) -> dict[tuple, float]:
-        """Every persisted counter plus what is still buffered here."""
+    def _rows(self) -> dict[tuple, float]:
+        """Every persisted counter (index rows included)."""
         out: dict[tuple, float] = {}
         try:
             rows = self.cache._sql("SELECT key, raw, value FROM Cache WHERE tag = ?", (TAG,)).fetchall()
             for db_key, raw, value in rows:
                 key = self.cache._disk.get(db_key, raw)
-                if isinstance(key, tuple) and key and key[0] == PREFIX and isinstance(value, (int, float)):
+                if isinstance(key, tuple) and len(key) > 1 and key[0] == PREFIX and isinstance(value, (int, float)):
                     out[key] = value
         except AttributeError:  # pragma: no cover - a diskcache without the private API
             for key in self.cache.iterkeys():
-                if isinstance(key, tuple) and key and key[0] == PREFIX:
+                if isinstance(key, tuple) and len(key) > 1 and key[0] == PREFIX:
                     out[key] = self.cache.get(key, 0)
+        return out
+
+    def values(self) -> dict[tuple, float]:
+        """Every persisted counter plus what is still buffered here."""
+        out = {key: value for key, value in self._rows().items() if key[1] != _INDEX}
         with self._lock:
             for key, n in self._pending.items():
                 out[key] = out.get(key, 0) + n
@@ -276,5 +378,6 @@ class Stats:
         """Forget every counter (all processes); returns how many were removed."""
         with self._lock:
             self._pending.clear()
+            self._named = None
         self._known.clear()
         return self.cache.evict(TAG)

@@ -15,10 +15,11 @@ import pytest
 from prometheus_client import generate_latest
 
 from regcachelib import oci
+from regcachelib.access import Access
 from regcachelib.blobserver import BlobServer, Signer, Ticket
 from regcachelib.fill import Fills
 from regcachelib.metrics import Monitor, parse_listen, render_status_page
-from regcachelib.stats import Stats
+from regcachelib.stats import OTHER, PRIVATE, Stats
 from regcachelib.store import Store
 from regcachelib.upstream import Target, Upstream, UpstreamUnavailable
 
@@ -155,8 +156,10 @@ def test_monitor_is_loaded_with_the_addon_and_counts_its_log(tmp_path, monkeypat
             tctx.configure(cache, regcache_metrics="nonsense")
 
 
-def _fake_cache(store):
-    return types.SimpleNamespace(store=store, fills=None, blobserver=None, upstream=None)
+def _fake_cache(store, show_private=False):
+    access = Access(None, store) if store is not None else None
+    return types.SimpleNamespace(store=store, fills=None, blobserver=None, upstream=None, access=access,
+                                 config=types.SimpleNamespace(status_show_private=show_private))
 
 
 def test_endpoint_serves_metrics_status_page_json_and_health(tmp_path):
@@ -165,6 +168,7 @@ def test_endpoint_serves_metrics_status_page_json_and_health(tmp_path):
     store.set_tag("docker.io", "library/small", "1", oci.OCI_MANIFEST, "sha256:" + "1" * 64)
     store.log_miss({"registry": "docker.io", "repo": "library/small", "reference": "1", "kind": "manifest", "size": 900, "outcome": "MISS"})
     monitor = Monitor(_fake_cache(store))
+    monitor.cache.access.remember_public("docker.io", "library/small", True)
     monitor.stats = Stats(store.tags)
     monitor.stats.request("docker.io", "manifest", "MISS", "library/small", "GET", 900)
     for _ in range(3):
@@ -241,3 +245,200 @@ def test_size_limit_gc_runs_above_ninety_percent(tmp_path):
     assert store.get_manifest(new) is not None
     assert monitor.stats.snapshot().evictions > 0
     store.close()
+
+
+# --- what the status page may show of private repositories (issue 9 4b) ----------------------
+
+
+SECRET_DIGEST = "sha256:" + "5" * 64
+
+
+def _private_and_public_traffic(store) -> Monitor:
+    """library/small (known public) and private/secret (not) pulled and missed once each, one
+    download of each in progress."""
+    monitor = Monitor(_fake_cache(store))
+    monitor.cache.access.remember_public("docker.io", "library/small", True)
+    monitor.stats = Stats(store.tags)
+    for repo in ("library/small", "private/secret"):
+        monitor.stats.request("docker.io", "manifest", "MISS", repo, "GET", 900)
+        monitor.stats.request("docker.io", "manifest", "HIT", repo, "GET", 900)
+        digest = SECRET_DIGEST if "secret" in repo else "sha256:" + "6" * 64
+        store.log_miss({"registry": "docker.io", "repo": repo, "reference": "v1-tag", "digest": digest, "kind": "manifest",
+                        "size": 901, "outcome": "MISS"})
+    fills = {}
+    for repo, digest in (("library/small", "sha256:" + "7" * 64), ("private/secret", SECRET_DIGEST)):
+        fills[digest] = types.SimpleNamespace(digest=digest, registry="docker.io", repo=repo, written=10, size=100)
+    monitor.cache.fills = types.SimpleNamespace(inflight=fills)
+    return monitor
+
+
+def _rendered(monitor) -> tuple[dict, str, str]:
+    status = monitor.status()
+    return status, json.dumps(status), monitor.render_html() + generate_latest(monitor.registry).decode()
+
+
+def test_status_names_only_repositories_known_public_decided_when_rendered(tmp_path):
+    store = Store(str(tmp_path / "cache"))
+    monitor = _private_and_public_traffic(store)
+    status, js, page = _rendered(monitor)
+    for text in (js, page):
+        assert "private/secret" not in text and SECRET_DIGEST not in text and SECRET_DIGEST[7:19] not in text
+        assert "library/small" in text
+    stats = status["stats"]
+    assert {"image": "docker.io/library/small", "pulls": 2} in stats["top_images"]
+    assert {"image": f"docker.io/{PRIVATE}", "pulls": 2} in stats["top_images"]  # counted, not named
+    assert stats["private_repositories"] == {"docker.io": 1}
+    assert stats["registries"]["docker.io"]["requests"] == 4
+    hidden = [m for m in status["recent_misses"] if m["repo"] == PRIVATE]
+    assert len(hidden) == 1 and "reference" not in hidden[0] and "size" not in hidden[0]
+    assert [f["digest"] for f in status["fills_in_flight"] if f["repo"] == PRIVATE] == [None]
+    assert f"{PRIVATE}: 1 repositories" in page
+
+    # an upstream that said "private" (False) hides it just the same
+    monitor.cache.access.remember_public("docker.io", "private/secret", False)
+    assert "private/secret" not in _rendered(monitor)[1]
+    # learnt public after the counts were made: named from then on
+    monitor.cache.access.remember_public("docker.io", "private/secret", True)
+    status, js, page = _rendered(monitor)
+    assert "docker.io/private/secret" in js and SECRET_DIGEST in js and "docker.io/private/secret" in page
+    assert status["stats"]["private_repositories"] == {}
+    # and hidden again when it turns private
+    monitor.cache.access.remember_public("docker.io", "private/secret", False)
+    assert "private/secret" not in _rendered(monitor)[1]
+    store.close()
+
+
+def test_status_show_private_names_every_repository(tmp_path):
+    store = Store(str(tmp_path / "cache"))
+    monitor = _private_and_public_traffic(store)
+    monitor.cache.config.status_show_private = True
+    status, js, page = _rendered(monitor)
+    assert {"image": "docker.io/private/secret", "pulls": 2} in status["stats"]["top_images"]
+    assert SECRET_DIGEST in js and "docker.io/private/secret" in page
+    store.close()
+
+
+def test_status_show_private_config_key():
+    from regcachelib.config import ConfigError, parse_config
+
+    assert parse_config("").status_show_private is False
+    assert parse_config("status_show_private: true").status_show_private is True
+    with pytest.raises(ConfigError, match="status_show_private"):
+        parse_config("status_show_private: 1")
+
+
+# --- bounded state keyed by client-chosen names (issue 10 3d) ---------------------------------
+
+
+def _stats_rows(cache) -> int:
+    return cache._sql("SELECT COUNT(*) FROM Cache WHERE tag = ?", ("stats",)).fetchone()[0]
+
+
+def test_junk_repositories_and_registries_keep_rows_and_series_bounded(tmp_path):
+    store = Store(str(tmp_path / "cache"))
+    monitor = Monitor(_fake_cache(store, show_private=True))
+    monitor.stats = stats = Stats(store.tags, max_registries=20, max_repos=50)
+    for i in range(5000):
+        stats.request("docker.io", "manifest", "MISS", f"junk/r{i}", "GET", 10)
+        stats.request("docker.io", "blob", "MISS", f"junk/r{i}", "GET", None)
+        if i % 1000 == 0:
+            stats.flush()
+    for i in range(300):  # a wildcard pattern lets clients name registries too
+        stats.request(f"r{i}.example.com", "manifest", "HIT", "x/y", "GET", 10)
+        stats.upstream_bytes(f"r{i}.example.com", 5)
+    pending = stats.snapshot()  # what is buffered is bounded as well
+    stats.flush()
+    snap = stats.snapshot()
+    assert pending.pulls == snap.pulls
+    hub = [repo for reg, repo in snap.pulls if reg == "docker.io"]
+    assert len(hub) == 51 and snap.pulls[("docker.io", OTHER)] == 5000 - 50  # every pull counted
+    assert len(snap.registries) == 21 and snap.registries[OTHER].hits == 300 - 19
+    assert snap.upstream_bytes == 5000 * 10 + 300 * 5
+    rows = _stats_rows(store.tags)
+    assert rows < 300, rows
+    # a restarted process keeps to the same bounds
+    again = Stats(store.tags, max_registries=20, max_repos=50)
+    for i in range(5000, 5100):
+        again.request("docker.io", "manifest", "MISS", f"junk/r{i}", "GET", 10)
+    again.flush()
+    assert _stats_rows(store.tags) == rows
+    text = generate_latest(monitor.registry).decode()
+    series = [line for line in text.splitlines() if line and not line.startswith("#")]
+    assert len(series) < 150, len(series)
+    assert f'registry="{OTHER}"' in text
+
+    # upstream hosts named by clients: latency and error series bounded too
+    def failing(method, target, path, headers, follow_redirects=True):
+        raise UpstreamUnavailable("no")
+
+    up = types.SimpleNamespace(request=failing)
+    monitor.instrument(up)
+    for i in range(1000):
+        with pytest.raises(UpstreamUnavailable):
+            up.request("GET", Target(f"h{i}.example.com"), "/v2/", [])
+    text = generate_latest(monitor.registry).decode()
+    assert text.count("regcache_upstream_errors_total{") <= 101
+    assert f'regcache_upstream_errors_total{{host="{OTHER}"}} 900.0' in text
+    store.close()
+
+
+def _admit_in_process(directory: str, first: int) -> None:
+    cache = diskcache.Cache(directory)
+    stats = Stats(cache, max_registries=5, max_repos=10)
+    for i in range(first, first + 30):
+        stats.request("docker.io", "manifest", "MISS", f"junk/p{i}", "GET", 1)
+        stats.request(f"r{i}.example.com", "manifest", "MISS", "x/y", "GET", 1)
+        stats.flush()
+    cache.close()
+
+
+def test_bounds_hold_across_processes_on_one_cache(tmp_path):
+    directory = str(tmp_path / "tags")
+    diskcache.Cache(directory).close()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_admit_in_process, args=(directory, 100 * n)) for n in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    snap = Stats(diskcache.Cache(directory)).snapshot()
+    assert len([repo for reg, repo in snap.pulls if reg == "docker.io" and repo != OTHER]) == 10
+    assert len([reg for reg in snap.registries if reg != OTHER]) == 5
+    assert sum(snap.pulls.values()) == 2 * 90
+
+
+# --- no addon method carries a mitmproxy hook's name unless it is that hook ----------------------
+
+
+def test_every_addon_method_named_like_a_hook_takes_that_hooks_arguments():
+    import dataclasses
+    import inspect
+
+    import mitmproxy.tools.dump  # noqa: F401 - imports every module that defines hooks
+    from mitmproxy import hooks
+
+    from regcachelib.addon import RegistryCache
+
+    assert {"request", "response", "error", "load", "configure", "running", "done"} <= set(hooks.all_hooks)
+
+    def walk(addon):
+        yield addon
+        for child in getattr(addon, "addons", []) or []:
+            yield from walk(child)
+
+    checked = []
+    for addon in walk(RegistryCache()):
+        for name in dir(addon):
+            if name.startswith("_") or name not in hooks.all_hooks:
+                continue
+            method = getattr(addon, name)
+            assert callable(method), f"{type(addon).__name__}.{name} is named like a hook but not callable"
+            fields = [f.name for f in dataclasses.fields(hooks.all_hooks[name])]
+            try:
+                inspect.signature(method).bind(*fields)
+            except TypeError as e:
+                pytest.fail(f"{type(addon).__name__}.{name} is called as mitmproxy's {name} hook "
+                            f"with ({', '.join(fields)}): {e}")
+            checked.append(f"{type(addon).__name__}.{name}")
+    assert "Monitor.configure" in checked and "RegistryCache.request" in checked
