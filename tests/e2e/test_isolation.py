@@ -44,16 +44,15 @@ def assert_not_served(c, secret_digest: str, status: int = 404) -> None:
 
 
 @contextmanager
-def upstream_delay(world):
-    """Everything the upstream namespace sends crawls (16 kbit/s: a TLS handshake takes about a
-    second), so identical requests overlap upstream. (No netem in this kernel; tbf is there.)"""
-    dev = f"{world.prefix}-u0"
-    world.run(world.ns_upstream, ["tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", "16kbit", "burst", "1600",
-                                  "latency", "20s"])
+def upstream_stalled(world):
+    """While inside, every upstream HTTPS answer is dropped (TCP retries it later): a request
+    regcache sends upstream stays in flight until some time after the block ends."""
+    rule = ["OUTPUT", "-p", "tcp", "--sport", "443", "-j", "DROP"]
+    world.run(world.ns_upstream, ["iptables", "-I", *rule])
     try:
         yield
     finally:
-        world.run(world.ns_upstream, ["tc", "qdisc", "del", "dev", dev, "root"], check=False)
+        world.run(world.ns_upstream, ["iptables", "-D", *rule], check=False)
 
 
 def test_digest_is_served_only_under_a_repository_that_holds_it(world, regcache_factory, tmp_path):
@@ -109,11 +108,12 @@ def test_shared_upstream_answers_are_checked_for_each_client(world, regcache_fac
 
     def overlapped(name: str, extra=()):
         """testuser's request, and an anonymous one while testuser's is in flight upstream."""
-        with upstream_delay(world):
+        with upstream_stalled(world):
             leader = curl(world, rc, url, tmp_path / f"{name}-user", headers=[user, ACCEPT], extra=extra).start()
-            time.sleep(0.4)
+            time.sleep(0.7)
             anon = curl(world, rc, url, tmp_path / f"{name}-anon", headers=[ACCEPT], extra=extra).start()
-            return leader.wait(), anon.wait()
+            time.sleep(0.7)
+        return leader.wait(), anon.wait()
 
     # A HEAD miss: the tag's digest is for testuser only.
     leader, anon = overlapped("head", ("-I",))
