@@ -630,8 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", metavar="REGISTRY/REPO", help="repository for entries whose ref.name is a bare tag (layouts from other tools)")
     g = s.add_mutually_exclusive_group()
     g.add_argument("--public", action="store_true",
-                   help="vouch that the imported repositories are public (anonymous pull); not for one the bundle calls "
-                        "private, never over what upstream answered; an online cache asks upstream again at the first pull")
+                   help="vouch that the imported repositories are public (anonymous pull); not for one the bundle "
+                        "calls private, never over what upstream answered; an online cache asks upstream again "
+                        "at the first pull")
     g.add_argument("--private", action="store_true", help="record them as private (served only to clients upstream accepts)")
     s.set_defaults(func=cmd_import)
 

@@ -393,7 +393,8 @@ def import_bundle(store: Store, bundle: str, name: str | None = None, mark_publi
             checked_at = tag_checked_at(annotations.get(CHECKED_AT), now)
             media_type = manifests[top][0]
             known = {e.media_type: e for e in store.tag_entries(ref.registry, ref.repo, ref.tag)}.get(media_type)
-            if known is None or known.checked_at <= checked_at:  # a bundle never dates back what upstream confirmed later
+            # a bundle never takes back what upstream confirmed later
+            if known is None or known.checked_at <= checked_at:
                 store.set_tag(ref.registry, ref.repo, ref.tag, media_type, top, now=checked_at)
         repo = f"{ref.registry}/{ref.repo}"
         said = annotations.get(PUBLIC)

@@ -72,7 +72,8 @@ def test_export_then_import_keeps_digests_tags_and_membership(tmp_path, capsys):
     dst.close()
     # the new membership keys do not show up as images or tags
     code, out, _ = run_cli(capsys, "--dir", str(tmp_path / "dst"), "ls", "--json")
-    assert sorted(f"{r['registry']}/{r['repo']}:{r['tag']}" for r in json.loads(out)) == ["docker.io/library/small:1", "quay.io/org/multi:1"]
+    listed = sorted(f"{r['registry']}/{r['repo']}:{r['tag']}" for r in json.loads(out))
+    assert listed == ["docker.io/library/small:1", "quay.io/org/multi:1"]
     code, out, _ = run_cli(capsys, "--dir", str(tmp_path / "dst"), "stats", "--json")
     assert json.loads(out)["store"]["tags"] == 2
 
@@ -165,17 +166,21 @@ def test_import_refuses_a_traversal_digest_in_the_index_and_in_a_manifest(tmp_pa
     evil_layer = add_manifest(bundle, {
         "schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": blobs[0], "size": 1},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": "sha256:../../../hostname", "size": 12}]})
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": "sha256:../../../hostname",
+                    "size": 12}]})
     edit_index(bundle, lambda ms: ms.extend([
         {"mediaType": oci.OCI_MANIFEST, "digest": "sha256:../../../hostname", "size": 12,
          "annotations": {layout.REF_NAME: "docker.io/evil/top:1"}},
-        {"mediaType": oci.OCI_MANIFEST, "digest": evil_layer, "size": 1, "annotations": {layout.REF_NAME: "docker.io/evil/layer:1"}},
+        {"mediaType": oci.OCI_MANIFEST, "digest": evil_layer, "size": 1,
+         "annotations": {layout.REF_NAME: "docker.io/evil/layer:1"}},
     ]))
     opened = []
-    real_open = os.open
-    real_builtin_open = builtins.open
-    monkeypatch.setattr(os, "open", lambda path, *a, **kw: opened.append(os.path.realpath(path)) or real_open(path, *a, **kw))
-    monkeypatch.setattr(builtins, "open", lambda path, *a, **kw: opened.append(os.path.realpath(path)) or real_builtin_open(path, *a, **kw))
+
+    def recording(real):
+        return lambda path, *a, **kw: opened.append(os.path.realpath(path)) or real(path, *a, **kw)
+
+    monkeypatch.setattr(os, "open", recording(os.open))
+    monkeypatch.setattr(builtins, "open", recording(builtins.open))
     code, out, err = run_cli(capsys, "--dir", str(tmp_path / "dst"), "import", str(bundle))
     assert code == 1, out + err
     assert "skipped docker.io/evil/top:1: 'sha256:../../../hostname': not a valid digest" in out
