@@ -248,23 +248,18 @@ def _read_verified(bundle: str, digest: str) -> bytes | None:
 
 
 def _manifest_type(declared: object, body: bytes, digest: str) -> str:
-    """The media type to store (and later serve as Content-Type) a bundle manifest under.
-
-    The descriptor's word is taken only for a manifest media type the document itself does
-    not contradict: a bundle cannot make regcache serve a manifest as text/html.
-    """
+    """The media type to store (and later serve as Content-Type) a bundle manifest under:
+    the descriptor's, else the document's own, and only ever a manifest media type (a bundle
+    cannot make regcache serve something as text/html)."""
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError):
         doc = None
     if not isinstance(doc, dict):
         raise LayoutError(f"{digest}: not a JSON manifest")
-    own = doc.get("mediaType")
     media_type = declared or oci.manifest_media_type(body, None)
     if media_type not in oci.MANIFEST_MEDIA_TYPES:
         raise LayoutError(f"{digest}: {str(media_type)[:100]!r} is not a manifest media type")
-    if own is not None and own != media_type:
-        raise LayoutError(f"{digest}: the descriptor says {media_type}, the manifest says {str(own)[:100]!r}")
     return media_type
 
 
