@@ -378,6 +378,11 @@ def cmd_import(args) -> int:
         say(args, f"  {name}")
     for name, why in report.skipped:
         say(args, f"  skipped {name}: {why}")
+    if report.marked_public:
+        say(args, f"  recorded as public (--public, until upstream says otherwise): {', '.join(report.marked_public)}")
+    if report.said_public:
+        note(args, f"note: the bundle calls {', '.join(report.said_public)} public; not taken on its word. Offline, "
+                   "anonymous clients get them only if you vouch for it: import again with --public")
     return 1 if report.skipped else 0
 
 
@@ -616,12 +621,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_export)
 
     s = add("import", "verify and store the images of an OCI image layout (made by regcache export)",
-            "Every manifest and blob is hashed and checked against its digest before it enters the store; tags and\n"
-            "the repositories' public/private status travel with regcache's own bundles, so an offline cache serves them.")
+            "The bundle is not trusted: every digest is checked before it names a file, every manifest and blob is\n"
+            "hashed against its digest before it enters the store, a tag is dated no later than now (an online cache\n"
+            "revalidates it once tag_ttl is over), and the bundle's word that a repository is public is ignored:\n"
+            "only --public makes an offline cache serve the images to anonymous clients. Each imported image is\n"
+            "recorded as held by its repository, so the proxy serves it from the cache.")
     s.add_argument("bundle", metavar="BUNDLE")
     s.add_argument("--name", metavar="REGISTRY/REPO", help="repository for entries whose ref.name is a bare tag (layouts from other tools)")
     g = s.add_mutually_exclusive_group()
-    g.add_argument("--public", action="store_true", help="record the repositories as public where the bundle does not say")
+    g.add_argument("--public", action="store_true",
+                   help="vouch that the imported repositories are public (anonymous pull); not for one the bundle "
+                        "calls private, never over what upstream answered; an online cache asks upstream again "
+                        "at the first pull")
     g.add_argument("--private", action="store_true", help="record them as private (served only to clients upstream accepts)")
     s.set_defaults(func=cmd_import)
 

@@ -397,6 +397,9 @@ def gc(store: Store, max_size: int, dry_run: bool = False, stats=None, progress=
                     else:
                         store.tags.delete(key)
     result.removed_images = sorted(set(result.removed_images))
+    if not dry_run:
+        # a repository holds only what is stored: the proxy never answers from a digest gc took
+        store.forget_members(set(result.removed_manifests) | set(result.removed_blobs))
     result.after = store_volume(store) if not dry_run else current
     if stats is not None and not dry_run:
         stats.add("evictions", n=len(result.removed_manifests) + len(result.removed_blobs))
@@ -503,6 +506,9 @@ def verify(store: Store, quarantine: bool = True, stats=None, progress=None, onl
             ok = False
         if not ok:
             bad("manifest", digest, f"body hashes to {oci.sha256_digest(body)}", body=body)
+    if quarantine and result.bad:
+        # what left the store is no longer held by any repository; the next pull learns it again
+        store.forget_members({digest for _kind, digest, _reason in result.bad})
     if stats is not None:
         stats.add("verify_failures", n=len(result.bad))
         stats.add("verify_runs")

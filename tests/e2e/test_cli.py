@@ -212,9 +212,23 @@ def test_import_into_an_empty_dir_serves_an_offline_pull(world, populated, regca
     images = ["docker.io/library/small:1", "quay.io/org/s2:1", "docker.io/library/multi:1"]
     cli("--dir", populated.cache_dir, "export", *images, "-o", bundle)
     fresh = tmp_path / "fresh-cache"
-    out = cli("--dir", fresh, "import", bundle)
+    # offline, only the operator can vouch that these repositories are public (the bundle's word is not taken)
+    out = cli("--dir", fresh, "import", bundle, "--public")
     assert "imported 3 image(s)" in out.stdout and "verified and stored" in out.stdout
+    assert "recorded as public" in out.stdout
     assert cli("--dir", fresh, "verify").returncode == 0
+    from regcachelib.inventory import parse_image
+    from regcachelib.store import Store
+
+    store = Store(str(fresh))
+    try:
+        for image in images:  # each repository is known to hold what was imported under it
+            ref, expected = parse_image(image), world.image(image)
+            part = expected.child("linux/amd64") if expected.is_index else expected
+            held = [expected.digest, part.digest, *part.blobs]
+            assert all(store.holds(ref.registry, ref.repo, d) for d in held), image
+    finally:
+        store.close()
     world.stop_upstream()
     try:
         rc = regcache_factory(cache_dir=fresh, modes=(f"regular@{ALT_PORT}",), options={"regcache_offline": "true"}, config=ALT_CONFIG)

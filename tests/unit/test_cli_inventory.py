@@ -188,6 +188,25 @@ def test_gc_keeps_a_child_manifest_an_index_still_references(store):
     assert store.get_manifest(child) is not None and all(store.has_blob(b) for b in child_blobs)
 
 
+def test_gc_forgets_the_membership_of_what_it_removed_and_only_that(store):
+    base = random_bytes(100_000, 14)
+    old, old_blobs = put_image(store, "docker.io", "library/old", "1", [base, random_bytes(100_000, 15)])
+    new, new_blobs = put_image(store, "docker.io", "library/new", "1", [base, random_bytes(100_000, 16)])
+    for repo, digest in (("library/old", old), ("library/new", new)):
+        store.learn_manifest("docker.io", repo, digest, store.get_manifest(digest).body)
+    time.sleep(0.02)
+    touch(store, new)
+    dry = inventory.gc(store, inventory.store_volume(store) - 50_000, dry_run=True)
+    assert dry.removed_manifests == [old] and store.holds("docker.io", "library/old", old)  # a dry run forgets nothing
+    result = inventory.gc(store, inventory.store_volume(store) - 50_000)
+    assert result.removed_manifests == [old]
+    # what left the store is no longer held anywhere; the shared base layer (still stored) still is
+    assert not store.holds("docker.io", "library/old", old)
+    assert not any(store.holds("docker.io", "library/old", b) for b in result.removed_blobs)
+    assert store.holds("docker.io", "library/old", new_blobs[1])
+    assert all(store.holds("docker.io", "library/new", d) for d in [new, *new_blobs])
+
+
 # --- verify -----------------------------------------------------------------------------------------------
 
 
@@ -214,6 +233,19 @@ def test_verify_quarantines_a_flipped_byte_and_a_bad_manifest(store):
     assert stats.snapshot().verify_failures == 2
     again = inventory.verify(store)
     assert again.bad == [] and again.checked_blobs == 1
+
+
+def test_verify_forgets_the_membership_of_what_it_quarantined(store):
+    digest, blobs = put_image(store, "quay.io", "org/a", "1", [random_bytes(90_000, 17)])
+    store.learn_manifest("quay.io", "org/a", digest, store.get_manifest(digest).body)
+    store.add_members("quay.io", "org/b", [blobs[1]])  # the same layer, learnt under another repository
+    with open(inventory.Inventory(store).blob_path(blobs[1]), "r+b") as f:
+        f.write(b"X")
+    report_only = inventory.verify(store, quarantine=False)
+    assert [d for _k, d, _r in report_only.bad] == [blobs[1]] and store.holds("quay.io", "org/a", blobs[1])
+    inventory.verify(store)
+    assert not store.holds("quay.io", "org/a", blobs[1]) and not store.holds("quay.io", "org/b", blobs[1])
+    assert store.holds("quay.io", "org/a", digest) and store.holds("quay.io", "org/a", blobs[0])
 
 
 # --- the CLI on top -------------------------------------------------------------------------------------------

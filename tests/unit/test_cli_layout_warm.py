@@ -3,10 +3,12 @@ token auth and CDN redirects) against synthetic images and a local token-auth re
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import ssl
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -24,7 +26,7 @@ from .test_cli_inventory import put_image, put_index, run_cli
 # --- export / import --------------------------------------------------------------------------
 
 
-def test_export_then_import_keeps_digests_tags_and_publicness(tmp_path, capsys):
+def test_export_then_import_keeps_digests_tags_and_membership(tmp_path, capsys):
     src = Store(str(tmp_path / "src"))
     small, small_blobs = put_image(src, "docker.io", "library/small", "1", [random_bytes(90_000, 1), random_bytes(5_000, 2)])
     arm, arm_blobs = put_image(src, "quay.io", "org/multi", None, [random_bytes(70_000, 3)])
@@ -56,10 +58,24 @@ def test_export_then_import_keeps_digests_tags_and_publicness(tmp_path, capsys):
     assert all(dst.has_blob(b) for b in small_blobs + arm_blobs)
     entry = dst.tag_entries("docker.io", "library/small", "1")[0]
     assert (entry.digest, entry.checked_at) == (small, checked)
-    assert dst.tags.get(("public", "docker.io", "library/small"))[0] is True
-    assert dst.tags.get(("public", "quay.io", "org/multi")) is None  # unknown at the source: not invented
+    # the bundle's word that small is public is not taken (only --public says so), and said so
+    assert dst.tags.get(("public", "docker.io", "library/small")) is None
+    assert "docker.io/library/small public; not taken on its word" in err
+    assert dst.tags.get(("public", "quay.io", "org/multi")) is None
+    # each repository is known to hold what was imported under it: servable by the proxy
+    members = set(dst.iter_members())
+    assert {("docker.io", "library/small", d) for d in [small, *small_blobs]} <= members
+    # the index, its exported child, that child's blobs, and the amd64 child the index names (not exported)
+    assert {("quay.io", "org/multi", d) for d in [idx, arm, *arm_blobs, "sha256:" + "e" * 64]} <= members
+    assert not any(r == "org/multi" and d in small_blobs for _reg, r, d in members)
     assert inventory.verify(dst).bad == []
     dst.close()
+    # the new membership keys do not show up as images or tags
+    code, out, _ = run_cli(capsys, "--dir", str(tmp_path / "dst"), "ls", "--json")
+    listed = sorted(f"{r['registry']}/{r['repo']}:{r['tag']}" for r in json.loads(out))
+    assert listed == ["docker.io/library/small:1", "quay.io/org/multi:1"]
+    code, out, _ = run_cli(capsys, "--dir", str(tmp_path / "dst"), "stats", "--json")
+    assert json.loads(out)["store"]["tags"] == 2
 
 
 def test_import_refuses_a_tampered_blob_and_keeps_nothing_of_that_image(tmp_path, capsys):
@@ -105,10 +121,168 @@ def test_import_of_a_foreign_layout_with_bare_tags_needs_a_name(tmp_path, capsys
     assert code == 1 and "give --name" in out
     code, out, _ = run_cli(capsys, "--dir", str(tmp_path / "d"), "import", str(bundle), "--name", "ghcr.io/me/a", "--public")
     assert code == 0 and "ghcr.io/me/a:v1" in out
+    assert "recorded as public (--public, until upstream says otherwise): ghcr.io/me/a" in out
     d = Store(str(tmp_path / "d"))
     assert d.tag_entries("ghcr.io", "me/a", "v1")[0].digest == digest
-    assert d.tags.get(("public", "ghcr.io", "me/a"))[0] is True
+    assert d.tag_entries("ghcr.io", "me/a", "v1")[0].checked_at == 0.0  # the bundle does not say: unknown
+    # recorded undated: an online cache asks upstream at once, and its answer replaces this
+    assert d.tags.get(("public", "ghcr.io", "me/a")) == (True, 0.0)
+    assert d.holds("ghcr.io", "me/a", digest)
     d.close()
+
+
+# --- import of hostile bundles ------------------------------------------------------------------------
+
+
+def exported_bundle(tmp_path, capsys, image="docker.io/private/secret:1", public=None) -> tuple:
+    """A bundle of one image exported by regcache; returns (bundle, manifest digest, blob digests)."""
+    ref = inventory.parse_image(image)
+    src = Store(str(tmp_path / "src"))
+    digest, blobs = put_image(src, ref.registry, ref.repo, ref.tag, [random_bytes(20_000, 30)])
+    if public is not None:
+        src.tags.set(("public", ref.registry, ref.repo), (public, 1.0))
+    src.close()
+    bundle = tmp_path / "bundle"
+    assert run_cli(capsys, "--dir", str(tmp_path / "src"), "export", image, "-o", str(bundle))[0] == 0
+    return bundle, digest, blobs
+
+
+def edit_index(bundle, change) -> None:
+    index = json.loads((bundle / "index.json").read_text())
+    change(index["manifests"])
+    (bundle / "index.json").write_text(json.dumps(index))
+
+
+def add_manifest(bundle, doc: dict) -> str:
+    body = json.dumps(doc).encode()
+    digest = sha256(body)
+    (bundle / "blobs" / "sha256" / digest.split(":")[1]).write_bytes(body)
+    return digest
+
+
+def test_import_refuses_a_traversal_digest_in_the_index_and_in_a_manifest(tmp_path, capsys, monkeypatch):
+    bundle, digest, blobs = exported_bundle(tmp_path, capsys)
+    (tmp_path / "hostname").write_bytes(b"secret host\n")  # where the traversal would lead
+    evil_layer = add_manifest(bundle, {
+        "schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": blobs[0], "size": 1},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": "sha256:../../../hostname",
+                    "size": 12}]})
+    edit_index(bundle, lambda ms: ms.extend([
+        {"mediaType": oci.OCI_MANIFEST, "digest": "sha256:../../../hostname", "size": 12,
+         "annotations": {layout.REF_NAME: "docker.io/evil/top:1"}},
+        {"mediaType": oci.OCI_MANIFEST, "digest": evil_layer, "size": 1,
+         "annotations": {layout.REF_NAME: "docker.io/evil/layer:1"}},
+    ]))
+    opened = []
+
+    def recording(real):
+        return lambda path, *a, **kw: opened.append(os.path.realpath(path)) or real(path, *a, **kw)
+
+    monkeypatch.setattr(os, "open", recording(os.open))
+    monkeypatch.setattr(builtins, "open", recording(builtins.open))
+    code, out, err = run_cli(capsys, "--dir", str(tmp_path / "dst"), "import", str(bundle))
+    assert code == 1, out + err
+    assert "skipped docker.io/evil/top:1: 'sha256:../../../hostname': not a valid digest" in out
+    assert "skipped docker.io/evil/layer:1: 'sha256:../../../hostname': not a valid digest" in out
+    assert "docker.io/private/secret:1" in out.split("skipped")[0]  # the sound image of the bundle is imported
+    assert str(tmp_path / "hostname") not in opened
+    dst = Store(str(tmp_path / "dst"))
+    assert dst.tag_entries("docker.io", "evil/top", "1") == [] and dst.tag_entries("docker.io", "evil/layer", "1") == []
+    assert dst.get_manifest(evil_layer) is None
+    assert not any(r.startswith("evil/") for _reg, r, _d in dst.iter_members())
+    dst.close()
+    with pytest.raises(layout.LayoutError, match="not a valid digest"):
+        layout.blob_path(str(bundle), "sha256:../../etc/hostname")
+
+
+def test_import_refuses_a_blob_that_links_out_of_the_bundle(tmp_path, capsys):
+    bundle, digest, blobs = exported_bundle(tmp_path, capsys)
+    layer_file = bundle / "blobs" / "sha256" / blobs[1].split(":")[1]
+    outside = tmp_path / "outside-layer"
+    outside.write_bytes(layer_file.read_bytes())  # a local file whose digest the bundle's author knows
+    layer_file.unlink()
+    layer_file.symlink_to(outside)
+    code, out, _ = run_cli(capsys, "--dir", str(tmp_path / "dst"), "import", str(bundle))
+    assert code == 1 and "points outside the bundle" in out
+    dst = Store(str(tmp_path / "dst"))
+    assert not dst.has_blob(blobs[1]) and dst.tag_entries("docker.io", "private/secret", "1") == []
+    dst.close()
+
+
+def test_import_refuses_a_manifest_served_as_something_else(tmp_path, capsys):
+    bundle, digest, _blobs = exported_bundle(tmp_path, capsys)
+    edit_index(bundle, lambda ms: ms[0].update(mediaType="text/html"))
+    code, out, _ = run_cli(capsys, "--dir", str(tmp_path / "dst"), "import", str(bundle))
+    assert code == 1 and "'text/html' is not a manifest media type" in out
+    edit_index(bundle, lambda ms: ms[0].update(mediaType={"not": "a string"}))
+    code, out, _ = run_cli(capsys, "--dir", str(tmp_path / "dst"), "import", str(bundle))
+    assert code == 1 and "is not a manifest media type" in out
+    dst = Store(str(tmp_path / "dst"))
+    assert dst.get_manifest(digest) is None
+    dst.close()
+
+
+@pytest.mark.parametrize("annotation", ["1e18", "inf", "nan", "-5", "soon", None])
+def test_import_never_dates_a_tag_after_now(tmp_path, capsys, annotation):
+    bundle, digest, _blobs = exported_bundle(tmp_path, capsys)
+
+    def stamp(ms):
+        ms[0]["annotations"].pop(layout.CHECKED_AT, None)
+        if annotation is not None:
+            ms[0]["annotations"][layout.CHECKED_AT] = annotation
+
+    edit_index(bundle, stamp)
+    before = time.time()
+    assert run_cli(capsys, "--dir", str(tmp_path / "dst"), "import", str(bundle))[0] == 0
+    dst = Store(str(tmp_path / "dst"))
+    entry = dst.tag_entries("docker.io", "private/secret", "1")[0]
+    dst.close()
+    assert entry.digest == digest
+    if annotation == "1e18":
+        assert before <= entry.checked_at <= time.time()  # clamped to the moment of the import
+    else:
+        assert entry.checked_at == 0.0  # unknown: as old as can be, revalidated at the first online pull
+
+
+def test_import_keeps_a_tag_the_cache_confirmed_more_recently(tmp_path, capsys):
+    bundle, digest, _blobs = exported_bundle(tmp_path, capsys)
+    edit_index(bundle, lambda ms: ms[0]["annotations"].update({layout.CHECKED_AT: "1000"}))
+    dst = Store(str(tmp_path / "dst"))
+    newer = "sha256:" + "a" * 64
+    dst.set_tag("docker.io", "private/secret", "1", oci.OCI_MANIFEST, newer, now=2000.0)
+    dst.close()
+    assert run_cli(capsys, "--dir", str(tmp_path / "dst"), "import", str(bundle))[0] == 0
+    dst = Store(str(tmp_path / "dst"))
+    assert [(e.digest, e.checked_at) for e in dst.tag_entries("docker.io", "private/secret", "1")] == [(newer, 2000.0)]
+    assert dst.get_manifest(digest) is not None and dst.holds("docker.io", "private/secret", digest)
+    dst.close()
+
+
+def test_a_bundle_never_makes_a_repository_public_by_itself(tmp_path, capsys):
+    bundle, _digest, _blobs = exported_bundle(tmp_path, capsys)
+    edit_index(bundle, lambda ms: ms[0]["annotations"].update({layout.PUBLIC: "true"}))
+    code, out, err = run_cli(capsys, "--dir", str(tmp_path / "dst"), "import", str(bundle))
+    assert code == 0 and "the bundle calls docker.io/private/secret public; not taken on its word" in err
+    dst = Store(str(tmp_path / "dst"))
+    assert dst.tags.get(("public", "docker.io", "private/secret")) is None
+    # the operator's --public never overrides what upstream answered
+    dst.tags.set(("public", "docker.io", "private/secret"), (False, time.time()))
+    dst.close()
+    code, out, _ = run_cli(capsys, "--dir", str(tmp_path / "dst"), "import", str(bundle), "--public")
+    assert code == 0 and "recorded as public" not in out
+    dst = Store(str(tmp_path / "dst"))
+    assert dst.tags.get(("public", "docker.io", "private/secret"))[0] is False
+    dst.close()
+
+
+def test_public_flag_skips_a_repository_the_bundle_calls_private(tmp_path, capsys):
+    bundle, _digest, _blobs = exported_bundle(tmp_path, capsys, public=False)
+    code, out, _ = run_cli(capsys, "--dir", str(tmp_path / "dst"), "import", str(bundle), "--public")
+    assert code == 0 and "recorded as public" not in out
+    dst = Store(str(tmp_path / "dst"))
+    assert dst.tags.get(("public", "docker.io", "private/secret"))[0] is False
+    dst.close()
 
 
 # --- warm -------------------------------------------------------------------------------------------
