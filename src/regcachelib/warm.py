@@ -245,6 +245,8 @@ class Warmer:
         if self.store is None or self.mirror is not None:
             return  # the running cache keeps what passes through it
         self.store.put_manifest(digest, media_type, body)
+        # fetched under this repository: it holds the manifest and what it references
+        self.store.learn_manifest(ref.registry, ref.repo, digest, body)
         if tag:
             self.store.set_tag(ref.registry, ref.repo, tag, media_type, digest)
         if self.credentials is None:
