@@ -51,7 +51,9 @@ class AllowedDestination:
     port: int | None = None
 
     def allows_name(self, host: str, port: int) -> bool:
-        return self.host is not None and self.port in (None, port) and fnmatch.fnmatchcase(host.lower().rstrip("."), self.host)
+        if self.host is None or self.port not in (None, port):
+            return False
+        return fnmatch.fnmatchcase(host.lower().rstrip("."), self.host)
 
     def allows_address(self, address, port: int) -> bool:
         return self.network is not None and self.port in (None, port) and address in self.network
@@ -210,7 +212,7 @@ def _allowed_destination(entry) -> AllowedDestination:
 
 def _allowed_destinations(value) -> list[AllowedDestination]:
     if not isinstance(value, list):
-        raise ValueError("expected a list of addresses, networks (CIDR) or host names, e.g. [127.0.0.1:5000, registry.corp]")
+        raise ValueError("expected a list of addresses, networks (CIDR) or host names, e.g. [127.0.0.1:5000, reg.corp]")
     return [_allowed_destination(v) for v in value]
 
 

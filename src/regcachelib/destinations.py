@@ -210,12 +210,13 @@ class DestinationPolicy:
                     flow.request.method, _hostport(host, port), _peer(flow.client_conn), reason)
 
     def _exempt(self, client, address: tuple[str, int]) -> bool:
+        address = tuple(address)
         blobserver = self.cache.blobserver
-        if blobserver is not None and blobserver.inband_port and tuple(address) == ("127.0.0.1", blobserver.inband_port):
+        if blobserver is not None and blobserver.inband_port and address == ("127.0.0.1", blobserver.inband_port):
             return True  # regcache's own in-band blob server, where it routes blob requests
         mode = client.proxy_mode
         # The target a mirror or upstream-proxy listener was started with: the operator's choice.
-        return isinstance(mode, (mode_specs.ReverseMode, mode_specs.UpstreamMode)) and tuple(address) == tuple(mode.address)
+        return isinstance(mode, (mode_specs.ReverseMode, mode_specs.UpstreamMode)) and address == tuple(mode.address)
 
     def _allowed_name(self, host: str, port: int) -> bool:
         return any(rule.allows_name(host, port) for rule in self.cache.config.proxy_allow)

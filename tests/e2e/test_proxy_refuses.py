@@ -53,10 +53,11 @@ def router_service(world, tmp_path):
     root = tmp_path / "router-service"
     root.mkdir()
     (root / "secret.txt").write_text(SECRET + "\n")
-    proc = world.popen(world.ns_router, [sys.executable, "-m", "http.server", "--bind", "0.0.0.0", "--directory", root, SERVICE_PORT],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = [sys.executable, "-m", "http.server", "--bind", "0.0.0.0", "--directory", root, SERVICE_PORT]
+    proc = world.popen(world.ns_router, argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 15
-    while "secret" not in world.run(world.ns_router, ["curl", "-s", f"http://127.0.0.1:{SERVICE_PORT}/secret.txt"], check=False).stdout:
+    probe = ["curl", "-s", f"http://127.0.0.1:{SERVICE_PORT}/secret.txt"]
+    while SECRET not in world.run(world.ns_router, probe, check=False).stdout:
         assert time.monotonic() < deadline and proc.poll() is None, "router service did not start"
         time.sleep(0.1)
     yield
@@ -99,18 +100,21 @@ def test_proxy_refuses_loopback_and_names_for_it_while_pulls_work(world, regcach
 def test_proxy_refuses_the_routers_own_addresses(world, regcache_factory, router_service):
     regcache_factory()
     for address in (world.router_client_ip, world.router_upstream_ip, "127.0.0.1"):
-        assert_refused(proxied(world, f"http://{address}:{SERVICE_PORT}/secret.txt"), f"plain HTTP to {address}")
-        assert_refused(proxied(world, f"http://{address}:{SERVICE_PORT}/secret.txt", "--proxytunnel"), f"CONNECT to {address}")
+        url = f"http://{address}:{SERVICE_PORT}/secret.txt"
+        assert_refused(proxied(world, url), f"plain HTTP to {address}")
+        assert_refused(proxied(world, url, "--proxytunnel"), f"CONNECT to {address}")
     # an address of the world that is not the router's is proxied as before
     ok = proxied(world, f"https://{world.upstream_ips[world.cdn_host]}/", "-k", "-o", "/dev/null")
     assert ok.returncode == 0 and ok.stdout.strip() not in ("403", "000"), ok.stdout + ok.stderr
 
 
 def test_proxy_allow_opens_exactly_what_it_names(world, regcache_factory, router_service):
-    regcache_factory(options={"regcache_metrics": f"127.0.0.1:{STATUS_PORT}"}, config=f"proxy_allow: ['127.0.0.1:{STATUS_PORT}']\n")
+    regcache_factory(options={"regcache_metrics": f"127.0.0.1:{STATUS_PORT}"},
+                     config=f"proxy_allow: ['127.0.0.1:{STATUS_PORT}']\n")
     page = proxied(world, f"http://127.0.0.1:{STATUS_PORT}/status.json")
     assert page.returncode == 0 and page.stdout.endswith("\n200"), page.stdout[-300:] + page.stderr
     assert "recent_misses" in page.stdout
     # another port on loopback, and the router's own address, stay refused
     assert_refused(proxied(world, f"http://127.0.0.1:{SERVICE_PORT}/secret.txt"), "another loopback port")
-    assert_refused(proxied(world, f"http://{world.router_upstream_ip}:{SERVICE_PORT}/secret.txt"), "the router's address")
+    own = f"http://{world.router_upstream_ip}:{SERVICE_PORT}/secret.txt"
+    assert_refused(proxied(world, own), "the router's address")
