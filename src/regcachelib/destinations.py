@@ -188,7 +188,9 @@ class DestinationPolicy:
         if flow.response is not None or isinstance(flow.client_conn.proxy_mode, mode_specs.ReverseMode):
             return  # a mirror's destination is its configured target, not the client's choice
         host, port = flow.request.host, flow.request.port
-        if self._exempt(flow.client_conn, (host, port)) or self._allowed_name(host, port):
+        # No exemption for the in-band blob server here: only regcache's own routing (after
+        # this hook) may send a flow there, never a client by asking for 127.0.0.1:<port>.
+        if self._allowed_name(host, port):
             return
         if _literal(host) is None and not self._lookup_needed(host):
             return

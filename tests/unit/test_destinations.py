@@ -291,6 +291,8 @@ def test_server_connect_allows_the_inband_blob_server_and_a_mirrors_target(tmp_p
         async with running(tmp_path) as (rc, tctx):
             inband = rc.blobserver.inband_port
             assert (await server_connect(rc, tctx, "127.0.0.1", inband)).server.error is None
+            # a client cannot ask for it itself: only regcache's routing sends flows there
+            refusal(await request_headers(rc, tctx, proxy_flow("127.0.0.1", inband, "/anything")))
             assert (await server_connect(rc, tctx, "127.0.0.1", inband + 1 if inband < 65535 else 1)).server.error
             mirror = await server_connect(rc, tctx, "127.0.0.1", 5000, mode="reverse:http://127.0.0.1:5000")
             assert mirror.server.error is None
