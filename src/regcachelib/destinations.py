@@ -19,7 +19,8 @@ name that resolves elsewhere a moment later (DNS rebinding) cannot slip through.
 covers every road: plain HTTP, CONNECT tunnels, TLS passed through untouched, websockets,
 transparent mode. Client requests are also checked up front (`http_connect`,
 `requestheaders`) so the client gets a 403 that says why, and so regcache's own upstream
-client never acts on a refused destination either.
+client does not act on a request for a refused address either (names of the configured
+registries are left to server_connect: see _lookup_needed).
 
 Allowed without asking: regcache's own in-band blob server (127.0.0.1:<port>, where
 RegistryCache routes blob requests), and the target a reverse (mirror) or upstream-proxy
@@ -54,8 +55,7 @@ _UNSPECIFIED_V4 = ipaddress.ip_network("0.0.0.0/8")
 
 def classify(address: IPAddress, local: set[IPAddress] | frozenset[IPAddress]) -> str | None:
     """Why the proxy must not connect to this address by default, or None."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    address = _unmapped(address)
     if address.is_loopback:
         return "a loopback address"
     if address.is_link_local:
@@ -228,7 +228,7 @@ class DestinationPolicy:
         with any refused address is refused: which of them a connection ends up on is not
         ours to predict."""
         local = self._local_addresses()
-        for address in addresses:
+        for address in map(_unmapped, addresses):
             reason = classify(address, local)
             if reason and not any(rule.allows_address(address, port) for rule in self.cache.config.proxy_allow):
                 named = "" if str(address) == host else f"{_hostport(host, port)}, "
@@ -262,6 +262,12 @@ class DestinationPolicy:
         if not addresses:
             raise OSError(f"no address for {host}")
         return addresses
+
+
+def _unmapped(address: IPAddress) -> IPAddress:
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    return address
 
 
 def _literal(host: str) -> IPAddress | None:

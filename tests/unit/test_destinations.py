@@ -52,10 +52,6 @@ async def running(tmp_path, config: str = "fastpath: false\n"):
             await rc.done()
 
 
-def policy_of(rc: RegistryCache) -> DestinationPolicy:
-    return next(a for a in rc.addons if isinstance(a, DestinationPolicy))
-
-
 def proxy_flow(host: str, port: int, path: str = "/status.json", method: str = "GET", mode: str = "regular",
                scheme: str = "http"):
     req = tutils.treq(host=host, port=port, scheme=scheme.encode(), method=method.encode(), path=path.encode(),
