@@ -22,6 +22,7 @@ from . import oci
 from .access import Access, Question
 from .blobserver import FASTPATH_PREFIX, BlobServer, Signer, Ticket
 from .config import Config, ConfigError, load_config
+from .destinations import DestinationPolicy
 from .fill import MAX_ERROR_BODY, Fills
 from .metrics import Monitor
 from .store import Manifest, Store
@@ -95,7 +96,7 @@ class RegistryCache:
         self.ping_cache: dict[Target, tuple[float, int, list, bytes]] = {}
         # statistics, /metrics and the status page (a child addon: mitmproxy loads it too)
         self.monitor = Monitor(self)
-        self.addons = [self.monitor]
+        self.addons = [self.monitor, DestinationPolicy(self)]  # DestinationPolicy: no proxying into this host
 
     # --- options ----------------------------------------------------------------------
 

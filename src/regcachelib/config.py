@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import math
 import re
 from dataclasses import dataclass, field
@@ -41,6 +42,23 @@ class ConfigError(ValueError):
     pass
 
 
+@dataclass(frozen=True)
+class AllowedDestination:
+    """One proxy_allow entry: a network (by address) or a host name pattern, on one port or all."""
+
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    host: str | None = None  # lower-case; fnmatch pattern such as *.corp.example
+    port: int | None = None
+
+    def allows_name(self, host: str, port: int) -> bool:
+        if self.host is None or self.port not in (None, port):
+            return False
+        return fnmatch.fnmatchcase(host.lower().rstrip("."), self.host)
+
+    def allows_address(self, address, port: int) -> bool:
+        return self.network is not None and self.port in (None, port) and address in self.network
+
+
 @dataclass
 class Config:
     size_limit: int = 50 * 1024**3
@@ -63,6 +81,8 @@ class Config:
     # registries whose own endpoint is plain HTTP; every other registry is cached only from HTTPS :443
     plain_http_registries: list[str] = field(default_factory=list)
     status_show_private: bool = False  # name repositories not known to be public on the status page
+    # destinations the proxy may reach although they are the cache host's own or loopback/link-local
+    proxy_allow: list[AllowedDestination] = field(default_factory=list)
 
     def is_registry_host(self, host: str) -> bool:
         if self.intercept_all:
@@ -164,6 +184,45 @@ def _opt_str(value) -> str | None:
     return value
 
 
+_HOST_PATTERN = re.compile(r"^(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*$")
+
+
+def _allowed_destination(entry) -> AllowedDestination:
+    """'10.1.0.0/16', '127.0.0.1:5000', '[::1]:5000', '::1', 'registry.corp', '*.corp:5000'."""
+    if not isinstance(entry, str) or not entry.strip():
+        raise ValueError(f"expected an address, network (CIDR) or host name, optionally with :port, got {entry!r}")
+    text = entry.strip().lower()
+    port = None
+    if text.startswith("["):
+        inner, _, rest = text[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{entry!r}: expected [address]:port")
+        text, port_text = inner, rest[1:] if rest else None
+    elif text.count(":") == 1:  # host:port; two or more colons are an IPv6 address without port
+        text, port_text = text.split(":")
+    else:
+        port_text = None
+    if port_text is not None:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"{entry!r}: expected a port number 1-65535")
+        port = int(port_text)
+    try:
+        return AllowedDestination(network=ipaddress.ip_network(text), port=port)
+    except ValueError as e:
+        # a CIDR, an IPv6 form or a dotted name ending in a number was meant as an address
+        if "/" in text or ":" in text or text.rstrip(".").rsplit(".", 1)[-1].isdigit():
+            raise ValueError(f"{entry!r}: {e}") from None
+    if not _HOST_PATTERN.match(text.rstrip(".")):
+        raise ValueError(f"{entry!r}: not an address, network (CIDR) or host name")
+    return AllowedDestination(host=text.rstrip("."), port=port)
+
+
+def _allowed_destinations(value) -> list[AllowedDestination]:
+    if not isinstance(value, list):
+        raise ValueError("expected a list of addresses, networks (CIDR) or host names, e.g. [127.0.0.1:5000, reg.corp]")
+    return [_allowed_destination(v) for v in value]
+
+
 # key -> (attribute, converter)
 _KEYS = {
     "size_limit": ("size_limit", parse_size),
@@ -184,6 +243,7 @@ _KEYS = {
     "trust_clients_offline": ("trust_clients_offline", _bool),
     "plain_http_registries": ("plain_http_registries", _hosts),
     "status_show_private": ("status_show_private", _bool),
+    "proxy_allow": ("proxy_allow", _allowed_destinations),
 }
 
 
