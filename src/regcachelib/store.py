@@ -51,7 +51,7 @@ class RenamingDisk(diskcache.Disk):
     def store(self, value, read, key=diskcache.core.UNKNOWN):
         if read and isinstance(value, StagedFile):
             filename, full_path = self.filename(key, value)
-            os.makedirs(os.path.dirname(full_path), exist_ok=True)
+            os.makedirs(os.path.dirname(full_path), mode=0o700, exist_ok=True)
             os.rename(value.path, full_path)
             return value.size, diskcache.core.MODE_BINARY, filename, None
         return super().store(value, read, key)

@@ -153,6 +153,31 @@ def test_a_404_never_makes_a_repository_private(world, regcache_factory, tmp_pat
         world.start_upstream()
 
 
+def test_cache_dir_is_readable_by_its_owner_only(world, regcache_factory, tmp_path):
+    """Whatever the umask: the cache dir holds private images and names of private repositories."""
+    import os
+    import stat
+
+    cache = tmp_path / "cache"
+    old = os.umask(0o022)  # mitmdump inherits it
+    try:
+        rc = regcache_factory(cache_dir=cache)
+    finally:
+        os.umask(old)
+    env = proxy_env(world, rc)
+    assert skopeo_copy(world, PRIVATE, tmp_path / "user", env, CREDS).returncode == 0
+    assert skopeo_copy(world, PUBLIC, tmp_path / "public", env).returncode == 0
+    rc.stop()
+    assert (cache / "misses.jsonl").exists()
+    loose = []
+    for root, dirs, files in os.walk(cache):
+        for name in [*dirs, *files, "."]:
+            mode = os.lstat(os.path.join(root, name)).st_mode
+            if stat.S_IMODE(mode) & 0o077:
+                loose.append((os.path.join(root, name), oct(stat.S_IMODE(mode))))
+    assert not loose, loose
+
+
 FAKE_REGISTRY = r"""
 import http.server, sys
 class H(http.server.BaseHTTPRequestHandler):
