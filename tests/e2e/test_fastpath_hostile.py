@@ -144,5 +144,6 @@ def test_half_sent_requests_on_the_fast_path_do_not_stop_the_cache(world, tmp_pa
             flood.wait()
         rc.stop()
     log = rc.log_text()
+    assert "connections open (the cap)" in log  # the cap (a quarter of 1024 fds) is what kept fds free
     assert len(log.encode()) < 300 * 1024, f"{len(log.encode())} bytes of log: {log[:2000]}"
     assert "Traceback" not in log, log[log.index("Traceback") - 500:][:3000]
