@@ -221,6 +221,7 @@ class BlobServer:
         # open fast-path connections, the one waiting for a request the longest first
         self.fast_connections: dict[asyncio.StreamWriter, _FastConnection] = {}
         self.throttle = LogThrottle()
+        self._loop_handlers = None  # (loop, the exception handler before ours, ours)
 
     async def start(self, fastpath_host: str | None, fastpath_port: int | None) -> None:
         inband = await asyncio.start_server(self._handle, "127.0.0.1", 0, limit=MAX_REQUEST_HEAD)
@@ -249,14 +250,14 @@ class BlobServer:
                 loop.default_exception_handler(context)
 
         loop.set_exception_handler(handler)
-        self._previous_loop_handler = (loop, previous, handler)
+        self._loop_handlers = (loop, previous, handler)
 
     async def stop(self) -> None:
-        if hasattr(self, "_previous_loop_handler"):
-            loop, previous, handler = self._previous_loop_handler
+        if self._loop_handlers is not None:
+            loop, previous, handler = self._loop_handlers
             if loop.get_exception_handler() is handler:
                 loop.set_exception_handler(previous)
-            del self._previous_loop_handler
+            self._loop_handlers = None
         for server in self.servers:
             server.close()
         for server in self.servers:

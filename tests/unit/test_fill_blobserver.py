@@ -389,6 +389,27 @@ def test_connection_cap_closes_newcomers_when_every_slot_is_busy(fastpath):
     run(main())
 
 
+def test_accept_failing_for_want_of_descriptors_is_logged_once_per_interval(fastpath, caplog):
+    others = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda loop, context: others.append(context["message"]))
+        async with fastpath():
+            for _ in range(50):  # what asyncio reports once a second per listener while fds are out
+                loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                             "exception": OSError(24, "Too many open files")})
+            loop.call_exception_handler({"message": "something else"})
+        # stopping the server gives the loop its handler back
+        loop.call_exception_handler({"message": "after stop"})
+
+    with caplog.at_level("INFO", logger="regcachelib.blobserver"):
+        run(main())
+    lines = [r for r in caplog.records if "accepting connections failed" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None
+    assert others == ["something else", "after stop"]
+
+
 # --- what must never happen: a wrong or short blob delivered whole, or stored --------------------
 
 
