@@ -164,7 +164,9 @@ class _BadRequest(Exception):
     pass
 
 
-async def _read_request(reader: asyncio.StreamReader, first_byte_by: float, head_by: float | None) -> tuple[str, str, dict[str, str]] | None:
+async def _read_request(
+    reader: asyncio.StreamReader, first_byte_by: float, head_by: float | None
+) -> tuple[str, str, dict[str, str]] | None:
     """The next request's head; None when the client closed the connection between requests.
 
     Deadlines are event-loop times: the first byte must come by first_byte_by, the whole head by
@@ -228,7 +230,9 @@ class BlobServer:
         self.servers.append(inband)
         self.inband_port = inband.sockets[0].getsockname()[1]
         if fastpath_port is not None:
-            fast = await asyncio.start_server(self._handle_fastpath, fastpath_host or None, fastpath_port, limit=MAX_REQUEST_HEAD)
+            fast = await asyncio.start_server(
+                self._handle_fastpath, fastpath_host or None, fastpath_port, limit=MAX_REQUEST_HEAD
+            )
             self.servers.append(fast)
             self.fastpath_port = fast.sockets[0].getsockname()[1]
             self._install_accept_error_throttle()
@@ -300,13 +304,13 @@ class BlobServer:
             idlest = next((c for c in self.fast_connections.values() if not c.busy), None)
             if idlest is None:
                 writer.transport.abort()
-                self.throttle.log(logging.WARNING, "cap-full", "fast path: %d connections busy (the cap); closed a new one",
-                                  self.max_fastpath_connections)
+                self.throttle.log(logging.WARNING, "cap-full", "fast path: %d connections busy (the cap); "
+                                  "closed a new one", self.max_fastpath_connections)
                 return None
             del self.fast_connections[idlest.writer]
             idlest.writer.transport.abort()
-            self.throttle.log(logging.WARNING, "cap-evict", "fast path: %d connections open (the cap); closed the one idle "
-                              "the longest for a new one", self.max_fastpath_connections)
+            self.throttle.log(logging.WARNING, "cap-evict", "fast path: %d connections open (the cap); "
+                              "closed the one idle the longest for a new one", self.max_fastpath_connections)
         conn = _FastConnection(writer)
         self.fast_connections[writer] = conn
         return conn
@@ -319,7 +323,9 @@ class BlobServer:
             del self.fast_connections[conn.writer]
             self.fast_connections[conn.writer] = conn
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _FastConnection | None = None) -> None:
+    async def _handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _FastConnection | None = None
+    ) -> None:
         loop = asyncio.get_running_loop()
         peer = writer.get_extra_info("peername")
         peer_address = canonical_address(peer[0]) if isinstance(peer, tuple) else ""
@@ -334,8 +340,9 @@ class BlobServer:
                     await self._send_error(writer, 400, "Bad Request", "UNSUPPORTED", str(e), close=True)
                     return
                 except TimeoutError:
-                    self.throttle.log(logging.INFO, "head-timeout", "closed a blob server connection from %s: no complete "
-                                      "request in time (head %.0f s, idle %.0f s)", peer_address, HEAD_TIMEOUT, IDLE_TIMEOUT)
+                    self.throttle.log(logging.INFO, "head-timeout", "closed a blob server connection from %s: "
+                                      "no complete request in time (head %.0f s, idle %.0f s)",
+                                      peer_address, HEAD_TIMEOUT, IDLE_TIMEOUT)
                     return
                 if req is None:
                     return
@@ -351,7 +358,8 @@ class BlobServer:
         except (ConnectionError, asyncio.CancelledError):
             pass
         except Exception as e:  # noqa: BLE001 - one bad connection must not disturb others
-            if self.throttle.log(logging.ERROR, "unexpected", "blob server connection from %s failed: %r", peer_address, e):
+            if self.throttle.log(logging.ERROR, "unexpected", "blob server connection from %s failed: %r",
+                                 peer_address, e):
                 log.debug("blob server failure", exc_info=True)
         finally:
             writer.close()

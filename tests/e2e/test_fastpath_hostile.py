@@ -66,7 +66,8 @@ def test_fastpath_url_is_good_only_for_the_client_it_was_issued_to(world, regcac
     assert mine.sha256() == digest
     # a client without NO_PROXY sends the redirect through regcache: still its URL
     through_proxy = curl(world, rc, location, tmp_path / "mine-proxied", proxy=True).run()
-    assert through_proxy.exit_code == 0 and through_proxy.status == 200, through_proxy.describe() + rc.log_text()[-2000:]
+    assert through_proxy.exit_code == 0 and through_proxy.status == 200, (
+        through_proxy.describe() + rc.log_text()[-2000:])
     assert through_proxy.sha256() == digest
 
     log = rc.log_text()
