@@ -413,7 +413,8 @@ class RegistryCache:
         if self._use_fastpath(flow, ident, route):
             host = self.config.fastpath_host or self._local_address_for(flow)
             netloc = f"[{host}]" if ":" in host else host
-            location = f"http://{netloc}:{self.blobserver.fastpath_port}{self.signer.sign(digest)}"
+            signed = self.signer.sign(digest, flow.client_conn.peername[0])  # good for this client only
+            location = f"http://{netloc}:{self.blobserver.fastpath_port}{signed}"
             self._answer(flow, 307, b"", [("Location", location), ("Docker-Content-Digest", digest)], cache_status)
             self._log(flow, ident, route, cache_status, None, "fastpath")
         else:
@@ -455,8 +456,18 @@ class RegistryCache:
         )
 
     def _route_to_blobserver(self, flow, ticket: Ticket | None) -> None:
-        if ticket is not None:
-            flow.request.path = self.blobserver.issue(ticket)
+        """Let the blob server answer the flow: a ticket, or (None) the flow's fast-path URL."""
+        if ticket is None:
+            # The blob server would see our loopback address, not the client's: check the URL
+            # against the client it was issued to here and hand over a one-use ticket instead.
+            client = flow.client_conn.peername[0]
+            digest, why = self.signer.verify(flow.request.path, client)
+            if digest is None:
+                log.warning("refused fast-path request from %s through the proxy: %s", client, why)
+                self._answer_error(flow, 403, "DENIED", why)
+                return
+            ticket = Ticket(digest, "HIT", flow.request.headers.get("range"))
+        flow.request.path = self.blobserver.issue(ticket)
         flow.request.scheme = "http"
         flow.request.host = "127.0.0.1"
         flow.request.port = self.blobserver.inband_port

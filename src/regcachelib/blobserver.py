@@ -10,6 +10,13 @@ on the same event loop:
   on a port the client reaches directly; the body goes out with os.sendfile (zero-copy).
 
 Both serve a stored blob or follow an in-flight fill, honouring a single Range.
+
+The fast-path port faces every client on the network, so it defends itself: a fast-path URL is
+good only for the client address it was issued to and only for a minute; a request head must
+arrive within HEAD_TIMEOUT and the next one on a kept-alive connection within IDLE_TIMEOUT; at
+most max_fastpath_connections connections are open (a slot is taken from the connection idle
+the longest, else the newcomer is closed) so file descriptors remain for mitmproxy's own
+listeners; and repeated errors are logged once per LOG_INTERVAL with a count.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
+import resource
 import time
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
@@ -33,6 +42,20 @@ TICKET_PREFIX = "/_regcache/t/"
 FASTPATH_PREFIX = "/_regcache/blobs/"
 MAX_REQUEST_HEAD = 16 * 1024
 TICKET_TTL = 60.0
+# A fast-path URL is a bearer token for one blob, so it lives only as long as a client needs to
+# start its GET after the 307 (a started response streams to its end however long that takes):
+# a minute covers a slow or busy client, and a leaked URL stops working soon after.
+FASTPATH_URL_TTL = 60.0
+# A client gets this long to send a whole request head (slowloris: heads trickled byte by byte).
+HEAD_TIMEOUT = 10.0
+# A kept-alive connection may sit this long between requests before it is closed.
+IDLE_TIMEOUT = 30.0
+# Open fast-path connections at most; each may hold a blob file open besides its socket, so the
+# cap is also kept to a quarter of the process's file descriptor limit (see fastpath_connection_cap).
+MAX_FASTPATH_CONNECTIONS = 512
+# The same kind of error (a flood of refused URLs, resets, accept failing with EMFILE) is logged
+# at most once per interval, with the count of those left out.
+LOG_INTERVAL = 10.0
 # sendfile in slices so a slow client cannot pin a huge count on one call
 SLICE = 8 * 1024 * 1024
 
@@ -48,46 +71,113 @@ class Ticket:
     created: float = field(default_factory=time.monotonic)
 
 
-class Signer:
-    """Short-lived URLs for the fast path: HMAC-SHA256 over digest and expiry."""
+def canonical_address(address: str) -> str:
+    """One spelling per client address: ::ffff:10.0.0.2 (a dual-stack socket) is 10.0.0.2."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
 
-    def __init__(self, key: bytes, ttl: float = 300.0):
+
+class Signer:
+    """Short-lived URLs for the fast path: HMAC-SHA256 over digest, client address and expiry.
+
+    The address is in the MAC, not in the URL: a URL copied to (or sniffed by) another host is
+    refused there, and the URL does not tell who it was issued to.
+    """
+
+    def __init__(self, key: bytes, ttl: float = FASTPATH_URL_TTL):
         self.key = key
         self.ttl = ttl
 
-    def _mac(self, digest: str, expires: int) -> str:
-        return hmac.new(self.key, f"{digest}\n{expires}".encode(), hashlib.sha256).hexdigest()
+    def _mac(self, digest: str, client: str, expires: int) -> str:
+        message = f"{digest}\n{canonical_address(client)}\n{expires}".encode()
+        return hmac.new(self.key, message, hashlib.sha256).hexdigest()
 
-    def sign(self, digest: str, now: float | None = None) -> str:
+    def sign(self, digest: str, client: str, now: float | None = None) -> str:
+        """The fast-path URL (path and query) granting `digest` to the client at address `client`."""
         expires = int((now if now is not None else time.time()) + self.ttl)
-        return f"{FASTPATH_PREFIX}{digest}?exp={expires}&sig={self._mac(digest, expires)}"
+        return f"{FASTPATH_PREFIX}{digest}?exp={expires}&sig={self._mac(digest, client, expires)}"
 
-    def check(self, path: str, now: float | None = None) -> str | None:
-        """The digest a fast-path URL grants, or None if it is forged, altered or expired."""
+    def verify(self, path: str, client: str, now: float | None = None) -> tuple[str | None, str]:
+        """(digest, "") if the URL grants a blob to `client` now, else (None, why not)."""
         parts = urlsplit(path)
         if not parts.path.startswith(FASTPATH_PREFIX):
-            return None
+            return None, "not a fast-path URL"
         digest = parts.path[len(FASTPATH_PREFIX):]
         query = parse_qs(parts.query)
         try:
             expires = int(query["exp"][0])
             sig = query["sig"][0]
         except (KeyError, ValueError, IndexError):
-            return None
+            return None, "unsigned URL"
+        if not sig.isascii() or not hmac.compare_digest(sig, self._mac(digest, client, expires)):
+            return None, "URL forged, altered or issued to another client"
         if expires < (now if now is not None else time.time()):
-            return None
-        if not sig.isascii() or not hmac.compare_digest(sig, self._mac(digest, expires)):
-            return None
-        return digest
+            return None, "URL expired"
+        return digest, ""
+
+    def check(self, path: str, client: str, now: float | None = None) -> str | None:
+        """The digest a fast-path URL grants `client`, or None if forged, altered, another's or expired."""
+        return self.verify(path, client, now)[0]
+
+
+class LogThrottle:
+    """At most one log line per kind and interval; the next one says how many were left out.
+
+    Kinds are a few fixed strings, so the state stays small whatever clients do.
+    """
+
+    def __init__(self, interval: float = LOG_INTERVAL, clock=time.monotonic):
+        self.interval = interval
+        self.clock = clock
+        self._quiet_until: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
+
+    def log(self, level: int, kind: str, msg: str, *args) -> bool:
+        now = self.clock()
+        if now < self._quiet_until.get(kind, float("-inf")):
+            self._left_out[kind] = self._left_out.get(kind, 0) + 1
+            return False
+        self._quiet_until[kind] = now + self.interval
+        left_out = self._left_out.pop(kind, 0)
+        if left_out:
+            msg += " (and %d more like it in the last %.0f s)"
+            args = (*args, left_out, self.interval)
+        log.log(level, msg, *args)
+        return True
+
+
+def fastpath_connection_cap() -> int:
+    """MAX_FASTPATH_CONNECTIONS, or less so that the fast path (a socket and a blob file per
+    connection) uses at most half of the file descriptors; the rest are mitmproxy's."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_FASTPATH_CONNECTIONS
+    return max(8, min(MAX_FASTPATH_CONNECTIONS, soft // 4))
 
 
 class _BadRequest(Exception):
     pass
 
 
-async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str, dict[str, str]] | None:
+async def _read_request(
+    reader: asyncio.StreamReader, first_byte_by: float, head_by: float | None
+) -> tuple[str, str, dict[str, str]] | None:
+    """The next request's head; None when the client closed the connection between requests.
+
+    Deadlines are event-loop times: the first byte must come by first_byte_by, the whole head by
+    head_by (None: HEAD_TIMEOUT after the first byte). TimeoutError when either is missed.
+    """
+    loop = asyncio.get_running_loop()
     try:
-        head = await reader.readuntil(b"\r\n\r\n")
+        async with asyncio.timeout_at(first_byte_by):
+            first = await reader.readexactly(1)
+        async with asyncio.timeout_at(head_by if head_by is not None else loop.time() + HEAD_TIMEOUT):
+            head = first + await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError:
         return None
     except asyncio.LimitOverrunError:
@@ -113,8 +203,14 @@ def _head(status: int, reason: str, headers: list[tuple[str, str]]) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+@dataclass(eq=False)
+class _FastConnection:
+    writer: asyncio.StreamWriter
+    busy: bool = False  # answering a request (not evictable), as opposed to waiting for one
+
+
 class BlobServer:
-    def __init__(self, store: Store, fills: Fills, signer: Signer):
+    def __init__(self, store: Store, fills: Fills, signer: Signer, max_fastpath_connections: int | None = None):
         self.store = store
         self.fills = fills
         self.signer = signer
@@ -123,17 +219,49 @@ class BlobServer:
         self.inband_port = 0
         self.fastpath_port = 0
         self.stats = None  # stats.Stats: counts body bytes sent (from a stored file or a download)
+        self.max_fastpath_connections = max_fastpath_connections or fastpath_connection_cap()
+        # open fast-path connections, the one waiting for a request the longest first
+        self.fast_connections: dict[asyncio.StreamWriter, _FastConnection] = {}
+        self.throttle = LogThrottle()
+        self._loop_handlers = None  # (loop, the exception handler before ours, ours)
 
     async def start(self, fastpath_host: str | None, fastpath_port: int | None) -> None:
         inband = await asyncio.start_server(self._handle, "127.0.0.1", 0, limit=MAX_REQUEST_HEAD)
         self.servers.append(inband)
         self.inband_port = inband.sockets[0].getsockname()[1]
         if fastpath_port is not None:
-            fast = await asyncio.start_server(self._handle, fastpath_host or None, fastpath_port, limit=MAX_REQUEST_HEAD)
+            fast = await asyncio.start_server(
+                self._handle_fastpath, fastpath_host or None, fastpath_port, limit=MAX_REQUEST_HEAD
+            )
             self.servers.append(fast)
             self.fastpath_port = fast.sockets[0].getsockname()[1]
+            self._install_accept_error_throttle()
+
+    def _install_accept_error_throttle(self) -> None:
+        """asyncio reports accept() failing for want of file descriptors (EMFILE) to the loop's
+        exception handler, with a traceback, once per listener and second for as long as it
+        lasts. Those reports become one line per LOG_INTERVAL; everything else passes on."""
+        loop = asyncio.get_running_loop()
+        previous = loop.get_exception_handler()
+
+        def handler(loop, context):
+            if context.get("message") == "socket.accept() out of system resource":
+                exc = context.get("exception")
+                self.throttle.log(logging.ERROR, "accept", "accepting connections failed: %s; retrying", exc)
+            elif previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(handler)
+        self._loop_handlers = (loop, previous, handler)
 
     async def stop(self) -> None:
+        if self._loop_handlers is not None:
+            loop, previous, handler = self._loop_handlers
+            if loop.get_exception_handler() is handler:
+                loop.set_exception_handler(previous)
+            self._loop_handlers = None
         for server in self.servers:
             server.close()
         for server in self.servers:
@@ -154,26 +282,85 @@ class BlobServer:
 
     # --- connection handling ---------------------------------------------------------
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _handle_fastpath(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = self._admit(writer)
+        if conn is None:
+            return
+        try:
+            await self._handle(reader, writer, conn)
+        finally:
+            self.fast_connections.pop(writer, None)
+
+    def _admit(self, writer: asyncio.StreamWriter) -> _FastConnection | None:
+        """A slot for a new fast-path connection, or None after closing it.
+
+        At the cap the connection that has waited for a request the longest makes room: clients
+        that open connections and send nothing (or half a head) cannot lock others out, and a
+        client that sends its request at once gets served. Only when every slot is answering a
+        request is the newcomer closed. Either way the socket is closed right away, so the file
+        descriptors the cap protects stay free.
+        """
+        if len(self.fast_connections) >= self.max_fastpath_connections:
+            idlest = next((c for c in self.fast_connections.values() if not c.busy), None)
+            if idlest is None:
+                writer.transport.abort()
+                self.throttle.log(logging.WARNING, "cap-full", "fast path: %d connections busy (the cap); "
+                                  "closed a new one", self.max_fastpath_connections)
+                return None
+            del self.fast_connections[idlest.writer]
+            idlest.writer.transport.abort()
+            self.throttle.log(logging.WARNING, "cap-evict", "fast path: %d connections open (the cap); "
+                              "closed the one idle the longest for a new one", self.max_fastpath_connections)
+        conn = _FastConnection(writer)
+        self.fast_connections[writer] = conn
+        return conn
+
+    def _waiting(self, conn: _FastConnection | None, busy: bool) -> None:
+        if conn is None or conn.writer not in self.fast_connections:
+            return
+        conn.busy = busy
+        if not busy:  # to the end of the line: the order is "waiting the longest first"
+            del self.fast_connections[conn.writer]
+            self.fast_connections[conn.writer] = conn
+
+    async def _handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _FastConnection | None = None
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        peer = writer.get_extra_info("peername")
+        peer_address = canonical_address(peer[0]) if isinstance(peer, tuple) else ""
+        # The first head must be complete HEAD_TIMEOUT after connecting; later ones may follow
+        # after up to IDLE_TIMEOUT of quiet, then have HEAD_TIMEOUT from their first byte.
+        first_byte_by = head_by = loop.time() + HEAD_TIMEOUT
         try:
             while True:
                 try:
-                    req = await _read_request(reader)
+                    req = await _read_request(reader, first_byte_by, head_by)
                 except _BadRequest as e:
                     await self._send_error(writer, 400, "Bad Request", "UNSUPPORTED", str(e), close=True)
                     return
+                except TimeoutError:
+                    self.throttle.log(logging.INFO, "head-timeout", "closed a blob server connection from %s: "
+                                      "no complete request in time (head %.0f s, idle %.0f s)",
+                                      peer_address, HEAD_TIMEOUT, IDLE_TIMEOUT)
+                    return
                 if req is None:
                     return
+                self._waiting(conn, busy=True)
                 method, target, headers = req
                 keep_alive = headers.get("connection", "").lower() != "close"
-                if not await self._respond(method, target, headers, writer):
+                if not await self._respond(method, target, headers, writer, peer_address):
                     return
                 if not keep_alive:
                     return
+                self._waiting(conn, busy=False)
+                first_byte_by, head_by = loop.time() + IDLE_TIMEOUT, None
         except (ConnectionError, asyncio.CancelledError):
             pass
-        except Exception:  # noqa: BLE001 - one bad connection must not disturb others
-            log.exception("regcache: blob server connection failed")
+        except Exception as e:  # noqa: BLE001 - one bad connection must not disturb others
+            if self.throttle.log(logging.ERROR, "unexpected", "blob server connection from %s failed: %r",
+                                 peer_address, e):
+                log.debug("blob server failure", exc_info=True)
         finally:
             writer.close()
 
@@ -185,7 +372,7 @@ class BlobServer:
         writer.write(_head(status, reason, headers) + body)
         await writer.drain()
 
-    async def _respond(self, method: str, target: str, headers: dict[str, str], writer) -> bool:
+    async def _respond(self, method: str, target: str, headers: dict[str, str], writer, peer_address: str) -> bool:
         """Answer one request; False means the connection must be closed."""
         if method not in ("GET", "HEAD"):
             await self._send_error(writer, 405, "Method Not Allowed", "UNSUPPORTED", "only GET and HEAD", close=True)
@@ -202,9 +389,10 @@ class BlobServer:
             digest, range_header, cache_status = ticket.digest, ticket.range_header, ticket.cache_status
             extra = ticket.extra_headers
         else:
-            digest = self.signer.check(target)
+            digest, why = self.signer.verify(target, peer_address)
             if digest is None:
-                await self._send_error(writer, 403, "Forbidden", "DENIED", "missing, forged or expired blob URL")
+                self.throttle.log(logging.WARNING, "denied", "refused fast-path request from %s: %s", peer_address, why)
+                await self._send_error(writer, 403, "Forbidden", "DENIED", why)
                 return True
             range_header = headers.get("range")
             cache_status = "HIT"

@@ -6,10 +6,11 @@ import asyncio
 import json
 import os
 import ssl
+import time
 
 import pytest
 
-from regcachelib import oci
+from regcachelib import blobserver, oci
 from regcachelib.blobserver import FASTPATH_PREFIX, BlobServer, Signer, Ticket
 from regcachelib.fill import CHUNK, HOLDBACK, Fill, Fills
 from regcachelib.store import Store
@@ -213,7 +214,7 @@ def test_signed_fast_path_urls(rig_factory, upstream_server):
             assert (await rig.get()).body == DATA
             await rig.settle()
             port = rig.server.inband_port
-            url = rig.signer.sign(DIGEST)
+            url = rig.signer.sign(DIGEST, "127.0.0.1")
             r = await http_request(port, url)
             assert (r.status, r.body, r.headers["x-cache"]) == (200, DATA, "HIT")
             r = await http_request(port, url, headers={"Range": "bytes=5-9"})
@@ -232,6 +233,181 @@ def test_signed_fast_path_urls(rig_factory, upstream_server):
             assert r.status == 405
 
     run(main())
+
+
+# --- the fast-path port against hostile clients ----------------------------------------------------
+
+
+# larger than what loopback socket buffers take in, so a client that reads nothing stays mid-response
+HUGE = os.urandom(32 * 1024 * 1024)
+
+
+class FastPath:
+    """A BlobServer with its fast-path port on 127.0.0.1, serving DATA and HUGE from the store."""
+
+    def __init__(self, directory: str, max_connections: int):
+        self.store = Store(directory)
+        self.fills = Fills(self.store, Upstream(ssl.create_default_context(), timeout=5.0, backoff=0.0), max_workers=2)
+        self.signer = Signer(os.urandom(32))
+        self.server = BlobServer(self.store, self.fills, self.signer, max_fastpath_connections=max_connections)
+
+    async def __aenter__(self) -> FastPath:
+        for body in (DATA, HUGE):
+            path, f = self.store.new_staging_file(sha256(body))
+            with f:
+                f.write(body)
+            self.store.commit_blob(sha256(body), path, len(body))
+        await self.server.start("127.0.0.1", 0)
+        self.port = self.server.fastpath_port
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.server.stop()
+        self.fills.shutdown()
+        self.store.close()
+
+    async def half_head(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection that sends part of a request head and then nothing."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        writer.write(f"GET {FASTPATH_PREFIX}{DIGEST}?exp=1".encode())
+        await writer.drain()
+        return reader, writer
+
+
+async def closed_by_server(reader: asyncio.StreamReader, timeout: float) -> bool:
+    try:
+        return await asyncio.wait_for(reader.read(), timeout) == b""
+    except ConnectionResetError:
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+@pytest.fixture
+def fastpath(tmp_path):
+    return lambda max_connections=512: FastPath(str(tmp_path / "cache"), max_connections)
+
+
+def test_fast_path_url_works_only_for_its_client_and_before_expiry(fastpath, caplog):
+    async def main():
+        async with fastpath() as fp:
+            mine = fp.signer.sign(DIGEST, "127.0.0.1")
+            r = await http_request(fp.port, mine)
+            assert (r.status, r.body) == (200, DATA)
+            for _ in range(3):
+                r = await http_request(fp.port, fp.signer.sign(DIGEST, "127.0.0.2"))
+                assert r.status == 403 and json.loads(r.body)["errors"][0]["code"] == "DENIED"
+            expired = fp.signer.sign(DIGEST, "127.0.0.1", now=time.time() - blobserver.FASTPATH_URL_TTL - 2)
+            r = await http_request(fp.port, expired)
+            assert r.status == 403 and json.loads(r.body)["errors"][0]["message"] == "URL expired"
+
+    with caplog.at_level("INFO", logger="regcachelib.blobserver"):
+        run(main())
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert refusals == ["refused fast-path request from 127.0.0.1: URL forged, altered or issued to another client"]
+
+
+def test_request_head_must_arrive_in_time(fastpath, monkeypatch):
+    monkeypatch.setattr(blobserver, "HEAD_TIMEOUT", 0.5)
+
+    async def main():
+        async with fastpath() as fp:
+            silent, _w1 = await asyncio.open_connection("127.0.0.1", fp.port)
+            trickling, w2 = await fp.half_head()
+            assert await closed_by_server(silent, 3) and await closed_by_server(trickling, 3)
+            assert not fp.server.fast_connections
+            # a client that sends its request at once is not affected
+            r = await http_request(fp.port, fp.signer.sign(DIGEST, "127.0.0.1"))
+            assert (r.status, r.body) == (200, DATA)
+
+    run(main())
+
+
+def test_keep_alive_connection_is_closed_after_idle_timeout(fastpath, monkeypatch):
+    monkeypatch.setattr(blobserver, "HEAD_TIMEOUT", 0.3)
+    monkeypatch.setattr(blobserver, "IDLE_TIMEOUT", 1.0)
+
+    async def main():
+        async with fastpath() as fp:
+            reader, writer = await asyncio.open_connection("127.0.0.1", fp.port)
+            request = f"HEAD {fp.signer.sign(DIGEST, '127.0.0.1')} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            writer.write(request)
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+            # longer than the head deadline, within the idle timeout: the connection is still good
+            await asyncio.sleep(0.6)
+            writer.write(request)
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+            assert not await closed_by_server(reader, 0.5)
+            assert await closed_by_server(reader, 2)
+            writer.close()
+
+    run(main())
+
+
+def test_connection_cap_gives_the_slot_of_an_idle_connection_to_a_new_client(fastpath, caplog):
+    async def main():
+        async with fastpath(max_connections=4) as fp:
+            hostile = [await fp.half_head() for _ in range(10)]
+            await wait_until(lambda: len(fp.server.fast_connections) == 4)
+            # the oldest six were closed to make room, the newest four are still open
+            closed = [await closed_by_server(r, 0.5) for r, _ in hostile]
+            assert closed == [True] * 6 + [False] * 4
+            r = await http_request(fp.port, fp.signer.sign(DIGEST, "127.0.0.1"))
+            assert (r.status, r.body) == (200, DATA)
+            assert len(fp.server.fast_connections) <= 4
+            for _, w in hostile:
+                w.close()
+
+    with caplog.at_level("INFO", logger="regcachelib.blobserver"):
+        run(main())
+    cap_lines = [r.getMessage() for r in caplog.records if "the cap" in r.getMessage()]
+    assert len(cap_lines) == 1, cap_lines  # 7 evictions, one line per LOG_INTERVAL
+
+
+def test_connection_cap_closes_newcomers_when_every_slot_is_busy(fastpath):
+    async def main():
+        async with fastpath(max_connections=2) as fp:
+            # two clients mid-response: they requested the blob and read nothing of it
+            busy = []
+            big = fp.signer.sign(sha256(HUGE), "127.0.0.1")
+            for _ in range(2):
+                reader, writer = await asyncio.open_connection("127.0.0.1", fp.port)
+                writer.write(f"GET {big} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                busy.append((reader, writer))
+            await wait_until(lambda: len(fp.server.fast_connections) == 2
+                             and all(c.busy for c in fp.server.fast_connections.values()))
+            newcomer, w = await asyncio.open_connection("127.0.0.1", fp.port)
+            assert await closed_by_server(newcomer, 2)
+            w.close()
+            # the busy ones were not disturbed
+            for reader, writer in busy:
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200")
+                assert await reader.readexactly(len(HUGE)) == HUGE
+                writer.close()
+
+    run(main())
+
+
+def test_accept_failing_for_want_of_descriptors_is_logged_once_per_interval(fastpath, caplog):
+    others = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda loop, context: others.append(context["message"]))
+        async with fastpath():
+            for _ in range(50):  # what asyncio reports once a second per listener while fds are out
+                loop.call_exception_handler({"message": "socket.accept() out of system resource",
+                                             "exception": OSError(24, "Too many open files")})
+            loop.call_exception_handler({"message": "something else"})
+        # stopping the server gives the loop its handler back
+        loop.call_exception_handler({"message": "after stop"})
+
+    with caplog.at_level("INFO", logger="regcachelib.blobserver"):
+        run(main())
+    lines = [r for r in caplog.records if "accepting connections failed" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].exc_info is None
+    assert others == ["something else", "after stop"]
 
 
 # --- what must never happen: a wrong or short blob delivered whole, or stored --------------------

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from urllib.parse import parse_qs, urlsplit
 
+import logging
+
 import pytest
 
-from regcachelib.blobserver import FASTPATH_PREFIX, Signer
+from regcachelib.blobserver import FASTPATH_PREFIX, FASTPATH_URL_TTL, LogThrottle, Signer
 
 DIGEST = "sha256:" + "ab" * 32
 OTHER = "sha256:" + "cd" * 32
 NOW = 1_700_000_000.0
+CLIENT = "10.0.0.2"
 
 
 def parts(url: str) -> tuple[str, int, str]:
@@ -21,56 +24,93 @@ def parts(url: str) -> tuple[str, int, str]:
 
 def test_valid_url_is_accepted():
     signer = Signer(b"k" * 32, ttl=300)
-    url = signer.sign(DIGEST, now=NOW)
+    url = signer.sign(DIGEST, CLIENT, now=NOW)
     assert url.startswith(FASTPATH_PREFIX + DIGEST + "?")
-    assert signer.check(url, now=NOW) == DIGEST
-    assert signer.check(url, now=NOW + 299) == DIGEST
+    assert signer.check(url, CLIENT, now=NOW) == DIGEST
+    assert signer.check(url, CLIENT, now=NOW + 299) == DIGEST
     # absolute-form request targets carry the same URL
-    assert signer.check("http://10.0.0.1:5080" + url, now=NOW) == DIGEST
+    assert signer.check("http://10.0.0.1:5080" + url, CLIENT, now=NOW) == DIGEST
 
 
 def test_forged_signature_is_rejected():
     signer = Signer(b"k" * 32)
-    path, exp, sig = parts(signer.sign(DIGEST, now=NOW))
+    path, exp, sig = parts(signer.sign(DIGEST, CLIENT, now=NOW))
     forged = ("0" if sig[0] != "0" else "1") + sig[1:]
-    assert signer.check(f"{path}?exp={exp}&sig={forged}", now=NOW) is None
-    assert signer.check(f"{path}?exp={exp}&sig=", now=NOW) is None
-    assert signer.check(f"{path}?exp={exp}", now=NOW) is None
-    assert signer.check(f"{path}?sig={sig}", now=NOW) is None
-    assert signer.check(path, now=NOW) is None
+    assert signer.check(f"{path}?exp={exp}&sig={forged}", CLIENT, now=NOW) is None
+    assert signer.check(f"{path}?exp={exp}&sig=", CLIENT, now=NOW) is None
+    assert signer.check(f"{path}?exp={exp}", CLIENT, now=NOW) is None
+    assert signer.check(f"{path}?sig={sig}", CLIENT, now=NOW) is None
+    assert signer.check(path, CLIENT, now=NOW) is None
 
 
 def test_url_of_another_key_is_rejected():
-    url = Signer(b"a" * 32).sign(DIGEST, now=NOW)
-    assert Signer(b"b" * 32).check(url, now=NOW) is None
+    url = Signer(b"a" * 32).sign(DIGEST, CLIENT, now=NOW)
+    assert Signer(b"b" * 32).check(url, CLIENT, now=NOW) is None
 
 
 def test_altered_digest_is_rejected():
     signer = Signer(b"k" * 32)
-    _, exp, sig = parts(signer.sign(DIGEST, now=NOW))
-    assert signer.check(f"{FASTPATH_PREFIX}{OTHER}?exp={exp}&sig={sig}", now=NOW) is None
+    _, exp, sig = parts(signer.sign(DIGEST, CLIENT, now=NOW))
+    assert signer.check(f"{FASTPATH_PREFIX}{OTHER}?exp={exp}&sig={sig}", CLIENT, now=NOW) is None
 
 
 def test_extended_expiry_is_rejected():
     signer = Signer(b"k" * 32)
-    path, exp, sig = parts(signer.sign(DIGEST, now=NOW))
-    assert signer.check(f"{path}?exp={exp + 3600}&sig={sig}", now=NOW) is None
-    assert signer.check(f"{path}?exp=never&sig={sig}", now=NOW) is None
+    path, exp, sig = parts(signer.sign(DIGEST, CLIENT, now=NOW))
+    assert signer.check(f"{path}?exp={exp + 3600}&sig={sig}", CLIENT, now=NOW) is None
+    assert signer.check(f"{path}?exp=never&sig={sig}", CLIENT, now=NOW) is None
 
 
 def test_expired_url_is_rejected():
     signer = Signer(b"k" * 32, ttl=60)
-    url = signer.sign(DIGEST, now=NOW)
-    assert signer.check(url, now=NOW + 61) is None
+    url = signer.sign(DIGEST, CLIENT, now=NOW)
+    assert signer.check(url, CLIENT, now=NOW + 61) is None
 
 
 def test_other_paths_are_rejected():
     signer = Signer(b"k" * 32)
-    _, exp, sig = parts(signer.sign(DIGEST, now=NOW))
-    assert signer.check(f"/v2/library/alpine/blobs/{DIGEST}?exp={exp}&sig={sig}", now=NOW) is None
+    _, exp, sig = parts(signer.sign(DIGEST, CLIENT, now=NOW))
+    assert signer.check(f"/v2/library/alpine/blobs/{DIGEST}?exp={exp}&sig={sig}", CLIENT, now=NOW) is None
 
 
 def test_non_ascii_signature_is_rejected_not_raised():
     signer = Signer(b"k" * 32)
-    path, exp, _ = parts(signer.sign(DIGEST, now=NOW))
-    assert signer.check(f"{path}?exp={exp}&sig=%C3%A9", now=NOW) is None
+    path, exp, _ = parts(signer.sign(DIGEST, CLIENT, now=NOW))
+    assert signer.check(f"{path}?exp={exp}&sig=%C3%A9", CLIENT, now=NOW) is None
+
+
+def test_url_is_bound_to_the_client_it_was_issued_to():
+    signer = Signer(b"k" * 32)
+    url = signer.sign(DIGEST, CLIENT, now=NOW)
+    assert CLIENT not in url  # who it was issued to is in the MAC, not spelled out
+    assert signer.check(url, "10.0.0.3", now=NOW) is None
+    assert signer.check(url, "127.0.0.1", now=NOW) is None
+    digest, why = signer.verify(url, "10.0.0.3", now=NOW)
+    assert digest is None and "another client" in why
+    # one address, however the socket spells it
+    assert signer.check(url, "::ffff:10.0.0.2", now=NOW) == DIGEST
+    v6 = signer.sign(DIGEST, "fd00::2", now=NOW)
+    assert signer.check(v6, "fd00:0:0::2", now=NOW) == DIGEST
+    assert signer.check(v6, "fd00::3", now=NOW) is None
+
+
+def test_default_lifetime_is_a_minute_from_issue():
+    assert FASTPATH_URL_TTL == 60
+    signer = Signer(b"k" * 32)
+    url = signer.sign(DIGEST, CLIENT, now=NOW)
+    assert parts(url)[1] == NOW + 60
+    assert signer.check(url, CLIENT, now=NOW + 60) == DIGEST
+    assert signer.verify(url, CLIENT, now=NOW + 61) == (None, "URL expired")
+
+
+def test_log_throttle_says_how_many_lines_it_left_out(caplog):
+    clock = [0.0]
+    throttle = LogThrottle(interval=10, clock=lambda: clock[0])
+    with caplog.at_level("INFO", logger="regcachelib.blobserver"):
+        for _ in range(1000):
+            throttle.log(logging.WARNING, "denied", "refused %s", "x")
+        throttle.log(logging.WARNING, "other", "other kind")
+        clock[0] = 10.5
+        throttle.log(logging.WARNING, "denied", "refused %s", "y")
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused x", "other kind", "refused y (and 999 more like it in the last 10 s)"]
