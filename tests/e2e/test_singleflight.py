@@ -404,12 +404,12 @@ FAKETIME_LIB = next(
 
 
 @pytest.mark.skipif(FAKETIME_LIB is None, reason="an expired but genuinely signed URL needs regcache's clock moved past the "
-                    "300 s URL lifetime; that needs libfaketime (apt-get install faketime)")
+                    "60 s URL lifetime; that needs libfaketime (apt-get install faketime)")
 def test_fastpath_url_expires(world, tmp_path):
     """A genuinely signed URL is refused once its lifetime is over; a newly issued one works.
 
     regcache runs under libfaketime with a clock offset read from a file, so the test moves
-    regcache's wall clock 400 s ahead (URLs live 300 s) without waiting."""
+    regcache's wall clock 400 s ahead (URLs live 60 s) without waiting."""
     clock = tmp_path / "faketime"
     clock.write_text("+0\n")
     workdir = tmp_path / "rc"
