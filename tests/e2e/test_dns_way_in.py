@@ -143,3 +143,23 @@ def test_docker_dns_way_in(world, regcache_factory, dns_way_in):
     finally:
         for d in started:
             d.stop()
+
+
+# --- the two listeners, seen by curl ------------------------------------------------------------------
+
+
+def test_port_80_by_host_and_port_443_by_sni_with_a_certificate_for_that_name(world, regcache_factory, tmp_path, dns_way_in):
+    """Plain HTTP on 80 names quay.io by Host alone; TLS on 443 by SNI, with a certificate for
+    quay.io from regcache's CA. A ?ns= that names no registry gets an OCI error."""
+    import hashlib
+
+    rc = start_regcache(regcache_factory)
+    image = world.image(QUAY_SMALL)
+    body = tmp_path / "manifest"
+    for url, trust in (("http://quay.io/v2/library/small/manifests/1", []), ("https://quay.io/v2/library/small/manifests/1", ["--cacert", str(rc.ca_cert)])):
+        out = world.run(world.ns_client, ["curl", "-sS", "-f", "-o", body, "-H", f"Accept: {image.media_type}", *trust, url], check=False)
+        assert out.returncode == 0, f"{url}: {out.stderr}\n{rc.log_text()[-2000:]}"
+        assert "sha256:" + hashlib.sha256(body.read_bytes()).hexdigest() == image.manifest_digest, url
+    out = world.run(world.ns_client, ["curl", "-sS", "-o", body, "-w", "%{http_code}", f"http://{world.router_client_ip}/v2/library/small/manifests/1?ns=evil.example"])
+    assert out.stdout == "404" and json.loads(body.read_bytes())["errors"][0]["code"] == "NAME_UNKNOWN"
+    assert "refused GET /v2/library/small/manifests/1?ns=evil.example" in rc.log_text()
