@@ -163,3 +163,27 @@ def test_port_80_by_host_and_port_443_by_sni_with_a_certificate_for_that_name(wo
     out = world.run(world.ns_client, ["curl", "-sS", "-o", body, "-w", "%{http_code}", f"http://{world.router_client_ip}/v2/library/small/manifests/1?ns=evil.example"])
     assert out.stdout == "404" and json.loads(body.read_bytes())["errors"][0]["code"] == "NAME_UNKNOWN"
     assert "refused GET /v2/library/small/manifests/1?ns=evil.example" in rc.log_text()
+
+
+# --- what regcache follows ------------------------------------------------------------------------------
+
+
+def test_blob_redirect_to_a_private_address_is_not_followed_unless_allowed(world, regcache_factory, tmp_path):
+    """registry-1.docker.io redirects blob GETs to its CDN, which in this world sits on a private
+    address (10.77.1.13): refused by default, followed once redirect_allow names that network."""
+    from .conftest import PROXY_PORT, WORLD_UPSTREAM_NET
+
+    for n, (allow, works) in enumerate((("[]", False), (f"[{WORLD_UPSTREAM_NET}]", True))):
+        rc = regcache_factory(config=f"redirect_allow: {allow}\n")
+        env = {"HTTPS_PROXY": f"http://{world.router_client_ip}:{PROXY_PORT}", "SSL_CERT_FILE": str(rc.client_bundle())}
+        world.clear_request_logs()
+        out = skopeo_copy(world, f"docker://{DOCKER_SMALL}", tmp_path / f"pull{n}", env)
+        cdn = world.request_log(world.cdn_host)
+        if works:
+            assert out.returncode == 0, out.stderr + rc.log_text()[-2000:]
+            assert cdn, "the blobs came from the CDN"
+        else:
+            assert out.returncode != 0
+            assert cdn == [], "regcache connected to a private address it was redirected to"
+            assert "not following registry-1.docker.io's redirect: redirect to production.cloudflare.docker.com refused" in rc.log_text()
+        rc.stop()
