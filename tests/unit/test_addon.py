@@ -578,3 +578,22 @@ def test_blob_redirect_to_loopback_or_plain_http_is_not_followed(tmp_path, upstr
             assert [p for _, p, _ in upstream_server.requests] == [path]
 
     run(main())
+
+
+@pytest.mark.parametrize("sni", ["quay.io", "cache.example.net", None])
+def test_mirror_tls_is_always_intercepted_and_upstream_sni_is_the_listeners(tmp_path, sni):
+    """On a mirror's 443 every name is answered (registries pointed at it by DNS, its own name);
+    the upstream connection names the listener's upstream, as without keep_host_header."""
+    from types import SimpleNamespace
+
+    async def main():
+        async with running_addon(tmp_path, offline=True) as (rc, _):
+            spec = ProxyMode.parse("reverse:https://registry-1.docker.io@443")
+            server = SimpleNamespace(sni=None, address=spec.address)
+            data = SimpleNamespace(context=SimpleNamespace(client=SimpleNamespace(proxy_mode=spec), server=server),
+                                   client_hello=SimpleNamespace(sni=sni), ignore_connection=False)
+            rc.tls_clienthello(data)
+            assert data.ignore_connection is False
+            assert server.sni == "registry-1.docker.io"
+
+    run(main())
