@@ -115,7 +115,9 @@ class RegistryCache:
                 ctx.options.ssl_verify_upstream_trusted_ca,
                 ctx.options.ssl_verify_upstream_trusted_confdir,
             )
-            self.upstream = Upstream(ssl_context, self.config.upstream_timeout, self.config.upstream_backoff, self.config.redirect_allow)
+            self.upstream = Upstream(
+                ssl_context, self.config.upstream_timeout, self.config.upstream_backoff, self.config.redirect_allow
+            )
             if self.fills is None:
                 self.fills = Fills(self.store, self.upstream)
             else:
@@ -213,7 +215,8 @@ class RegistryCache:
         ns = flow.request.query.get("ns")
         if ns is not None:
             if not self.config.is_listed_registry(ns):
-                raise oci.ProtocolError(404, "NAME_UNKNOWN", f"{ns[:100]!r} is not a registry this cache serves", {"ns": ns[:256]})
+                message = f"{ns[:100]!r} is not a registry this cache serves"
+                raise oci.ProtocolError(404, "NAME_UNKNOWN", message, {"ns": ns[:256]})
             registry = self.config.registry_for_host(ns)
         else:
             m = _PREFIXED.match(path)

@@ -659,7 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  podman      /etc/containers/registries.conf.d/50-regcache.conf: a path-prefix mirror per registry\n"
             "  systemd     a drop-in with HTTPS_PROXY and NO_PROXY (the cache host is never proxied: fast-path redirects)\n"
             "  iptables    transparent mode: REDIRECT of port 443, exempting regcache's own traffic by owner\n"
-            "  dns         the DNS way in: /etc/hosts lines pointing registries at the cache (--cache IP) + daemon.json")
+            "  dns         the DNS way in: /etc/hosts lines pointing registries at the cache (--cache IP)\n"
+            "              and daemon.json")
     s.add_argument("kind", choices=clientconfig.KINDS)
     s.add_argument("--cache", metavar="HOST[:PORT]", help="how clients reach the cache (default: this host's name); a port replaces the listener's default")
     s.add_argument("--proxy-port", type=int, default=clientconfig.PROXY_PORT, help="HTTPS_PROXY listener (default 8080)")

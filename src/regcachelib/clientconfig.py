@@ -174,7 +174,9 @@ def dns(cache: Cache) -> tuple[str, str]:
     try:
         ipaddress.ip_address(cache.host)
     except ValueError:
-        raise ValueError(f"dns: --cache must be the cache's IP address (a hosts file maps names to addresses), not {cache.host!r}") from None
+        raise ValueError(
+            f"dns: --cache must be the cache's IP address (a hosts file maps names to addresses), not {cache.host!r}"
+        ) from None
     hosts = "".join(f"{cache.host}\t{name}\n" for name in DNS_NAMES)
     mirror = cache.netloc(cache.port) if cache.port else (f"[{cache.host}]" if ":" in cache.host else cache.host)
     doc = {"mtu": 1350, "registry-mirrors": [f"http://{mirror}"], "insecure-registries": list(DNS_INSECURE)}
@@ -186,6 +188,7 @@ def dns(cache: Cache) -> tuple[str, str]:
         "# and resolve the registries to their real addresses itself (its own /etc/hosts must not have these lines).\n"
         "# dockerd: Docker Hub through registry-mirrors (port 80); the insecure registries over TLS on 443 with\n"
         "# the cache's certificate unverified, or plain HTTP on 80. Restart dockerd after writing daemon.json.\n"
-        "# Other runtimes reaching registry-1.docker.io on 443 must trust the cache's CA (regcache ca install system).\n"
+        "# Other runtimes reaching registry-1.docker.io on 443 must trust the cache's CA\n"
+        "# (regcache ca install system).\n"
     )
     return text, hint

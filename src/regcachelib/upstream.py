@@ -69,7 +69,9 @@ def _connect_allowed(host: str, port: int, timeout: float, allow) -> socket.sock
     allowed = [info for info in infos if redirect_address_allowed(info[4][0], allow)]
     if not allowed:
         addresses = ", ".join(sorted({info[4][0] for info in infos}))
-        raise RedirectRefused(f"redirect to {host} refused: it resolves to {addresses}, not a public address (see redirect_allow)")
+        raise RedirectRefused(
+            f"redirect to {host} refused: it resolves to {addresses}, not a public address (see redirect_allow)"
+        )
     error: OSError | None = None
     for family, type_, proto, _, sockaddr in allowed:
         sock = socket.socket(family, type_, proto)
@@ -241,7 +243,8 @@ class Upstream:
             if parts.scheme not in ("http", "https") or not host:
                 raise UpstreamUnavailable(f"invalid redirect target from {origin_host}")
             # The registry itself was chosen by configuration; where it redirects to was not.
-            checked = self.redirect_allow is not None and (host, parts.scheme, port) != (origin_host, origin_scheme, origin_port)
+            elsewhere = (host, parts.scheme, port) != (origin_host, origin_scheme, origin_port)
+            checked = self.redirect_allow is not None and elsewhere
             if checked and parts.scheme != "https":
                 log.warning("not following %s's redirect to %s: plain HTTP to another host", origin_host, host)
                 raise RedirectRefused(f"{origin_host} redirected to plain-HTTP {host}; not followed")
@@ -257,7 +260,9 @@ class Upstream:
             send_headers.append(("Host", netloc))
             if parts.scheme == "https":
                 allow = self.redirect_allow if checked else None
-                conn: http.client.HTTPConnection = _Connection(host, port, address, self.ssl_context, self.timeout, allow)
+                conn: http.client.HTTPConnection = _Connection(
+                    host, port, address, self.ssl_context, self.timeout, allow
+                )
             else:
                 conn = http.client.HTTPConnection(address or host, port, timeout=self.timeout)
             req_path = parts.path + ("?" + parts.query if parts.query else "")

@@ -66,7 +66,8 @@ class Regcache:
         # unless told to: every regcache here is told so, unless a test says otherwise.
         config = config if config is not None else ""
         if "redirect_allow" not in config:
-            config = config.rstrip("\n") + ("\n" if config.strip() else "") + f"redirect_allow: [{WORLD_UPSTREAM_NET}]\n"
+            separator = "\n" if config.strip() else ""
+            config = config.rstrip("\n") + separator + f"redirect_allow: [{WORLD_UPSTREAM_NET}]\n"
         cfg = workdir / "regcache.yml"
         cfg.write_text(config)
         argv += ["--set", f"regcache_config={cfg}"]

@@ -434,12 +434,16 @@ def test_blob_request_with_broken_upstream_redirect_gets_an_answer(tmp_path, ups
 # --- mirror listeners: which registry a request is for ---------------------------------------------
 
 
-def mirror_flow(path: str, host: str, mode: str = "reverse:https://registry-1.docker.io@5000", sni: str | None = None, method: str = "GET") -> http.HTTPFlow:
+DOCKER_MIRROR = "reverse:https://registry-1.docker.io@5000"
+
+
+def mirror_flow(path: str, host: str, mode: str = DOCKER_MIRROR, sni: str | None = None) -> http.HTTPFlow:
     """A request as a mirror listener's client sends it; Host as the client wrote it."""
     spec = ProxyMode.parse(mode)
     hdrs = http.Headers([(b"host", host.encode())])
     scheme = b"https" if sni else b"http"
-    req = tutils.treq(host=spec.address[0], port=spec.address[1], scheme=scheme, method=method.encode(), path=path.encode(), authority=b"", headers=hdrs, content=b"")
+    req = tutils.treq(host=spec.address[0], port=spec.address[1], scheme=scheme, method=b"GET", path=path.encode(),
+                      authority=b"", headers=hdrs, content=b"")
     flow = tflow.tflow(req=req)
     flow.client_conn.proxy_mode = spec
     flow.client_conn.sni = sni
@@ -512,7 +516,8 @@ def test_mirror_ns_that_is_no_registry_is_refused_and_nothing_fetched(tmp_path, 
         # intercept_all widens interception only: a client still cannot name any host
         async with running_addon(tmp_path, "intercept_all: true\n") as (rc, _):
             for path in ("/v2/org/img/manifests/1", "/v2/", f"/v2/org/img/blobs/{BLOB_DIGEST}"):
-                flow = mirror_flow(f"{path}?ns={ns}", "cache:5000", mode=f"reverse:http://127.0.0.1:{upstream_server.port}@5000")
+                mode = f"reverse:http://127.0.0.1:{upstream_server.port}@5000"
+                flow = mirror_flow(f"{path}?ns={ns}", "cache:5000", mode=mode)
                 await rc.request(flow)
                 assert flow.response.status_code == 404, path
                 assert error_code(flow) == "NAME_UNKNOWN"
@@ -530,7 +535,8 @@ def test_mirror_host_of_a_loopback_service_fetches_nothing_there(tmp_path, upstr
     try:
         async def main():
             async with running_addon(tmp_path) as (rc, _):
-                flow = mirror_flow("/v2/org/img/manifests/1", f"127.0.0.1:{upstream_server.port}", mode=f"reverse:http://127.0.0.1:{registry.port}@5000")
+                mode = f"reverse:http://127.0.0.1:{registry.port}@5000"
+                flow = mirror_flow("/v2/org/img/manifests/1", f"127.0.0.1:{upstream_server.port}", mode=mode)
                 rc.requestheaders(flow)
                 await rc.request(flow)
                 assert flow.response.status_code == 200 and flow.response.content == MANIFEST
@@ -551,17 +557,23 @@ def test_mirror_host_of_a_loopback_service_fetches_nothing_there(tmp_path, upstr
         ("93.184.216.34", True), ("2606:4700::6810:84e5", True),
         ("127.0.0.1", False), ("10.77.1.13", False), ("172.16.0.1", False), ("192.168.1.1", False),
         ("169.254.169.254", False), ("100.64.0.1", False), ("0.0.0.0", False), ("224.0.0.1", False),
-        ("::1", False), ("fe80::1%eth0", False), ("fd00::1", False), ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False),
+        ("::1", False), ("fe80::1%eth0", False), ("fd00::1", False),
+        ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False),
     ],
 )
 def test_redirect_addresses(address, allowed):
     from regcachelib.upstream import redirect_address_allowed
 
     assert redirect_address_allowed(address, ()) is allowed
-    assert redirect_address_allowed(address, [ipaddress.ip_network("10.77.1.0/24")]) is (allowed or address == "10.77.1.13")
+    world_net = [ipaddress.ip_network("10.77.1.0/24")]
+    assert redirect_address_allowed(address, world_net) is (allowed or address == "10.77.1.13")
 
 
-@pytest.mark.parametrize("location", ["https://localhost:{port}/blob", "https://127.0.0.1:{port}/blob", "http://cdn.example/blob", "http://localhost:{port}/blob"])
+@pytest.mark.parametrize(
+    "location",
+    ["https://localhost:{port}/blob", "https://127.0.0.1:{port}/blob",
+     "http://cdn.example/blob", "http://localhost:{port}/blob"],
+)
 def test_blob_redirect_to_loopback_or_plain_http_is_not_followed(tmp_path, upstream_server, location, caplog):
     path = f"/v2/org/img/blobs/{BLOB_DIGEST}"
     upstream_server.routes[path] = Reply(status=307, headers=[("Location", location.format(port=upstream_server.port))])

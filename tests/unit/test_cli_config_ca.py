@@ -113,7 +113,8 @@ def test_dns_way_in_hosts_lines_and_daemon_json(capsys):
     assert code == 0
     entries, doc = dns_files(out)
     assert entries == [("10.0.0.5", n) for n in ("quay.io", "gcr.io", "k8s.gcr.io", "registry-1.docker.io")]
-    assert doc == {"mtu": 1350, "registry-mirrors": ["http://10.0.0.5"], "insecure-registries": ["k8s.gcr.io", "quay.io", "gcr.io"]}
+    insecure = ["k8s.gcr.io", "quay.io", "gcr.io"]
+    assert doc == {"mtu": 1350, "registry-mirrors": ["http://10.0.0.5"], "insecure-registries": insecure}
     assert "@443" in err and "@80" in err
     code, _, err = run_cli(capsys, "client-config", "dns", "--cache", "cache.example.net")
     assert code == 2 and "IP address" in err
