@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
 
 from mitmproxy import ctx, exceptions, http
+from mitmproxy.net.http import url
 from mitmproxy.proxy import mode_specs
 
 from . import oci
@@ -40,6 +41,9 @@ UPSTREAM_WORKERS = 32
 UPSTREAM_PER_ENDPOINT = 8
 # Request headers forwarded to upstream on our own fetches.
 _FORWARD = ("authorization", "accept", "user-agent", "range")
+# flow.metadata key: the Host a client sent to a mirror listener (mitmproxy rewrites the header).
+CLIENT_HOST = "regcache.client_host"
+_TLS_SCHEMES = ("https", "tls", "http3", "quic", "dtls")
 
 
 @dataclass
@@ -133,7 +137,9 @@ class RegistryCache:
                 ctx.options.ssl_verify_upstream_trusted_ca,
                 ctx.options.ssl_verify_upstream_trusted_confdir,
             )
-            self.upstream = Upstream(ssl_context, self.config.upstream_timeout, self.config.upstream_backoff)
+            self.upstream = Upstream(
+                ssl_context, self.config.upstream_timeout, self.config.upstream_backoff, self.config.redirect_allow
+            )
             if self.fills is None:
                 self.fills = Fills(self.store, self.upstream)
             else:
@@ -144,10 +150,18 @@ class RegistryCache:
             # Eager connections would reach upstream for every hit (and fail when it is down).
             log.info("regcache: setting connection_strategy=lazy so cache hits open no upstream connection")
             ctx.options.update(connection_strategy="lazy")
+        if "keep_host_header" in updated and not ctx.options.keep_host_header:
+            # Otherwise mitmproxy replaces a mirror client's Host before any hook sees it, and the
+            # DNS way in (quay.io pointed at the cache) could not tell quay.io from Docker Hub.
+            # requestheaders puts back the Host mitmproxy would have sent.
+            log.info("setting keep_host_header=true so mirror listeners see the registry a client names in Host")
+            ctx.options.update(keep_host_header=True)
 
     async def running(self):
         if ctx.options.connection_strategy != "lazy":
             ctx.options.update(connection_strategy="lazy")
+        if "keep_host_header" in ctx.options and not ctx.options.keep_host_header:
+            ctx.options.update(keep_host_header=True)
         self.blobserver = BlobServer(self.store, self.fills, self.signer)
         fast_port = self.config.fastpath_port if self.config.fastpath != "off" else None
         try:
@@ -176,38 +190,30 @@ class RegistryCache:
 
     def tls_clienthello(self, data):
         """Leave TLS of non-registry hosts alone: their own certificate reaches the client."""
+        mode = data.context.client.proxy_mode
+        if isinstance(mode, mode_specs.ReverseMode):
+            # A mirror listener answers for every name it is reached by (a registry pointed at
+            # it by DNS, or its own name): never passed through. mitmproxy's certificate names
+            # the client's SNI. With keep_host_header (see configure) mitmproxy no longer names
+            # the listener's upstream in the upstream SNI; name it, as it would have.
+            if data.context.server.sni is None and mode.scheme in _TLS_SCHEMES:
+                data.context.server.sni = mode.address[0]
+            return
         sni = data.client_hello.sni
         if sni is None:
             server = data.context.server.address
             sni = server[0] if server else None
-        if isinstance(data.context.client.proxy_mode, mode_specs.ReverseMode):
-            return
         if sni and not self.config.is_registry_host(sni):
             data.ignore_connection = True
 
     # --- request routing ----------------------------------------------------------------
 
     def identify(self, flow: http.HTTPFlow) -> Identity | None:
+        """Raises oci.ProtocolError when a mirror client names a host that is not a registry."""
         mode = flow.client_conn.proxy_mode
         path = flow.request.path.split("?", 1)[0]
         if isinstance(mode, mode_specs.ReverseMode):
-            ns = flow.request.query.get("ns")
-            mirror_host = mode.address[0]
-            registry = self.config.registry_for_host(ns) if ns else None
-            prefixed = False
-            if registry is None:
-                m = _PREFIXED.match(path)
-                if m and self.config.is_registry_host(m.group("registry")):
-                    registry = self.config.registry_for_host(m.group("registry"))
-                    path = "/v2/" + m.group("rest")
-                    prefixed = True
-            if registry is None:
-                registry = self.config.registry_for_host(mirror_host)
-            if registry == self.config.registry_for_host(mirror_host):
-                target = Target(mirror_host, mode.address[1], "https" if mode.scheme in ("https", "tls") else "http")
-            else:
-                target = Target(oci.api_host(registry))
-            return Identity(registry, target, path, forward_credentials=not prefixed or registry == self.config.registry_for_host(mirror_host))
+            return self._identify_on_mirror(flow, mode, path)
         host = flow.request.pretty_host
         if isinstance(mode, mode_specs.TransparentMode):
             host = flow.client_conn.sni or host
@@ -218,7 +224,63 @@ class RegistryCache:
         own_endpoint = (target.scheme, target.port) == ("https", 443) or self.config.is_plain_http(host)
         return Identity(self.config.registry_for_host(host), target, path, cacheable=own_endpoint)
 
+    def _identify_on_mirror(self, flow: http.HTTPFlow, mode: mode_specs.ReverseMode, path: str) -> Identity:
+        """The registry is, in order: ?ns= (containerd), a path prefix (/v2/quay.io/...), a Host
+        or SNI that names a registry (the DNS way in), else the listener's own upstream.
+
+        ?ns= and prefixes name only registries of the configured list; a Host or SNI that names
+        no registry is the cache's own name or address (the cache cannot know every name it
+        is reached by), so the request is the listener's own upstream's.
+        """
+        default = self.config.registry_for_host(mode.address[0])
+        # The registry the client's /v2/ ping (never prefixed) went to: its token is for that one.
+        base = self._registry_named_by_host(flow) or default
+        registry, forward_credentials = base, True
+        ns = flow.request.query.get("ns")
+        if ns is not None:
+            if not self.config.is_listed_registry(ns):
+                message = f"{ns[:100]!r} is not a registry this cache serves"
+                raise oci.ProtocolError(404, "NAME_UNKNOWN", message, {"ns": ns[:256]})
+            registry = self.config.registry_for_host(ns)
+        else:
+            m = _PREFIXED.match(path)
+            if m and self.config.is_listed_registry(m.group("registry")):
+                registry = self.config.registry_for_host(m.group("registry"))
+                path = "/v2/" + m.group("rest")
+                forward_credentials = registry == base
+        if registry == default:
+            target = Target(mode.address[0], mode.address[1], "https" if mode.scheme in _TLS_SCHEMES else "http")
+        else:
+            # The registry's real API host, as the cache host's own DNS resolves it.
+            api = oci.api_host(registry)
+            name, _, port = api.rpartition(":")
+            target = Target(name, int(port)) if name and port.isdigit() else Target(api)
+        return Identity(registry, target, path, forward_credentials=forward_credentials)
+
+    def _registry_named_by_host(self, flow: http.HTTPFlow) -> str | None:
+        """The registry a mirror client named by Host (or SNI): the hosts file or DNS of the
+        client pointed that registry's name at the cache. None for any other name."""
+        host_header = flow.metadata.get(CLIENT_HOST, flow.request.host_header)
+        names = []
+        if host_header:
+            try:
+                names.append(url.parse_authority(host_header, check=False)[0])
+            except ValueError:
+                pass
+        names.append(flow.client_conn.sni)
+        for name in names:
+            if name and self.config.is_listed_registry(name):
+                return self.config.registry_for_host(name)
+        return None
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        mode = flow.client_conn.proxy_mode
+        if isinstance(mode, mode_specs.ReverseMode):
+            # keep_host_header is on (see configure): keep the client's Host for identify, and
+            # send upstream the Host mitmproxy sends without keep_host_header.
+            flow.metadata[CLIENT_HOST] = flow.request.host_header
+            scheme = "https" if mode.scheme in _TLS_SCHEMES else "http"
+            flow.request.host_header = url.hostport(scheme, mode.address[0], mode.address[1])
         # Pushes and other large uploads stream through instead of being buffered.
         if flow.request.method in ("PUT", "PATCH", "POST"):
             flow.request.stream = True
@@ -229,7 +291,12 @@ class RegistryCache:
         if self._is_fastpath_request(flow):
             self._route_to_blobserver(flow, None)
             return
-        ident = self.identify(flow)
+        try:
+            ident = self.identify(flow)
+        except oci.ProtocolError as e:
+            self._answer_error(flow, e.status, e.code, e.message, e.detail)
+            log.warning("refused %s %s: %s", flow.request.method, flow.request.path[:200], e.message)
+            return
         if ident is None or not ident.path.startswith("/v2"):
             return
         if not ident.cacheable:

@@ -491,6 +491,11 @@ def cmd_client_config(args) -> int:
         text, hint = clientconfig.podman(cache, args.registry or None)
     elif kind == "systemd":
         text, hint = clientconfig.systemd(cache, args.service)
+    elif kind == "dns":
+        try:
+            text, hint = clientconfig.dns(cache)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
     else:
         text, hint = clientconfig.iptables(cache, args.user, args.iface)
     sys.stdout.write(text)
@@ -664,7 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
             "  containerd  /etc/containerd/certs.d/_default/hosts.toml: one mirror for every registry\n"
             "  podman      /etc/containers/registries.conf.d/50-regcache.conf: a path-prefix mirror per registry\n"
             "  systemd     a drop-in with HTTPS_PROXY and NO_PROXY (the cache host is never proxied: fast-path redirects)\n"
-            "  iptables    transparent mode: REDIRECT of port 443, exempting regcache's own traffic by owner")
+            "  iptables    transparent mode: REDIRECT of port 443, exempting regcache's own traffic by owner\n"
+            "  dns         the DNS way in: /etc/hosts lines pointing registries at the cache (--cache IP)\n"
+            "              and daemon.json")
     s.add_argument("kind", choices=clientconfig.KINDS)
     s.add_argument("--cache", metavar="HOST[:PORT]", help="how clients reach the cache (default: this host's name); a port replaces the listener's default")
     s.add_argument("--proxy-port", type=int, default=clientconfig.PROXY_PORT, help="HTTPS_PROXY listener (default 8080)")

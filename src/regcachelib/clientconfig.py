@@ -3,11 +3,14 @@
 Each generator returns (text, hint): the text is the whole file (or shell script) to write,
 valid as it stands (JSON, TOML, a systemd unit drop-in, sh); the hint says where it goes and
 what to run afterwards. The CLI prints the text on stdout and the hint on stderr, so
-`regcache client-config docker > /etc/docker/daemon.json` does the right thing.
+`regcache client-config docker > /etc/docker/daemon.json` does the right thing. The one
+exception is dns, which prints two files (hosts lines, daemon.json), each under a comment
+naming it.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 from dataclasses import dataclass
@@ -18,7 +21,12 @@ PROXY_PORT = 8080
 MIRROR_PORT = 5000
 FASTPATH_PORT = 5080
 TRANSPARENT_PORT = 8081
-KINDS = ("docker", "containerd", "podman", "systemd", "iptables")
+KINDS = ("docker", "containerd", "podman", "systemd", "iptables", "dns")
+# The DNS way in: names the nodes' hosts file (or DNS) points at the cache, and the registries
+# dockerd must be told are insecure (it then takes the cache's certificate on 443 unverified,
+# or falls back to plain HTTP on 80).
+DNS_NAMES = ("quay.io", "gcr.io", "k8s.gcr.io", "registry-1.docker.io")
+DNS_INSECURE = ("k8s.gcr.io", "quay.io", "gcr.io")
 
 # Registries a registries.conf gets mirrors for by default: the built-in list without
 # patterns and without Docker Hub's other names.
@@ -159,3 +167,28 @@ def iptables(cache: Cache, user: str = "regcache", iface: str | None = None) -> 
         "# clients must trust regcache's CA (regcache ca install system). docker/entrypoint-transparent.sh does all this.\n"
     )
     return "\n".join(lines) + "\n", hint
+
+
+def dns(cache: Cache) -> tuple[str, str]:
+    """The DNS way in: registries' names resolve to the cache, which listens on 80 and 443."""
+    try:
+        ipaddress.ip_address(cache.host)
+    except ValueError:
+        raise ValueError(
+            f"dns: --cache must be the cache's IP address (a hosts file maps names to addresses), not {cache.host!r}"
+        ) from None
+    hosts = "".join(f"{cache.host}\t{name}\n" for name in DNS_NAMES)
+    mirror = cache.netloc(cache.port) if cache.port else (f"[{cache.host}]" if ":" in cache.host else cache.host)
+    doc = {"mtu": 1350, "registry-mirrors": [f"http://{mirror}"], "insecure-registries": list(DNS_INSECURE)}
+    text = "# /etc/hosts on every node (or the same names in its DNS):\n" + hosts
+    text += "\n# /etc/docker/daemon.json:\n" + json.dumps(doc, indent=2) + "\n"
+    hint = (
+        "# the cache must listen on port 80 (plain) and 443 (TLS) as a mirror, e.g.\n"
+        "#   --mode reverse:https://registry-1.docker.io@80 --mode reverse:https://registry-1.docker.io@443\n"
+        "# and resolve the registries to their real addresses itself (its own /etc/hosts must not have these lines).\n"
+        "# dockerd: Docker Hub through registry-mirrors (port 80); the insecure registries over TLS on 443 with\n"
+        "# the cache's certificate unverified, or plain HTTP on 80. Restart dockerd after writing daemon.json.\n"
+        "# Other runtimes reaching registry-1.docker.io on 443 must trust the cache's CA\n"
+        "# (regcache ca install system).\n"
+    )
+    return text, hint

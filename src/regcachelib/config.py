@@ -83,10 +83,24 @@ class Config:
     status_show_private: bool = False  # name repositories not known to be public on the status page
     # destinations the proxy may reach although they are the cache host's own or loopback/link-local
     proxy_allow: list[AllowedDestination] = field(default_factory=list)
+    # Networks an upstream redirect (a blob CDN) may lead to besides public addresses: on-premise
+    # registries whose storage sits on a private network. Loopback, link-local and private
+    # ranges are refused otherwise, so a registry cannot point regcache at the cache host's
+    # own services or its LAN.
+    redirect_allow: list = field(default_factory=list)
 
     def is_registry_host(self, host: str) -> bool:
         if self.intercept_all:
             return True
+        return self.is_listed_registry(host)
+
+    def is_listed_registry(self, host: str) -> bool:
+        """Whether host is a registry by the registries list and aliases alone.
+
+        What a client may name a registry by (a mirror's ?ns=, path prefix, Host or SNI):
+        intercept_all only widens which TLS the proxy intercepts; it must not let a client
+        send regcache to any host it likes.
+        """
         host = host.lower().rstrip(".")
         if host in self.aliases:
             return True
@@ -170,6 +184,22 @@ def _fastpath_mode(value) -> str:
     raise ValueError("expected auto, always or off")
 
 
+def _networks(value) -> list:
+    """['10.0.0.0/8', '192.168.1.5'] -> ip_network objects (a bare address is one host)."""
+    if not isinstance(value, list):
+        raise ValueError("expected a list of networks such as [10.1.0.0/16, 192.168.1.5]")
+    networks = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"expected a network such as 10.1.0.0/16, got {item!r}")
+        try:
+            # strict=False: 10.1.2.3/16 means the /16 it lies in, as most people who write it mean.
+            networks.append(ipaddress.ip_network(item.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"expected a network such as 10.1.0.0/16, got {item!r}") from None
+    return networks
+
+
 def _port(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
         raise ValueError("expected a port number 0-65535")
@@ -244,6 +274,7 @@ _KEYS = {
     "plain_http_registries": ("plain_http_registries", _hosts),
     "status_show_private": ("status_show_private", _bool),
     "proxy_allow": ("proxy_allow", _allowed_destinations),
+    "redirect_allow": ("redirect_allow", _networks),
 }
 
 

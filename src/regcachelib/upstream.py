@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import heapq
 import http.client
+import ipaddress
 import json
 import logging
 import re
@@ -116,6 +117,60 @@ class Watchdog:
 WATCHDOG = Watchdog()
 
 
+class RedirectRefused(UpstreamUnavailable):
+    """A redirect regcache does not follow: to another host over plain HTTP, or to an address
+    that is neither public nor in redirect_allow. The upstream itself is fine (no back-off)."""
+
+
+def redirect_address_allowed(ip: str, allow) -> bool:
+    """Whether a redirect may connect to ip: a public address, or one in the allowed networks."""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 is loopback
+    if any(address in network for network in allow):
+        return True
+    return address.is_global and not address.is_multicast
+
+
+def _connect_allowed(host: str, port: int, timeout: float, allow) -> socket.socket:
+    """Connect to host only at an address redirect_address_allowed accepts.
+
+    Checked on the addresses actually connected to, not on the name: a name that resolves
+    to a public address when looked at and to 127.0.0.1 a moment later (DNS rebinding) still
+    never gets a connection to 127.0.0.1.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise OSError(f"cannot resolve {host}: {e}") from e
+    allowed = [info for info in infos if redirect_address_allowed(info[4][0], allow)]
+    if not allowed:
+        addresses = ", ".join(sorted({info[4][0] for info in infos}))
+        raise RedirectRefused(
+            f"redirect to {host} refused: it resolves to {addresses}, not a public address (see redirect_allow)"
+        )
+    error: OSError | None = None
+    for family, type_, proto, _, sockaddr in allowed:
+        sock = socket.socket(family, type_, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            if not redirect_address_allowed(sock.getpeername()[0], allow):
+                raise RedirectRefused(f"redirect to {host} refused: connected to {sock.getpeername()[0]}")
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+        except RedirectRefused:
+            sock.close()
+            raise
+    assert error is not None
+    raise error
+
+
 @dataclass(frozen=True)
 class Target:
     """Where a registry's API is: the name it answers to, and optionally where to connect.
@@ -201,16 +256,23 @@ class UpstreamResponse:
 
 
 class _Connection(http.client.HTTPSConnection):
-    """HTTPS to one name, optionally at a fixed address (transparent mode's original dst)."""
+    """HTTPS to one name, optionally at a fixed address (transparent mode's original dst).
 
-    def __init__(self, host, port, address, context, timeout, deadline: Deadline):
+    With redirect_allow (a redirect to another host), only to addresses that rule allows.
+    """
+
+    def __init__(self, host, port, address, context, timeout, deadline: Deadline, redirect_allow=None):
         super().__init__(host, port, context=context, timeout=timeout)
         self._address = address
         self._context = context
         self._deadline = deadline
+        self._redirect_allow = redirect_allow
 
     def connect(self):
-        sock = socket.create_connection((self._address or self.host, self.port), self.timeout)
+        if self._redirect_allow is None:
+            sock = socket.create_connection((self._address or self.host, self.port), self.timeout)
+        else:
+            sock = _connect_allowed(self._address or self.host, self.port, self.timeout, self._redirect_allow)
         self._deadline.attach(sock)  # the TLS handshake is inside the deadline too
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
 
@@ -228,8 +290,11 @@ class _PlainConnection(http.client.HTTPConnection):
 class Upstream:
     """Blocking client for upstream registries, with a dead-upstream back-off."""
 
-    def __init__(self, ssl_context: ssl.SSLContext, timeout: float = 30.0, backoff: float = 15.0):
+    def __init__(self, ssl_context: ssl.SSLContext, timeout: float = 30.0, backoff: float = 15.0, redirect_allow=None):
         self.ssl_context = ssl_context
+        # None: follow redirects anywhere (the operator's own `regcache warm`); a list of
+        # networks: redirects to another host only over HTTPS to public addresses or these.
+        self.redirect_allow = None if redirect_allow is None else tuple(redirect_allow)
         self.timeout = timeout  # per read, and for a whole exchange up to its response headers
         self.backoff = backoff
         # (scheme, host, port, address) of a registry's endpoint -> monotonic time it is retried
@@ -285,6 +350,7 @@ class Upstream:
         origin_host = target.host
         address = target.connect_address
         origin_scheme = urlsplit(url).scheme
+        origin_port = target.port
         for _hop in range(MAX_REDIRECTS + 1):
             parts = urlsplit(url)
             host = parts.hostname or ""
@@ -294,6 +360,12 @@ class Upstream:
                 raise UpstreamUnavailable(f"invalid redirect target from {origin_host}") from None
             if parts.scheme not in ("http", "https") or not host:
                 raise UpstreamUnavailable(f"invalid redirect target from {origin_host}")
+            # The registry itself was chosen by configuration; where it redirects to was not.
+            elsewhere = (host, parts.scheme, port) != (origin_host, origin_scheme, origin_port)
+            checked = self.redirect_allow is not None and elsewhere
+            if checked and parts.scheme != "https":
+                log.warning("not following %s's redirect to %s: plain HTTP to another host", origin_host, host)
+                raise RedirectRefused(f"{origin_host} redirected to plain-HTTP {host}; not followed")
             endpoint = (parts.scheme, host, port, address) if _hop == 0 else None
             if endpoint and self.is_backed_off(endpoint):
                 raise UpstreamUnavailable(f"{host} is backed off after a recent failure")
@@ -306,7 +378,10 @@ class Upstream:
             netloc = host if port in (80, 443) else f"{host}:{port}"
             send_headers.append(("Host", netloc))
             if parts.scheme == "https":
-                conn: http.client.HTTPConnection = _Connection(host, port, address, self.ssl_context, self.timeout, deadline)
+                allow = self.redirect_allow if checked else None
+                conn: http.client.HTTPConnection = _Connection(
+                    host, port, address, self.ssl_context, self.timeout, deadline, allow
+                )
             else:
                 conn = _PlainConnection(address or host, port, self.timeout, deadline)
             req_path = parts.path + ("?" + parts.query if parts.query else "")
@@ -317,6 +392,10 @@ class Upstream:
                 conn.endheaders()
                 sock = conn.sock  # getresponse() drops it from a connection that will close
                 resp = conn.getresponse()
+            except RedirectRefused as e:
+                conn.close()
+                log.warning("not following %s's redirect: %s", origin_host, e)
+                raise
             except (OSError, http.client.HTTPException, ssl.SSLError) as e:
                 conn.close()
                 if endpoint:

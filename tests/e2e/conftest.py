@@ -22,6 +22,7 @@ PROXY_PORT = 8080
 TRANSPARENT_PORT = 8081
 MIRROR_PORT = 5000
 FASTPATH_PORT = 5080
+WORLD_UPSTREAM_NET = "10.77.1.0/24"  # tests.world's upstream hosts, the blob CDN among them
 
 
 def _can_run_e2e() -> str | None:
@@ -61,10 +62,15 @@ class Regcache:
         argv += ["--set", f"ssl_verify_upstream_trusted_ca={world.ca_cert_path}", "--set", "termlog_verbosity=info"]
         for mode in modes:
             argv += ["--mode", mode]
-        if config is not None:
-            cfg = workdir / "regcache.yml"
-            cfg.write_text(config)
-            argv += ["--set", f"regcache_config={cfg}"]
+        # The world's blob CDN sits on a private address, where regcache follows no redirect
+        # unless told to: every regcache here is told so, unless a test says otherwise.
+        config = config if config is not None else ""
+        if "redirect_allow" not in config:
+            separator = "\n" if config.strip() else ""
+            config = config.rstrip("\n") + separator + f"redirect_allow: [{WORLD_UPSTREAM_NET}]\n"
+        cfg = workdir / "regcache.yml"
+        cfg.write_text(config)
+        argv += ["--set", f"regcache_config={cfg}"]
         for k, v in options.items():
             argv += ["--set", f"{k}={v}"]
         self.argv = argv

@@ -8,6 +8,7 @@ names with no network access needed (offline mode, or requests answered before a
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import contextlib
 import json
 import time
@@ -435,5 +436,185 @@ def test_blob_request_with_broken_upstream_redirect_gets_an_answer(tmp_path, ups
             await asyncio.wait_for(rc.request(flow), 3)
             assert flow.response is not None and flow.response.status_code >= 500
             assert not rc.store.has_blob(BLOB_DIGEST)
+
+    run(main())
+
+
+# --- mirror listeners: which registry a request is for ---------------------------------------------
+
+
+DOCKER_MIRROR = "reverse:https://registry-1.docker.io@5000"
+
+
+def mirror_flow(path: str, host: str, mode: str = DOCKER_MIRROR, sni: str | None = None) -> http.HTTPFlow:
+    """A request as a mirror listener's client sends it; Host as the client wrote it."""
+    spec = ProxyMode.parse(mode)
+    hdrs = http.Headers([(b"host", host.encode())])
+    scheme = b"https" if sni else b"http"
+    req = tutils.treq(host=spec.address[0], port=spec.address[1], scheme=scheme, method=b"GET", path=path.encode(),
+                      authority=b"", headers=hdrs, content=b"")
+    flow = tflow.tflow(req=req)
+    flow.client_conn.proxy_mode = spec
+    flow.client_conn.sni = sni
+    return flow
+
+
+@pytest.mark.parametrize(
+    "host,sni,registry,target",
+    [
+        # the cache's own name or address: the listener's upstream
+        ("10.0.0.5:5000", None, "docker.io", ("registry-1.docker.io", 443, "https")),
+        ("regcache.corp", None, "docker.io", ("registry-1.docker.io", 443, "https")),
+        ("127.0.0.1:9090", None, "docker.io", ("registry-1.docker.io", 443, "https")),
+        # the DNS way in: a registry's name pointed at the cache (port 80, or 443 with SNI)
+        ("quay.io", None, "quay.io", ("quay.io", 443, "https")),
+        ("QUAY.IO:80", None, "quay.io", ("quay.io", 443, "https")),
+        ("k8s.gcr.io", None, "k8s.gcr.io", ("k8s.gcr.io", 443, "https")),
+        ("registry-1.docker.io", None, "docker.io", ("registry-1.docker.io", 443, "https")),
+        ("quay.io", "quay.io", "quay.io", ("quay.io", 443, "https")),
+        ("10.0.0.5", "gcr.io", "gcr.io", ("gcr.io", 443, "https")),
+    ],
+)
+def test_mirror_registry_named_by_host_or_sni(tmp_path, host, sni, registry, target):
+    async def main():
+        async with running_addon(tmp_path, offline=True) as (rc, _):
+            ident = rc.identify(mirror_flow("/v2/library/small/manifests/1", host, sni=sni))
+            assert ident.registry == registry
+            assert (ident.target.host, ident.target.port, ident.target.scheme) == target
+            assert ident.path == "/v2/library/small/manifests/1" and ident.forward_credentials
+
+    run(main())
+
+
+def test_mirror_order_ns_then_prefix_then_host(tmp_path):
+    async def main():
+        async with running_addon(tmp_path, offline=True) as (rc, _):
+            ident = rc.identify(mirror_flow("/v2/org/img/manifests/1?ns=ghcr.io", "quay.io"))
+            assert (ident.registry, ident.target.host, ident.path) == ("ghcr.io", "ghcr.io", "/v2/org/img/manifests/1")
+            ident = rc.identify(mirror_flow("/v2/gcr.io/proj/img/manifests/1", "quay.io"))
+            assert (ident.registry, ident.path) == ("gcr.io", "/v2/proj/img/manifests/1")
+            # the client's token is for quay.io, where its (unprefixed) /v2/ ping went
+            assert not ident.forward_credentials
+            ident = rc.identify(mirror_flow("/v2/quay.io/org/img/manifests/1", "quay.io"))
+            assert ident.registry == "quay.io" and ident.forward_credentials
+            # a prefix that is not a registry is part of the repository name
+            ident = rc.identify(mirror_flow("/v2/evil.example/img/manifests/1", "cache"))
+            assert (ident.registry, ident.path) == ("docker.io", "/v2/evil.example/img/manifests/1")
+
+    run(main())
+
+
+def test_mirror_client_host_survives_mitmproxys_host_rewrite(tmp_path):
+    async def main():
+        async with running_addon(tmp_path, offline=True) as (rc, _):
+            flow = mirror_flow("/v2/library/small/manifests/1", "quay.io")
+            rc.requestheaders(flow)
+            # upstream gets the Host mitmproxy sends on a reverse listener; identify still sees quay.io
+            assert flow.request.host_header == "registry-1.docker.io"
+            assert rc.identify(flow).registry == "quay.io"
+
+    run(main())
+
+
+@pytest.mark.parametrize("ns", ["evil.example", "127.0.0.1:{port}", "localhost", "gcr.io:1", ""])
+def test_mirror_ns_that_is_no_registry_is_refused_and_nothing_fetched(tmp_path, upstream_server, ns):
+    ns = ns.format(port=upstream_server.port)
+    upstream_server.routes["/v2/org/img/manifests/1"] = Reply(body=MANIFEST, headers=[("Content-Type", oci.OCI_INDEX)])
+
+    async def main():
+        # intercept_all widens interception only: a client still cannot name any host
+        async with running_addon(tmp_path, "intercept_all: true\n") as (rc, _):
+            for path in ("/v2/org/img/manifests/1", "/v2/", f"/v2/org/img/blobs/{BLOB_DIGEST}"):
+                mode = f"reverse:http://127.0.0.1:{upstream_server.port}@5000"
+                flow = mirror_flow(f"{path}?ns={ns}", "cache:5000", mode=mode)
+                await rc.request(flow)
+                assert flow.response.status_code == 404, path
+                assert error_code(flow) == "NAME_UNKNOWN"
+            assert upstream_server.requests == []
+            assert rc.store.get_manifest(MANIFEST_DIGEST) is None
+
+    run(main())
+
+
+def test_mirror_host_of_a_loopback_service_fetches_nothing_there(tmp_path, upstream_server):
+    """Host: 127.0.0.1:<a service on the cache host> is the cache's own address: the request is
+    the listener's registry's, and the service never hears of it."""
+    registry = type(upstream_server)()
+    registry.routes["/v2/org/img/manifests/1"] = Reply(body=MANIFEST, headers=[("Content-Type", oci.OCI_INDEX)])
+    try:
+        async def main():
+            async with running_addon(tmp_path) as (rc, _):
+                mode = f"reverse:http://127.0.0.1:{registry.port}@5000"
+                flow = mirror_flow("/v2/org/img/manifests/1", f"127.0.0.1:{upstream_server.port}", mode=mode)
+                rc.requestheaders(flow)
+                await rc.request(flow)
+                assert flow.response.status_code == 200 and flow.response.content == MANIFEST
+            assert upstream_server.requests == []
+            assert registry.count("GET", "/v2/org/img/manifests/1") == 1
+
+        run(main())
+    finally:
+        registry.close()
+
+
+# --- redirects upstream sends ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address,allowed",
+    [
+        ("93.184.216.34", True), ("2606:4700::6810:84e5", True),
+        ("127.0.0.1", False), ("10.77.1.13", False), ("172.16.0.1", False), ("192.168.1.1", False),
+        ("169.254.169.254", False), ("100.64.0.1", False), ("0.0.0.0", False), ("224.0.0.1", False),
+        ("::1", False), ("fe80::1%eth0", False), ("fd00::1", False),
+        ("::ffff:127.0.0.1", False), ("::ffff:10.0.0.1", False),
+    ],
+)
+def test_redirect_addresses(address, allowed):
+    from regcachelib.upstream import redirect_address_allowed
+
+    assert redirect_address_allowed(address, ()) is allowed
+    world_net = [ipaddress.ip_network("10.77.1.0/24")]
+    assert redirect_address_allowed(address, world_net) is (allowed or address == "10.77.1.13")
+
+
+@pytest.mark.parametrize(
+    "location",
+    ["https://localhost:{port}/blob", "https://127.0.0.1:{port}/blob",
+     "http://cdn.example/blob", "http://localhost:{port}/blob"],
+)
+def test_blob_redirect_to_loopback_or_plain_http_is_not_followed(tmp_path, upstream_server, location, caplog):
+    path = f"/v2/org/img/blobs/{BLOB_DIGEST}"
+    upstream_server.routes[path] = Reply(status=307, headers=[("Location", location.format(port=upstream_server.port))])
+    upstream_server.routes["/blob"] = Reply(body=BLOB)
+
+    async def main():
+        async with running_addon(tmp_path, LOCAL_ALIAS) as (rc, _):
+            flow = local_flow(upstream_server, path)
+            await asyncio.wait_for(rc.request(flow), 10)
+            assert flow.response is not None and flow.response.status_code >= 500
+            assert not rc.store.has_blob(BLOB_DIGEST)
+            # refused by rule, not by a failing connection; nothing reached the target
+            assert "not following 127.0.0.1's redirect" in caplog.text
+            assert [p for _, p, _ in upstream_server.requests] == [path]
+
+    run(main())
+
+
+@pytest.mark.parametrize("sni", ["quay.io", "cache.example.net", None])
+def test_mirror_tls_is_always_intercepted_and_upstream_sni_is_the_listeners(tmp_path, sni):
+    """On a mirror's 443 every name is answered (registries pointed at it by DNS, its own name);
+    the upstream connection names the listener's upstream, as without keep_host_header."""
+    from types import SimpleNamespace
+
+    async def main():
+        async with running_addon(tmp_path, offline=True) as (rc, _):
+            spec = ProxyMode.parse("reverse:https://registry-1.docker.io@443")
+            server = SimpleNamespace(sni=None, address=spec.address)
+            data = SimpleNamespace(context=SimpleNamespace(client=SimpleNamespace(proxy_mode=spec), server=server),
+                                   client_hello=SimpleNamespace(sni=sni), ignore_connection=False)
+            rc.tls_clienthello(data)
+            assert data.ignore_connection is False
+            assert server.sni == "registry-1.docker.io"
 
     run(main())

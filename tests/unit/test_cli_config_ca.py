@@ -101,6 +101,25 @@ def test_bad_cache_address(capsys):
     assert code == 2 and "bad port" in err
 
 
+def dns_files(out: str) -> tuple[list[tuple[str, str]], dict]:
+    """The two files `client-config dns` prints: (hosts entries, daemon.json)."""
+    hosts_part, _, json_part = out.partition("# /etc/docker/daemon.json:\n")
+    entries = [tuple(line.split()) for line in hosts_part.splitlines() if line.strip() and not line.startswith("#")]
+    return entries, json.loads(json_part)
+
+
+def test_dns_way_in_hosts_lines_and_daemon_json(capsys):
+    code, out, err = run_cli(capsys, "client-config", "dns", "--cache", "10.0.0.5")
+    assert code == 0
+    entries, doc = dns_files(out)
+    assert entries == [("10.0.0.5", n) for n in ("quay.io", "gcr.io", "k8s.gcr.io", "registry-1.docker.io")]
+    insecure = ["k8s.gcr.io", "quay.io", "gcr.io"]
+    assert doc == {"mtu": 1350, "registry-mirrors": ["http://10.0.0.5"], "insecure-registries": insecure}
+    assert "@443" in err and "@80" in err
+    code, _, err = run_cli(capsys, "client-config", "dns", "--cache", "cache.example.net")
+    assert code == 2 and "IP address" in err
+
+
 # --- ca ---------------------------------------------------------------------------------------------
 
 

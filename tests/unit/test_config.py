@@ -226,3 +226,26 @@ def test_default_list_is_not_shared_between_configs():
     b = Config()
     assert "one.example" in a.registries and "one.example" not in b.registries
     assert "one.example" not in config.DEFAULT_REGISTRIES
+
+
+def test_redirect_allow_networks():
+    import ipaddress
+
+    assert Config().redirect_allow == []
+    cfg = parse_config("redirect_allow: [10.77.1.0/24, 192.168.1.5, 'fd00::/8', 172.16.3.4/12]\n")
+    networks = ("10.77.1.0/24", "192.168.1.5/32", "fd00::/8", "172.16.0.0/12")
+    assert cfg.redirect_allow == [ipaddress.ip_network(n) for n in networks]
+
+
+@pytest.mark.parametrize("value", ["10.0.0.0/8", "[10.0.0.0/33]", "[cdn.example]", "[[1]]", "[8]"])
+def test_redirect_allow_rejects(value):
+    msg = error_of(f"redirect_allow: {value}\n")
+    assert msg.startswith("cfg.yaml:1:17: redirect_allow: "), msg
+
+
+def test_clients_name_only_listed_registries_even_with_intercept_all():
+    cfg = parse_config("intercept_all: true\naliases: {mirror.corp: quay.io}\n")
+    assert cfg.is_registry_host("evil.example")  # the proxy intercepts every host's TLS
+    assert not cfg.is_listed_registry("evil.example")  # but no client may name it as a registry
+    assert not cfg.is_listed_registry("127.0.0.1:9090")
+    assert all(cfg.is_listed_registry(h) for h in ("quay.io", "eu.gcr.io", "Mirror.Corp."))

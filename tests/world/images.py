@@ -135,6 +135,10 @@ DEFAULT_SPECS: tuple[ImageSpec, ...] = (
               (_L("big-30m", 30 * MiB, 0),)),
     ImageSpec("docker.io", "private/secret", "1", "oci",
               (_L("secret-1", 4 * KiB),)),
+    # Same name as docker.io/library/small:1, other contents: a cache that mixes up registries
+    # serves one for the other.
+    ImageSpec("quay.io", "library/small", "1", "oci",
+              (_L("quay-small-1", 6 * KiB), _L("quay-small-2", 5 * KiB))),
     ImageSpec("quay.io", "org/s2", "1", "docker",
               (_L("base-amd64", 8 * KiB), _L("quay-s2-1", 10 * KiB))),
     ImageSpec("quay.io", "org/multi-oci", "1", "oci-index",
