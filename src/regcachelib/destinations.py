@@ -36,7 +36,6 @@ import logging
 import socket
 import struct
 import time
-import weakref
 
 from mitmproxy import http
 from mitmproxy.proxy import mode_specs
@@ -132,8 +131,6 @@ class DestinationPolicy:
         self.cache = cache  # the RegistryCache: its config (proxy_allow) and its blob server
         self._local: frozenset[IPAddress] = frozenset()
         self._local_read_at = float("-inf")
-        # server connection -> the (name, port) it was asked for, while pinned to an address
-        self._asked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # --- mitmproxy events -------------------------------------------------------------------
 
@@ -169,16 +166,10 @@ class DestinationPolicy:
                         _peer(data.client), _hostport(host, port), reason)
             return
         if str(addresses[0]) != host:
-            # Connect to exactly the address that was checked, not to a second lookup's answer.
-            self._asked[server] = server.address
+            # Connect to exactly the address that was checked, not to a second lookup's answer
+            # (DNS rebinding). The connection keeps the address: mitmproxy forbids changing it
+            # once open, and a later request to the name simply opens (and checks) its own.
             server.address = (str(addresses[0]), port)
-
-    def server_connected(self, data) -> None:
-        # Back to the name it was asked for: mitmproxy reuses a connection for later requests
-        # to the same (name, port), and logs and flows show the name.
-        asked = self._asked.pop(data.server, None)
-        if asked is not None:
-            data.server.address = asked
 
     # --- the policy --------------------------------------------------------------------------
 

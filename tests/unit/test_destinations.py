@@ -17,7 +17,7 @@ import pytest
 from mitmproxy import connection
 from mitmproxy.proxy.layers.http import HttpConnectHook, HttpRequestHeadersHook, HttpRequestHook
 from mitmproxy.proxy.mode_specs import ProxyMode
-from mitmproxy.proxy.server_hooks import ServerConnectedHook, ServerConnectHook, ServerConnectionHookData
+from mitmproxy.proxy.server_hooks import ServerConnectHook, ServerConnectionHookData
 from mitmproxy.test import taddons, tflow, tutils
 
 from regcachelib import addon as addon_module
@@ -251,8 +251,8 @@ def test_server_connect_refuses_loopback_by_name_and_address(tmp_path):
 
 
 def test_server_connect_pins_the_checked_address(tmp_path, monkeypatch):
-    """DNS rebinding: the name is resolved once, checked, and connected to as that address;
-    once connected the flow shows the name again (mitmproxy reuses connections by name)."""
+    """DNS rebinding: the name is resolved once, checked, and connected to as that address,
+    which the open connection keeps (mitmproxy refuses to change an open connection's address)."""
     answers = iter([[ipaddress.ip_address(PUBLIC)], [ipaddress.ip_address("127.0.0.1")]])
 
     async def rebinding(host, port, transport):
@@ -263,8 +263,6 @@ def test_server_connect_pins_the_checked_address(tmp_path, monkeypatch):
             monkeypatch.setattr(DestinationPolicy, "_resolve", staticmethod(rebinding))
             data = await server_connect(rc, tctx, "rebind.example", 443)
             assert data.server.error is None and data.server.address == (PUBLIC, 443)
-            await tctx.master.addons.invoke_addon(rc, ServerConnectedHook(data))
-            assert data.server.address == ("rebind.example", 443)
             again = await server_connect(rc, tctx, "rebind.example", 443)  # now it says 127.0.0.1
             assert "127.0.0.1 is a loopback address" in again.server.error
     run(go())
