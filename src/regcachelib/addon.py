@@ -534,6 +534,7 @@ class RegistryCache:
                 self._answer_error(flow, 403, "DENIED", why)
                 return
             ticket = Ticket(digest, "HIT", flow.request.headers.get("range"))
+            log.info("regcache: fast-path URL for %s came back through the proxy from %s; served in-band", digest, client)
         flow.request.path = self.blobserver.issue(ticket)
         flow.request.scheme = "http"
         flow.request.host = "127.0.0.1"

@@ -51,7 +51,7 @@ class RenamingDisk(diskcache.Disk):
     def store(self, value, read, key=diskcache.core.UNKNOWN):
         if read and isinstance(value, StagedFile):
             filename, full_path = self.filename(key, value)
-            os.makedirs(os.path.dirname(full_path), mode=0o700, exist_ok=True)
+            _makedirs_owner_only(os.path.dirname(full_path))
             os.rename(value.path, full_path)
             return value.size, diskcache.core.MODE_BINARY, filename, None
         return super().store(value, read, key)
@@ -69,6 +69,17 @@ def restrict_to_owner(directory: str) -> None:
         for name in files:
             _chmod(os.path.join(root, name), 0o600)
     _chmod(directory, 0o700)
+
+
+def _makedirs_owner_only(path: str) -> None:
+    # os.makedirs applies its mode to the last component only; every new one here is 0700.
+    if os.path.isdir(path):
+        return
+    _makedirs_owner_only(os.path.dirname(path))
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
 
 
 def _chmod(path: str, mode: int) -> None:

@@ -1,6 +1,5 @@
 """skopeo through each way in: HTTPS_PROXY, transparent (iptables REDIRECT), registry mirror."""
 
-import re
 
 import pytest
 
@@ -76,6 +75,6 @@ def test_skopeo_https_proxy_fastpath_always(world, regcache_factory, tmp_path, n
     pull_twice(world, rc, tmp_path, env, ["docker.io/library/small:1"])
     log = rc.log_text()
     assert "outcome=HIT via=fastpath" in log
-    # a fast-path URL that reached mitmproxy shows up as a flow (served by the in-band server)
-    came_back = re.search(r"GET http://\S+/_regcache/blobs/sha256:", log) is not None
+    # a fast-path URL that reached mitmproxy is checked there and served by the in-band server
+    came_back = "came back through the proxy" in log
     assert came_back != no_proxy
