@@ -133,6 +133,13 @@ class BlobServer:
             self.servers.append(fast)
             self.fastpath_port = fast.sockets[0].getsockname()[1]
 
+    def use(self, store: Store, fills: Fills) -> None:
+        """Serve from another store (regcache_dir changed while running). Tickets already
+        issued name digests the addon found in the store it used then: the new store answers
+        them, or they get a 404 like any blob it does not hold."""
+        self.store = store
+        self.fills = fills
+
     async def stop(self) -> None:
         for server in self.servers:
             server.close()

@@ -60,6 +60,8 @@ class Config:
     auth_ttl: float = 60.0  # how long upstream's "yes" to a client's credentials is remembered
     public_ttl: float = 3600.0  # how long a repository's public/private status is trusted
     trust_clients_offline: bool = False  # serve private cached content unverified when upstream is unreachable
+    # the settings the file named: what the operator asked for, as opposed to a default
+    explicit: set[str] = field(default_factory=set)
 
     def is_registry_host(self, host: str) -> bool:
         if self.intercept_all:
@@ -221,6 +223,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
             converted = convert(value)
         except (yaml.YAMLError, ValueError, TypeError) as e:
             raise ConfigError(f"{vwhere}: {key}: {e}") from None
+        config.explicit.add(key)
         if key == "extra_registries":
             config.registries.extend(converted)
         else:
