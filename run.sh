@@ -32,7 +32,10 @@ option_is_set confdir "$@" || defaults+=(--set "confdir=$HERE/certs")
 option_is_set regcache_dir "$@" || defaults+=(--set "regcache_dir=${REGCACHE_DIR:-$HERE/regcache-cache}")
 
 if [ ! -x "$VENV/bin/mitmdump" ]; then
-    "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "regcache needs Python >= 3.11 (set PYTHON=...)" >&2; exit 2; }
+    if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+        echo "regcache needs Python >= 3.11 (set PYTHON=...)" >&2
+        exit 2
+    fi
     "$PY" -m venv "$VENV" && "$VENV/bin/pip" install -q --disable-pip-version-check -e "$HERE"
 fi
 exec "$VENV/bin/mitmdump" -s "$HERE/addons/regcache.py" \

@@ -169,7 +169,8 @@ class RegistryCache:
             where = f"{self.config.fastpath_bind or '*'}:{fast_port}"
             if self.config.explicit & {"fastpath_port", "fastpath_bind"}:
                 # Asked for by name: an error during start-up makes mitmdump exit 1 (errorcheck).
-                log.error("cannot listen on the fast path %s (fastpath_port/fastpath_bind in %s): %s", where, ctx.options.regcache_config, e)
+                log.error("cannot listen on the fast path %s (fastpath_port/fastpath_bind in %s): %s",
+                          where, ctx.options.regcache_config, e)
             else:
                 log.warning("fast path disabled, cannot listen on its default port %s: %s", where, e)
             await self.blobserver.start(None, None)

@@ -63,8 +63,8 @@ def world():
 class Regcache:
     """One mitmdump + regcache process in the router namespace."""
 
-    def __init__(self, world: World, workdir: Path, cache_dir: Path, modes: list[str], options: dict, config: str | None,
-                 log_errors_expected: str | None = None):
+    def __init__(self, world: World, workdir: Path, cache_dir: Path, modes: list[str], options: dict,
+                 config: str | None, log_errors_expected: str | None = None):
         self.world = world
         # Why this process's log may show an Addon error or a traceback (the test provokes one);
         # None: stop() fails if it does.
@@ -91,7 +91,8 @@ class Regcache:
 
     def start(self, wait_ports=(PROXY_PORT,)) -> "Regcache":
         self.log = open(self.log_path, "ab")
-        self.proc = self.world.popen(self.world.ns_router, self.argv, env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = self.world.popen(self.world.ns_router, self.argv, env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         for port in wait_ports:
             while not self._listening(port):
@@ -177,7 +178,8 @@ def regcache_factory(world, tmp_path, request):
         n = len(started)
         workdir = tmp_path / f"regcache{n}"
         workdir.mkdir()
-        rc = Regcache(world, workdir, Path(cache_dir or workdir / "cache"), list(modes), dict(options or {}), config, expected)
+        rc = Regcache(world, workdir, Path(cache_dir or workdir / "cache"), list(modes), dict(options or {}), config,
+                      expected)
         ports = wait_ports or [int(m.rsplit("@", 1)[1]) for m in modes if "@" in m]
         started.append(rc)
         return rc.start(ports)

@@ -27,7 +27,8 @@ from .test_singleflight import DOCKER_API, curl, pull_token
 pytestmark = pytest.mark.e2e
 
 VENV = Path(sys.executable).parent.parent
-MANIFEST_ACCEPT = "Accept: application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.manifest.v1+json"
+MANIFEST_ACCEPT = ("Accept: application/vnd.docker.distribution.manifest.v2+json, "
+                   "application/vnd.oci.image.manifest.v1+json")
 
 
 def fetch_manifest(world, rc: Regcache, tmp_path: Path, name: str):
@@ -35,7 +36,8 @@ def fetch_manifest(world, rc: Regcache, tmp_path: Path, name: str):
     image = world.image("docker.io/library/small:1")
     token = pull_token(world, "library/small")
     url = f"{DOCKER_API}/v2/library/small/manifests/{image.digest}"
-    return curl(world, rc, url, tmp_path / name, headers=[f"Authorization: Bearer {token}", MANIFEST_ACCEPT]).run(), image.digest
+    c = curl(world, rc, url, tmp_path / name, headers=[f"Authorization: Bearer {token}", MANIFEST_ACCEPT])
+    return c.run(), image.digest
 
 
 def run_until_exit(world, rc: Regcache, timeout: float = 30) -> float:
@@ -85,7 +87,8 @@ def test_run_sh_uses_the_cache_dir_the_user_sets(world, tmp_path):
         first, digest = fetch_manifest(world, rc, tmp_path, "first")
         assert first.exit_code == 0 and first.status == 200, first.describe() + rc.log_text()[-3000:]
         second, _ = fetch_manifest(world, rc, tmp_path, "second")
-        assert second.status == 200 and second.headers.get("x-cache") == "HIT", second.describe() + rc.log_text()[-3000:]
+        assert second.status == 200, second.describe() + rc.log_text()[-3000:]
+        assert second.headers.get("x-cache") == "HIT", second.describe()
         assert f"cache {mine}" in rc.log_text()
     finally:
         rc.stop()
@@ -101,7 +104,8 @@ def test_entrypoint_uses_the_options_the_user_sets(world, tmp_path):
     on X and serves its status page on Y (not the entrypoint's REGCACHE_DIR / REGCACHE_METRICS)."""
     mine, default = tmp_path / "my-cache", tmp_path / "env-cache"
     rc = Regcache(world, tmp_path / "rc", mine, [], {}, None)
-    rc.argv = [str(ROOT / "docker" / "entrypoint.sh"), "--set", f"regcache_dir={mine}", "--set", "regcache_metrics=127.0.0.1:9191",
+    rc.argv = [str(ROOT / "docker" / "entrypoint.sh"), "--set", f"regcache_dir={mine}",
+               "--set", "regcache_metrics=127.0.0.1:9191",
                "--set", f"ssl_verify_upstream_trusted_ca={world.ca_cert_path}"]
     rc.env = {
         "PATH": f"{VENV / 'bin'}:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -124,7 +128,8 @@ def test_entrypoint_uses_the_options_the_user_sets(world, tmp_path):
 
 def test_an_option_given_twice_stops_the_start(world, tmp_path):
     """mitmproxy would drop it and never load regcache: a plain proxy that caches nothing."""
-    rc = Regcache(world, tmp_path / "rc", tmp_path / "a", [f"regular@{PROXY_PORT}"], {"regcache_dir": tmp_path / "b"}, None)
+    rc = Regcache(world, tmp_path / "rc", tmp_path / "a", [f"regular@{PROXY_PORT}"], {"regcache_dir": tmp_path / "b"},
+                  None)
     took = run_until_exit(world, rc)
     log = rc.log_text()
     assert rc.proc.returncode != 0 and took < 20, log
@@ -161,7 +166,8 @@ def test_a_cache_dir_regcache_cannot_use_stops_the_start(world, tmp_path, case):
 
 
 def test_an_explicit_metrics_port_in_use_stops_the_start(world, tmp_path):
-    rc = Regcache(world, tmp_path / "rc", tmp_path / "cache", [f"regular@{PROXY_PORT}"], {"regcache_metrics": "127.0.0.1:9191"}, None)
+    rc = Regcache(world, tmp_path / "rc", tmp_path / "cache", [f"regular@{PROXY_PORT}"],
+                  {"regcache_metrics": "127.0.0.1:9191"}, None)
     with PortHolder(world, 9191, "127.0.0.1"):
         took = run_until_exit(world, rc)
     log = rc.log_text()
@@ -171,12 +177,15 @@ def test_an_explicit_metrics_port_in_use_stops_the_start(world, tmp_path):
 
 
 def test_an_explicit_fastpath_port_in_use_stops_the_start(world, tmp_path):
-    rc = Regcache(world, tmp_path / "rc", tmp_path / "cache", [f"regular@{PROXY_PORT}"], {}, f"fastpath_port: {FASTPATH_PORT}\n")
+    rc = Regcache(world, tmp_path / "rc", tmp_path / "cache", [f"regular@{PROXY_PORT}"], {},
+                  f"fastpath_port: {FASTPATH_PORT}\n")
     with PortHolder(world, FASTPATH_PORT):
         took = run_until_exit(world, rc)
     log = rc.log_text()
     assert rc.proc.returncode != 0 and took < 20, log
-    assert f"cannot listen on the fast path 0.0.0.0:{FASTPATH_PORT} (fastpath_port/fastpath_bind in {rc.workdir / 'regcache.yml'})" in log, log
+    config = rc.workdir / "regcache.yml"
+    where = f"0.0.0.0:{FASTPATH_PORT} (fastpath_port/fastpath_bind in {config})"
+    assert f"cannot listen on the fast path {where}" in log, log
     rc.check_log()
 
 

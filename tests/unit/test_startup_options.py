@@ -80,7 +80,8 @@ def test_a_regcache_option_given_twice_is_an_error_at_load(tmp_path, caplog):
     """mitmproxy would refuse it after load, where nobody sees it, and never run regcache."""
     rc = RegistryCache()
     with taddons.context() as tctx:
-        tctx.options.set(f"regcache_dir={tmp_path / 'a'}", f"regcache_dir={tmp_path / 'b'}", "regcache_offline=true", defer=True)
+        twice = (f"regcache_dir={tmp_path / 'a'}", f"regcache_dir={tmp_path / 'b'}")
+        tctx.options.set(*twice, "regcache_offline=true", defer=True)
         with caplog.at_level(logging.ERROR):
             with pytest.raises(exceptions.OptionsError):  # mitmproxy's own refusal, after load
                 tctx.master.addons.register(rc)
