@@ -13,6 +13,8 @@
 #   REGCACHE_IPV6              1: install the same rules with ip6tables
 #   REGCACHE_EXEC              what to run [/usr/local/bin/entrypoint.sh]
 #
+# Arguments go to entrypoint.sh, and on to mitmdump (a --set there replaces entrypoint.sh's own).
+#
 # Sourcing this file defines install_rules / remove_rules without running anything.
 set -euo pipefail
 

@@ -1,6 +1,8 @@
 #!/bin/bash
 # Container entrypoint: prepare the cache dir and the CA, then run mitmdump with the regcache
-# addon as an unprivileged user. Extra arguments go to mitmdump.
+# addon as an unprivileged user. Extra arguments go to mitmdump; a --set of confdir,
+# regcache_dir, regcache_metrics or regcache_config among them replaces the value below instead
+# of repeating it (mitmproxy refuses an option given twice, and would then not load regcache).
 #
 # Environment (defaults in brackets):
 #   REGCACHE_DIR            cache directory [/var/lib/regcache/cache]
@@ -23,6 +25,29 @@ REGCACHE_MODES=${REGCACHE_MODES:---mode regular@8080 --mode reverse:https://regi
 REGCACHE_USER=${REGCACHE_USER:-regcache}
 REGCACHE_ADDON=${REGCACHE_ADDON:-/opt/regcache/addons/regcache.py}
 RUNTIME=${REGCACHE_RUNTIME:-/run/regcache}
+
+# option_value NAME ARGS...: the value of the last --set NAME=VALUE (or --set=NAME=VALUE) in
+# ARGS; false if there is none
+option_value() {
+    local name=$1 arg after_set=0 found=1 value=""
+    shift
+    for arg in "$@"; do
+        if [ "$after_set" = 1 ] && [[ $arg == "$name="* ]]; then value=${arg#"$name="}; found=0; fi
+        if [[ $arg == "--set=$name="* ]]; then value=${arg#"--set=$name="}; found=0; fi
+        after_set=0
+        if [ "$arg" = --set ]; then after_set=1; fi
+    done
+    printf '%s' "$value"
+    return "$found"
+}
+
+own_sets=()  # the --set options the arguments do not give themselves
+if user_dir=$(option_value regcache_dir "$@"); then
+    REGCACHE_DIR=$user_dir  # the directory to prepare is the one regcache will use
+else
+    own_sets+=(--set "regcache_dir=$REGCACHE_DIR")
+fi
+option_value regcache_metrics "$@" >/dev/null || own_sets+=(--set "regcache_metrics=$REGCACHE_METRICS")
 
 mkdir -p "$REGCACHE_DIR" "$RUNTIME"
 if [ ! -f "$REGCACHE_CERTS/mitmproxy-ca.pem" ]; then
@@ -49,7 +74,9 @@ if [ "$(id -u)" = 0 ] && id "$REGCACHE_USER" >/dev/null 2>&1; then
 fi
 
 config=()
-if [ -n "${REGCACHE_CONFIG:-}" ]; then
+if option_value regcache_config "$@" >/dev/null; then
+    : # the arguments name it
+elif [ -n "${REGCACHE_CONFIG:-}" ]; then
     config=(--set "regcache_config=$REGCACHE_CONFIG")
 else
     generated=$RUNTIME/regcache.yml
@@ -68,12 +95,11 @@ else
     chmod 0644 "$generated"
     config=(--set "regcache_config=$generated")
 fi
+option_value confdir "$@" >/dev/null || own_sets+=(--set "confdir=$confdir")
 
 # shellcheck disable=SC2086 # REGCACHE_MODES is a list of arguments
 exec "${drop[@]}" mitmdump -s "$REGCACHE_ADDON" \
-    --set "confdir=$confdir" \
-    --set "regcache_dir=$REGCACHE_DIR" \
-    --set "regcache_metrics=$REGCACHE_METRICS" \
+    "${own_sets[@]}" \
     "${config[@]}" \
     $REGCACHE_MODES \
     "$@"

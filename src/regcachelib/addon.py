@@ -11,6 +11,8 @@ import logging
 import os
 import re
 import socket
+import sqlite3
+import tempfile
 import time
 from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
@@ -81,6 +83,24 @@ def _header_list(flow: http.HTTPFlow, names=_FORWARD) -> list[tuple[str, str]]:
     return headers
 
 
+def _refuse_repeated_options(options) -> None:
+    """A regcache option given twice (``--set regcache_dir=a --set regcache_dir=b``) makes
+    mitmproxy refuse it only after regcache has loaded, in a task whose error nobody sees:
+    mitmdump then runs as a plain proxy that caches nothing. Say so while it can still stop
+    the start (an error logged during start-up makes mitmdump exit 1)."""
+    for name, value in getattr(options, "deferred", {}).items():
+        values = getattr(value, "val", None)  # still the --set strings: not yet parsed
+        if name.startswith("regcache_") and isinstance(values, list) and len(values) > 1:
+            log.error("%s is set %d times (%s): give it once", name, len(values), ", ".join(map(repr, values)))
+
+
+def _check_writable(directory: str) -> None:
+    """Raise OSError unless files can be created in directory: an existing store the process
+    may only read opens fine, and would then fail every blob download."""
+    with tempfile.TemporaryFile(dir=directory):
+        pass
+
+
 class RegistryCache:
     def __init__(self) -> None:
         self.config = Config()
@@ -108,6 +128,7 @@ class RegistryCache:
         loader.add_option("regcache_dir", str, DEFAULT_DIR, "Cache directory: the whole state of the cache; copy it to migrate.")
         loader.add_option("regcache_config", str, "", "Optional YAML file with registries, aliases, tag TTL, size limit, fast path.")
         loader.add_option("regcache_offline", bool, False, "Answer only from the cache; never contact an upstream registry.")
+        _refuse_repeated_options(loader.master.options)
 
     def configure(self, updated):
         if "regcache_config" in updated:
@@ -121,15 +142,25 @@ class RegistryCache:
                 raise exceptions.OptionsError("regcache_dir must not be empty")
             try:
                 if self.store is None or self.store.directory != os.path.abspath(directory):
+                    store = Store(directory, self.config.size_limit)
+                    try:
+                        swept = store.sweep_staging()
+                        _check_writable(store.staging_dir)
+                    except BaseException:
+                        store.close()
+                        raise
+                    # Only a usable new store replaces the old one: a refused value is rolled
+                    # back by mitmproxy, and the cache must go on with the store it had.
                     if self.store is not None:
                         self.store.close()
-                    self.store = Store(directory, self.config.size_limit)
-                    swept = self.store.sweep_staging()
+                    self.store = store
                     if swept:
                         log.info("regcache: removed %d leftover staging file(s) from an earlier run", swept)
                 else:
                     self.store.set_size_limit(self.config.size_limit)
-            except OSError as e:
+            except (OSError, sqlite3.Error) as e:
+                # At start-up mitmproxy logs this as an error and exits 1 (its errorcheck addon):
+                # never a proxy that forwards everything uncached.
                 raise exceptions.OptionsError(f"regcache_dir {directory!r} is not usable: {e}") from None
         if updated & {"regcache_dir", "regcache_config", "ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir"}:
             ssl_context = make_ssl_context(
@@ -144,6 +175,9 @@ class RegistryCache:
                 self.fills = Fills(self.store, self.upstream)
             else:
                 self.fills.store, self.fills.upstream = self.store, self.upstream
+            if self.blobserver is not None:
+                # blob bodies must come from the store the addon now answers from
+                self.blobserver.use(self.store, self.fills)
             self.access = Access(self.upstream, self.store, self.config.auth_ttl, self.config.public_ttl,
                                  self.config.trust_clients_offline)
         if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
@@ -158,6 +192,8 @@ class RegistryCache:
             ctx.options.update(keep_host_header=True)
 
     async def running(self):
+        if self.store is None:
+            return  # configure refused regcache_dir and logged it: mitmdump is exiting
         if ctx.options.connection_strategy != "lazy":
             ctx.options.update(connection_strategy="lazy")
         if "keep_host_header" in ctx.options and not ctx.options.keep_host_header:
@@ -167,7 +203,13 @@ class RegistryCache:
         try:
             await self.blobserver.start(self.config.fastpath_bind, fast_port)
         except OSError as e:
-            log.warning("regcache: fast path disabled, cannot listen on port %s: %s", fast_port, e)
+            where = f"{self.config.fastpath_bind or '*'}:{fast_port}"
+            if self.config.explicit & {"fastpath_port", "fastpath_bind"}:
+                # Asked for by name: an error during start-up makes mitmdump exit 1 (errorcheck).
+                log.error("cannot listen on the fast path %s (fastpath_port/fastpath_bind in %s): %s",
+                          where, ctx.options.regcache_config, e)
+            else:
+                log.warning("fast path disabled, cannot listen on its default port %s: %s", where, e)
             await self.blobserver.start(None, None)
         log.info(
             "regcache: cache %s, %s, in-band blob server 127.0.0.1:%d%s",

@@ -256,6 +256,13 @@ class BlobServer:
         loop.set_exception_handler(handler)
         self._loop_handlers = (loop, previous, handler)
 
+    def use(self, store: Store, fills: Fills) -> None:
+        """Serve from another store (regcache_dir changed while running). Tickets already
+        issued name digests the addon found in the store it used then: the new store answers
+        them, or they get a 404 like any blob it does not hold."""
+        self.store = store
+        self.fills = fills
+
     async def stop(self) -> None:
         if self._loop_handlers is not None:
             loop, previous, handler = self._loop_handlers

@@ -88,6 +88,8 @@ class Config:
     # ranges are refused otherwise, so a registry cannot point regcache at the cache host's
     # own services or its LAN.
     redirect_allow: list = field(default_factory=list)
+    # the settings the file named: what the operator asked for, as opposed to a default
+    explicit: set[str] = field(default_factory=set)
 
     def is_registry_host(self, host: str) -> bool:
         if self.intercept_all:
@@ -321,6 +323,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
             converted = convert(value)
         except (yaml.YAMLError, ValueError, TypeError) as e:
             raise ConfigError(f"{vwhere}: {key}: {e}") from None
+        config.explicit.add(key)
         if key == "extra_registries":
             config.registries.extend(converted)
         else:

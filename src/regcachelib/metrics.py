@@ -341,7 +341,9 @@ class Monitor:
         try:
             self.server = await asyncio.start_server(self._handle, host, port, limit=16 * 1024)
         except OSError as e:
-            log.warning("regcache: metrics and status page disabled, cannot listen on %s:%d: %s", host, port, e)
+            # The listener is off unless asked for, so this address was asked for by name:
+            # an error logged during start-up makes mitmdump exit 1 (its errorcheck addon).
+            log.error("cannot listen on %s=%s:%d for metrics and the status page: %s", OPTION, host, port, e)
             return
         self.port = self.server.sockets[0].getsockname()[1]
         log.info("regcache: metrics on http://%s:%d/metrics, status page on http://%s:%d/", host, self.port, host, self.port)

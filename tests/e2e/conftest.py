@@ -24,6 +24,19 @@ MIRROR_PORT = 5000
 FASTPATH_PORT = 5080
 WORLD_UPSTREAM_NET = "10.77.1.0/24"  # tests.world's upstream hosts, the blob CDN among them
 
+# A mitmdump log holding one of these shows a bug (an exception escaped regcache or mitmproxy),
+# whatever else the test checked: the test fails.
+LOG_FAILURES = ("Addon error", "Traceback (most recent call last)")
+LOG_MARKER = "mitmdump_log_errors"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        f"{LOG_MARKER}(reason): this test provokes an Addon error or a traceback in mitmdump's log on purpose; "
+        "the reason says which and why (without the marker such a log fails the test)",
+    )
+
 
 def _can_run_e2e() -> str | None:
     if os.geteuid() != 0:
@@ -51,8 +64,13 @@ def world():
 class Regcache:
     """One mitmdump + regcache process in the router namespace."""
 
-    def __init__(self, world: World, workdir: Path, cache_dir: Path, modes: list[str], options: dict, config: str | None):
+    def __init__(self, world: World, workdir: Path, cache_dir: Path, modes: list[str], options: dict,
+                 config: str | None, log_errors_expected: str | None = None):
         self.world = world
+        # Why this process's log may show an Addon error or a traceback (the test provokes one);
+        # None: stop() fails if it does.
+        self.log_errors_expected = log_errors_expected
+        self._log_checked_upto = 0
         self.workdir = workdir
         self.cache_dir = cache_dir
         self.confdir = workdir / "mitmproxy-conf"
@@ -74,11 +92,13 @@ class Regcache:
         for k, v in options.items():
             argv += ["--set", f"{k}={v}"]
         self.argv = argv
+        self.env: dict | None = None  # added to the environment mitmdump starts with
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait_ports=(PROXY_PORT,)) -> "Regcache":
         self.log = open(self.log_path, "ab")
-        self.proc = self.world.popen(self.world.ns_router, self.argv, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = self.world.popen(self.world.ns_router, self.argv, env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         for port in wait_ports:
             while not self._listening(port):
@@ -94,6 +114,7 @@ class Regcache:
         return bool(r.stdout.strip())
 
     def stop(self) -> None:
+        """Stop mitmdump, then fail if its log shows an Addon error or a traceback."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -101,11 +122,26 @@ class Regcache:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self.check_log()
 
     def kill9(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self.check_log()  # what it logged before the kill must be clean all the same
+
+    def check_log(self) -> None:
+        """AssertionError if the log written since the last check holds one of LOG_FAILURES."""
+        text = self.log_text()
+        new, self._log_checked_upto = text[self._log_checked_upto:], len(text)
+        if self.log_errors_expected:
+            return
+        for pattern in LOG_FAILURES:
+            at = new.find(pattern)
+            if at >= 0:
+                excerpt = new[max(0, at - 1500):at + 2500]
+                raise AssertionError(f"mitmdump log {self.log_path} shows {pattern!r} (mark the test "
+                                     f"{LOG_MARKER}(reason) if it provokes this on purpose):\n{excerpt}")
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -129,23 +165,43 @@ class Regcache:
         return d
 
 
+def log_errors_expected(request) -> str | None:
+    """The reason a test gave with @pytest.mark.mitmdump_log_errors(reason), or None."""
+    marker = request.node.get_closest_marker(LOG_MARKER)
+    if marker is None:
+        return None
+    reason = marker.args[0] if marker.args else marker.kwargs.get("reason")
+    assert reason, f"{LOG_MARKER} needs a reason"
+    return reason
+
+
 @pytest.fixture
-def regcache_factory(world, tmp_path):
+def regcache_factory(world, tmp_path, request):
     started: list[Regcache] = []
+    expected = log_errors_expected(request)
 
     def make(cache_dir=None, modes=(f"regular@{PROXY_PORT}",), options=None, config=None, wait_ports=None) -> Regcache:
         n = len(started)
         workdir = tmp_path / f"regcache{n}"
         workdir.mkdir()
-        rc = Regcache(world, workdir, Path(cache_dir or workdir / "cache"), list(modes), dict(options or {}), config)
+        rc = Regcache(world, workdir, Path(cache_dir or workdir / "cache"), list(modes), dict(options or {}), config,
+                      expected)
         ports = wait_ports or [int(m.rsplit("@", 1)[1]) for m in modes if "@" in m]
         started.append(rc)
         return rc.start(ports)
 
     yield make
-    for rc in started:
-        rc.stop()
-    world.start_upstream()
+    failures = []
+    try:
+        for rc in started:
+            try:
+                rc.stop()
+            except AssertionError as e:
+                failures.append(str(e))
+    finally:
+        world.start_upstream()
+    if failures:
+        pytest.fail("\n\n".join(failures), pytrace=False)
 
 
 def skopeo_copy(world: World, src: str, dest_dir: Path, env: dict, extra=(), timeout=180) -> subprocess.CompletedProcess:

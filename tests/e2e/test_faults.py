@@ -90,7 +90,13 @@ def test_corrupt_upstream_blob_is_never_completed_nor_cached(world, regcache_fac
         curl(world, rc, mirror_url, tmp_path / "bad-fastpath", headers=[f"Authorization: Bearer {token}"], proxy=False, extra=["-L"]),
     ]
     for bad in attempts:
-        bad.run()
+        # Each client must reach the blob server while the download is still running: the
+        # fill is forgotten once it fails, and a client arriving later (following the 307 to
+        # the fast path, or mitmproxy's in-band hop, on a loaded machine) gets a plain 404
+        # BLOB_UNKNOWN with curl exit 0. Unshaped, the local 30 MiB download ends in well under
+        # a second; shaped it takes ~3 s, far longer than either hop.
+        with throttled_upstream(world):
+            bad.run()
         assert bad.exit_code != 0, bad.describe()
         if bad is not attempts[1]:
             assert bad.exit_code == 18, bad.describe()  # CURLE_PARTIAL_FILE
