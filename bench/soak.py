@@ -1144,10 +1144,10 @@ def report_markdown(soak: Soak, summ: dict, command: str, started, source: str) 
 
 HOW = """\
 - One `tests.world.World`; ONE regcache (`mitmdump -s addons/regcache.py --mode regular@8080 --mode
-  reverse:https://registry-1.docker.io@5000`, fast path :5080, `regcache_metrics=127.0.0.1:9090`) in the router ns,
-  run from this tree's `src/` (PYTHONPATH). Clients run in the client ns; an iptables FORWARD rule in the router ns
-  keeps them from reaching the registries except through the cache (auth.docker.io excepted), so a mirror pull
-  cannot silently fall back to the registry itself.
+  reverse:https://registry-1.docker.io@5000`, fast path :5080, `regcache_metrics=127.0.0.1:9090`) in the router
+  ns, run from this tree's `src/` or `--src` (PYTHONPATH). Clients run in the client ns; an iptables FORWARD rule
+  in the router ns keeps them from reaching the registries except through the cache (auth.docker.io excepted), so
+  a mirror pull cannot silently fall back to the registry itself.
 - Normal clients: two `skopeo copy docker://… dir:…` loops (HTTPS_PROXY with regcache's CA; registries.conf
   mirror with docker.io as the default mirror and the others by path prefix), each over the four images, a fresh
   dir each time, manifest digest compared with the world's; one curl loop (1 s apart) alternating a library/small
@@ -1225,6 +1225,8 @@ def main(argv=None) -> int:
 
     started = _dt.datetime.now().astimezone()
     source = infra.source_version(src_root)
+    if args.src:
+        source = f"`{src}` (--src; git: {source})"
     soak = Soak(args)
     try:
         soak.run()
