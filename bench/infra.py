@@ -149,16 +149,18 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
 
 class RegcacheProc:
     """A fresh mitmdump + regcache in the router ns (the e2e ``Regcache`` helper), with its
-    regular (HTTPS_PROXY) listener, a quay.io mirror listener and the fast path."""
+    regular (HTTPS_PROXY) listener, a mirror listener (quay.io unless ``mirror_of`` says
+    otherwise) and the fast path; ``options`` are extra mitmdump ``--set`` options."""
 
-    def __init__(self, world: World, workdir: Path, cache_dir: Path | None = None, config: str | None = None):
+    def __init__(self, world: World, workdir: Path, cache_dir: Path | None = None, config: str | None = None,
+                 mirror_of: str = UPSTREAM, options: dict | None = None):
         workdir.mkdir(parents=True, exist_ok=True)
         self.rc = Regcache(
             world,
             workdir,
             cache_dir or workdir / "cache",
-            [f"regular@{PROXY_PORT}", f"reverse:https://{UPSTREAM}@{MIRROR_PORT}"],
-            {},
+            [f"regular@{PROXY_PORT}", f"reverse:https://{mirror_of}@{MIRROR_PORT}"],
+            dict(options or {}),
             config if config is not None else f"fastpath_port: {FASTPATH_PORT}\n",
         )
         self.world = world
