@@ -71,7 +71,8 @@ TRICKLE_HOST = "nvcr.io"  # a registry of the default list, mapped to the trickl
 SAMPLE_EVERY = 10.0
 # Short TTLs: within a few minutes the normal pulls revalidate tags and repository publicness with
 # upstream, so back-off, a starved worker pool or a repository made private by a hostile shows.
-DEFAULT_CONFIG = "tag_ttl: 30s\npublic_ttl: 60s"
+# the world's blob CDN sits on a private address: redirects there must be allowed (see redirect_allow)
+DEFAULT_CONFIG = "tag_ttl: 30s\npublic_ttl: 60s\nredirect_allow: [10.77.1.0/24]"
 
 NORMAL_IMAGES = (
     ("docker.io/library/small:1", None),
