@@ -91,3 +91,73 @@ def test_systemd_unit_runs_as_regcache_with_state_and_ca_where_the_readme_says()
     assert "deploy/systemd/regcache.yml /etc/regcache/regcache.yml" in readme
     assert sets["regcache_config"] == "/etc/regcache/regcache.yml"
     load_config(str(SYSTEMD / "regcache.yml"))
+
+
+# --- Kubernetes ---------------------------------------------------------------------------------------
+
+K8S = ROOT / "deploy" / "k8s"
+
+
+def k8s_documents() -> list[tuple[str, dict]]:
+    import yaml
+
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name != "kustomization.yaml":
+            docs += [(path.name, d) for d in yaml.safe_load_all(path.read_text()) if d]
+    return docs
+
+
+def test_k8s_manifests_pass_strict_schema_validation():
+    kv = pytest.importorskip("kubernetes_validate", reason="pip install -e '.[test]' installs kubernetes-validate")
+    docs = k8s_documents()
+    assert {d["kind"] for _, d in docs} >= {"Namespace", "ConfigMap", "StatefulSet", "Service", "DaemonSet"}
+    for name, doc in docs:
+        # strict: an unknown or misplaced field fails, as `kubectl apply --validate=strict` would
+        kv.validate(doc, kv.latest_version(), strict=True)
+
+
+def test_k8s_schema_validation_can_fail():
+    kv = pytest.importorskip("kubernetes_validate")
+    (name, sts), = [(n, d) for n, d in k8s_documents() if d["kind"] == "StatefulSet"]
+    sts["spec"]["template"]["spec"]["containers"][0]["volumeMount"] = []  # misspelt
+    with pytest.raises(kv.ValidationError):
+        kv.validate(sts, kv.latest_version(), strict=True)
+
+
+def test_k8s_manifests_fit_together():
+    import yaml
+
+    from regcachelib import cli
+    from regcachelib.config import parse_config
+
+    docs = {d["kind"]: d for _, d in k8s_documents()}
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+    sts, svc, ds, cm = docs["StatefulSet"], docs["Service"], docs["DaemonSet"], docs["ConfigMap"]
+    pod = sts["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    # the cache dir is the persistent volume; the CA the secret the README creates; the config the ConfigMap
+    assert mounts["cache"] == env["REGCACHE_DIR"]
+    assert [t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]] == ["cache"]
+    assert mounts["ca"] == env["REGCACHE_CERTS"] and volumes["ca"]["secret"]["secretName"] == "regcache-ca"
+    assert "kubectl -n regcache create secret generic regcache-ca" in (ROOT / "README.md").read_text()
+    assert env["REGCACHE_CONFIG"] == mounts["config"] + "/regcache.yml"
+    assert volumes["config"]["configMap"]["name"] == cm["metadata"]["name"]
+    parse_config(cm["data"]["regcache.yml"], "configmap.yaml")
+    # every Service port reaches a named container port; mirror and proxy are there
+    container_ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert {p["name"] for p in svc["spec"]["ports"]} >= {"mirror", "proxy"}
+    for port in svc["spec"]["ports"]:
+        assert port["targetPort"] in container_ports
+    assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    # the DaemonSet resolves the Service by its cluster DNS name and calls a real regcache command
+    script = ds["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    assert f'{svc["metadata"]["name"]}.{svc["metadata"]["namespace"]}.svc.cluster.local' in script
+    (line,) = [l.strip() for l in script.splitlines() if l.strip().startswith("regcache ")]
+    argv = line.split(">")[0].split()[1:]
+    args = cli.build_parser().parse_args([a.replace('"$ip"', "10.0.0.1") for a in argv])
+    assert args.kind == "containerd"
