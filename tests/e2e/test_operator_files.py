@@ -1,0 +1,170 @@
+"""What an operator meets before the first pull, with the real tools: the legacy Docker builder
+sending the build context (.dockerignore), dockerd reading the daemon.json `client-config docker`
+prints, the iptables script `client-config iptables` prints run twice, and mitmdump using the
+CA `regcache ca create` makes.
+
+dockerd runs as in test_clients_docker.py (nsenter --net into a namespace of its own, unshare -m,
+a tmpfs on /run, a private /etc/docker), but without the world: nothing here needs a registry."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import stop_process_group
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERD = shutil.which("dockerd")
+DOCKER = shutil.which("docker")
+
+
+@pytest.fixture
+def netns():
+    name = f"rcop{os.getpid()}"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    try:
+        yield name
+    finally:
+        for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        subprocess.run(["ip", "netns", "del", name])
+
+
+class Dockerd:
+    """A private dockerd in its own network namespace, everything under one /tmp directory."""
+
+    def __init__(self, netns: str, daemon_json: str = "{}"):
+        self.netns = netns
+        self.root = Path(tempfile.mkdtemp(prefix="rcop-", dir="/tmp"))
+        for d in ("data", "exec", "etc-docker", "cli"):
+            (self.root / d).mkdir()
+        self.config_file = self.root / "daemon.json"
+        self.config_file.write_text(daemon_json)
+        self.log_path = self.root / "dockerd.log"
+        self.host = f"unix://{self.root}/docker.sock"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60) -> "Dockerd":
+        argv = [
+            "nsenter", f"--net=/run/netns/{self.netns}", "unshare", "-m", "--propagation", "private",
+            "sh", "-c", 'mount -t tmpfs -o mode=755 regcache-dockerd-run /run && mount --bind "$1" /etc/docker && shift && exec "$@"',
+            "sh", str(self.root / "etc-docker"),
+            DOCKERD, "--storage-driver", "vfs", "--iptables=false", "--ip6tables=false", "--bridge=none",
+            "--data-root", str(self.root / "data"), "--exec-root", str(self.root / "exec"),
+            "--pidfile", str(self.root / "docker.pid"), "--config-file", str(self.config_file), "-H", self.host,
+        ]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            r = self.docker("version", "--format", "{{.Server.Version}}", check=False, timeout=10)
+            if r.returncode == 0:
+                return self
+            if self.proc.poll() is not None:
+                raise DockerdRefused(self.log_path.read_text(errors="replace"))
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"dockerd not ready after {timeout}s:\n{r.stderr}\n{self.log()[-3000:]}")
+            time.sleep(0.2)
+
+    def docker(self, *args, check=True, timeout=180, env=None, binary=True) -> subprocess.CompletedProcess:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.root), "DOCKER_CONFIG": str(self.root / "cli"), **(env or {})}
+        r = subprocess.run([DOCKER, "-H", self.host, *args], env=env, capture_output=True, timeout=timeout, text=not binary or None)
+        if check and r.returncode != 0:
+            raise AssertionError(f"docker {' '.join(args)} failed ({r.returncode}): {r.stderr}\n{self.log()[-3000:]}")
+        return r
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process_group(self.proc, 20)
+            self.proc = None
+        mark = str(self.root).encode()
+        for p in Path("/proc").iterdir():  # dockerd's containerd runs in a session of its own
+            try:
+                if p.name.isdigit() and mark in (p / "cmdline").read_bytes():
+                    os.kill(int(p.name), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                pass
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class DockerdRefused(Exception):
+    pass
+
+
+@pytest.fixture
+def dockerd(netns):
+    if not DOCKERD or not DOCKER:
+        pytest.skip("dockerd/docker not installed (./test.sh installs docker.io)")
+    started: list[Dockerd] = []
+
+    def make(daemon_json: str = "{}") -> Dockerd:
+        d = Dockerd(netns, daemon_json)
+        started.append(d)
+        return d.start()
+
+    yield make
+    for d in started:
+        d.stop()
+
+
+# --- .dockerignore: what the legacy builder sends ----------------------------------------------------------
+
+# What a working checkout holds besides the sources: none of it may reach a build context.
+NEVER_SENT = [
+    ".venv/bin/python", ".venv312/pyvenv.cfg", "src/.venv/lib/x.py",
+    "regcache-cache/content/cache.db", "regcache-cache/misses.jsonl",
+    "certs/mitmproxy-ca.pem", "certs/mitmproxy-ca.p12", "certs/mitmproxy-ca-cert.pem",
+    "bench/out/run1/result.json", ".git/HEAD", "tests/world/ca.pem",
+    "src/regcachelib/__pycache__/cli.cpython-311.pyc", "src/regcache.egg-info/PKG-INFO",
+]
+
+
+def test_legacy_builder_sends_only_what_the_dockerfile_copies(dockerd, tmp_path):
+    """DOCKER_BUILDKIT=0 docker build of the repository root: the context that arrives in the
+    image (FROM scratch, COPY . /ctx/) holds the sources the Dockerfile copies, and no venv,
+    cache dir, CA key, benchmark output or .git."""
+    checkout = tmp_path / "checkout"
+    tracked = subprocess.run(["git", "-C", str(ROOT), "ls-files", "-z"], capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, tracked):
+        if (ROOT / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, checkout / name)
+    if (ROOT / ".dockerignore").exists():  # also while uncommitted
+        shutil.copy2(ROOT / ".dockerignore", checkout / ".dockerignore")
+    for name in NEVER_SENT:
+        (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+        (checkout / name).write_text("secret\n")
+    dockerfile = tmp_path / "Dockerfile.ctx"
+    dockerfile.write_text("FROM scratch\nCOPY . /ctx/\n")
+    d = dockerd()
+    built = d.docker("build", "-q", "-t", "ctx", "-f", str(dockerfile), str(checkout), env={"DOCKER_BUILDKIT": "0"}, binary=False)
+    assert built.returncode == 0
+    d.docker("create", "--name", "ctx", "ctx", "/none")
+    tar = tarfile.open(fileobj=io.BytesIO(d.docker("export", "ctx").stdout))
+    sent = {m.name.removeprefix("ctx/") for m in tar.getmembers() if m.isfile() and m.name.startswith("ctx/")}
+    assert not sent & set(NEVER_SENT), sorted(sent & set(NEVER_SENT))
+    # what docker/Dockerfile COPYs is all there, and not much else
+    for needed in ("pyproject.toml", "README.md", "src/regcachelib/cli.py", "addons/regcache.py",
+                   "docker/entrypoint.sh", "docker/entrypoint-transparent.sh"):
+        assert needed in sent, needed
+    assert all(n.startswith(("src/", "addons/", "docker/entrypoint")) or n in ("pyproject.toml", "README.md") for n in sent), sorted(sent)
