@@ -504,11 +504,16 @@ def cmd_client_config(args) -> int:
 
 def cmd_ca(args) -> int:
     certs = os.path.abspath(getattr(args, "certs", None) or os.environ.get("REGCACHE_CERTS") or DEFAULT_CERTS)
-    if args.ca_command == "create":
-        created, cert = cacerts.create(certs)
-        say(args, ("created" if created else "already there:") + f" {cert} (key {os.path.join(certs, cacerts.KEY_FILE)}, mode 0600)")
-        return 0
     try:
+        if args.ca_command == "create":
+            created, cert = cacerts.create(certs, args.organization)
+            say(args, ("created" if created else "already there:") + f" {cert} (key {os.path.join(certs, cacerts.KEY_FILE)}, mode 0600)")
+            subject = cacerts.info(certs).subject
+            say(args, f"subject {subject}")
+            if not created and args.organization:
+                note(args, "note: the existing CA is kept (clients trust it); --organization names a new one only "
+                           f"(move {certs} away first to make one)")
+            return 0
         if args.ca_command == "show":
             ca = cacerts.info(certs)
             if args.pem:
@@ -684,7 +689,10 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--certs", default=argparse.SUPPRESS, metavar="DIR", help="CA directory (default $REGCACHE_CERTS or ./certs)")
     s.add_argument("--certs", default=argparse.SUPPRESS, metavar="DIR", help="CA directory (default $REGCACHE_CERTS or ./certs)")
     ca_sub = s.add_subparsers(dest="ca_command", metavar="ACTION", required=True)
-    ca_sub.add_parser("create", help="create the CA with mitmproxy (kept if it exists)", parents=[common, certs])
+    create = ca_sub.add_parser("create", help="create the CA with mitmproxy (kept if it exists)", parents=[common, certs])
+    create.add_argument("--organization", metavar="NAME",
+                        help=f"the CA's organisation (O=) in clients' trust stores (default {cacerts.DEFAULT_ORGANIZATION}); "
+                             f"its name (CN=) is \"{cacerts.CA_COMMON_NAME}\"")
     show = ca_sub.add_parser("show", help="print the certificate (never the key)", parents=[common, certs])
     show.add_argument("--pem", action="store_true", help="only the PEM certificate")
     inst = ca_sub.add_parser("install", help="trust the CA: system store, dockerd certs.d, or containerd", parents=[common, certs])

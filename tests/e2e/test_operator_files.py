@@ -168,3 +168,50 @@ def test_legacy_builder_sends_only_what_the_dockerfile_copies(dockerd, tmp_path)
                    "docker/entrypoint.sh", "docker/entrypoint-transparent.sh"):
         assert needed in sent, needed
     assert all(n.startswith(("src/", "addons/", "docker/entrypoint")) or n in ("pyproject.toml", "README.md") for n in sent), sorted(sent)
+
+
+# --- the CA: named for regcache, and what mitmdump signs with -----------------------------------------------
+
+MITMDUMP = str(Path(os.sys.executable).parent / "mitmdump")
+REGCACHE = [os.sys.executable, "-m", "regcachelib.cli"]
+
+
+def in_ns(ns: str, argv: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", ns, *argv], capture_output=True, text=True, timeout=60, **kw)
+
+
+def openssl_field(pem: str, field: str) -> str:
+    return subprocess.run(["openssl", "x509", "-noout", f"-{field}", "-nameopt", "RFC2253"], input=pem, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_ca_is_named_for_regcache_and_signs_mitmdumps_leaves(netns, tmp_path):
+    certs = tmp_path / "certs"
+    r = subprocess.run([*REGCACHE, "ca", "create", "--certs", str(certs), "--organization", "Example Corp"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    ca_pem = (certs / "mitmproxy-ca-cert.pem").read_text()
+    assert openssl_field(ca_pem, "subject") == "subject=O=Example Corp,CN=regcache CA"
+    assert "mitmproxy" not in openssl_field(ca_pem, "issuer")
+    # mitmdump with that confdir (as run.sh, the service and the image start it) signs with it
+    log = open(tmp_path / "mitmdump.log", "wb")
+    proc = subprocess.Popen(["ip", "netns", "exec", netns, MITMDUMP, "-s", str(ROOT / "addons" / "regcache.py"),
+                             "--set", f"confdir={certs}", "--set", f"regcache_dir={tmp_path / 'cache'}",
+                             "--mode", "reverse:https://registry.invalid@5443"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            s = in_ns(netns, ["openssl", "s_client", "-connect", "127.0.0.1:5443", "-servername", "quay.io", "-showcerts"], input="")
+            if "BEGIN CERTIFICATE" in s.stdout:
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "mitmdump.log").read_text()
+            time.sleep(0.3)
+    finally:
+        stop_process_group(proc, 10)
+        log.close()
+    leaf = s.stdout[s.stdout.index("-----BEGIN CERTIFICATE"):s.stdout.index("-----END CERTIFICATE-----") + 25] + "\n"
+    assert openssl_field(leaf, "issuer") == "issuer=O=Example Corp,CN=regcache CA"
+    (tmp_path / "leaf.pem").write_text(leaf)
+    v = subprocess.run(["openssl", "verify", "-CAfile", str(certs / "mitmproxy-ca-cert.pem"), str(tmp_path / "leaf.pem")], capture_output=True, text=True)
+    assert v.returncode == 0, v.stdout + v.stderr
+    # mitmdump created nothing of its own next to it
+    assert sorted(p.name for p in certs.iterdir() if p.name.startswith("mitmproxy-ca")) == [
+        "mitmproxy-ca-cert.cer", "mitmproxy-ca-cert.p12", "mitmproxy-ca-cert.pem", "mitmproxy-ca.p12", "mitmproxy-ca.pem"]

@@ -120,7 +120,8 @@ def test_ca_create_show_install(tmp_path, capsys):
     assert out.startswith("already there") and (certs / "mitmproxy-ca-cert.pem").read_bytes() == first
 
     code, out, _ = run_cli(capsys, "ca", "--certs", str(certs), "show")
-    assert code == 0 and "CN=mitmproxy" in out and "sha256" in out and "BEGIN CERTIFICATE" in out
+    assert code == 0 and "O=regcache,CN=regcache CA" in out and "sha256" in out and "BEGIN CERTIFICATE" in out
+    assert "mitmproxy" not in out.split("BEGIN CERTIFICATE")[0].replace(str(certs / "mitmproxy-ca-cert.pem"), "")
     assert "PRIVATE KEY" not in out and key_pem.splitlines()[1] not in out
     _, pem, _ = run_cli(capsys, "ca", "show", "--certs", str(certs), "--pem")
     assert pem == first.decode()
@@ -153,6 +154,19 @@ def test_ca_created_is_what_mitmproxy_loads(tmp_path):
     store = CertStore.from_store(tmp_path / "c", "mitmproxy", 2048)
     leaf = store.get_cert("quay.io", [])
     assert leaf.cert.issuer == store.default_ca.issuer
+
+
+def test_ca_create_names_the_operators_organisation_and_keeps_an_existing_ca(tmp_path, capsys):
+    certs = tmp_path / "certs"
+    code, out, _ = run_cli(capsys, "ca", "create", "--certs", str(certs), "--organization", "Example Corp")
+    assert code == 0 and "subject O=Example Corp,CN=regcache CA" in out
+    assert cacerts.info(str(certs)).issuer == "O=Example Corp,CN=regcache CA"
+    first = (certs / "mitmproxy-ca-cert.pem").read_bytes()
+    code, out, err = run_cli(capsys, "ca", "create", "--certs", str(certs), "--organization", "Other")
+    assert code == 0 and out.startswith("already there") and "O=Example Corp" in out and "kept" in err
+    assert (certs / "mitmproxy-ca-cert.pem").read_bytes() == first
+    code, _, err = run_cli(capsys, "ca", "create", "--certs", str(tmp_path / "x"), "--organization", "a\nb")
+    assert code == 2 and "one line" in err and not (tmp_path / "x" / "mitmproxy-ca.pem").exists()
 
 
 def test_ca_show_without_a_ca(tmp_path, capsys):
