@@ -391,7 +391,10 @@ def cmd_import(args) -> int:
 
 def cmd_gc(args) -> int:
     store = open_store(args)
-    limit = parse_size(args.max_size) if args.max_size else int(store.content.size_limit)
+    limit = args.max_size if args.max_size is not None else int(store.content.size_limit)
+    if not any(store_summary(store)[kind] for kind in ("blobs", "manifests", "tags")):
+        say(args, f"nothing to do: the store at {store.directory} is empty (nothing cached yet)")
+        return 0
     stats = Stats(store.tags)
     result = inventory.gc(store, limit, dry_run=args.dry_run, stats=stats)
     verb = "would remove" if args.dry_run else "removed"
@@ -572,18 +575,47 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--dir", default=argparse.SUPPRESS, metavar="DIR", help=f"cache directory (default: $REGCACHE_DIR or ./{DEFAULT_DIR_NAME})")
-    common.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE", help="the proxy's regcache_config YAML (for its size_limit)")
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or hints on stderr")
-    common.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+# The shared options each command really uses (its --help shows those only): --dir where it
+# opens the cache dir, --config where the proxy's size_limit matters, -q where it prints hints
+# on stderr, --no-progress where it draws a progress bar.
+SHARED_OPTIONS = {
+    "stats": ("dir", "config"),
+    "ls": ("dir",),
+    "warm": ("dir", "config", "quiet", "progress"),
+    "export": ("dir", "quiet", "progress"),
+    "import": ("dir", "config", "quiet", "progress"),
+    "gc": ("dir", "config"),
+    "pin": ("dir",),
+    "unpin": ("dir",),
+    "verify": ("dir", "quiet", "progress"),
+    "client-config": ("quiet",),
+    "ca": ("quiet",),
+}
 
-    p = argparse.ArgumentParser(prog="regcache", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
+
+def size_argument(text: str) -> int:
+    """argparse type for sizes: a bad one is a usage error (exit status 2), not a traceback."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    shared = {name: argparse.ArgumentParser(add_help=False) for name in ("dir", "config", "quiet", "progress")}
+    shared["dir"].add_argument("--dir", default=argparse.SUPPRESS, metavar="DIR", help=f"cache directory (default: $REGCACHE_DIR or ./{DEFAULT_DIR_NAME})")
+    shared["config"].add_argument("--config", default=argparse.SUPPRESS, metavar="FILE", help="the proxy's regcache_config YAML (for its size_limit)")
+    shared["quiet"].add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or hints on stderr")
+    shared["progress"].add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    common = shared["quiet"]  # the CA's actions
+
+    p = argparse.ArgumentParser(prog="regcache", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=list(shared.values()))
     sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     def add(name, help_, description=None, **kw):
-        return sub.add_parser(name, help=help_, description=description or help_, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+        parents = [shared[option] for option in SHARED_OPTIONS[name]]
+        return sub.add_parser(name, help=help_, description=description or help_, parents=parents, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
 
     s = add("stats", "hits, misses, hit ratio, bytes saved, store size, per registry",
             "Counters persisted in the cache dir by every proxy (and warm/gc/verify) that used it: requests by registry\n"
@@ -645,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
             "The unit of eviction is an image: a top-level manifest and everything only it references. Images go in\n"
             "least-recently-pulled order until the store fits; a blob a retained manifest references and anything of\n"
             "a pinned image are never removed. The running proxy does the same by itself above 90% of its size_limit.")
-    s.add_argument("--max-size", metavar="SIZE", help="e.g. 20GiB, 500MB (default: the proxy's size_limit)")
+    s.add_argument("--max-size", metavar="SIZE", type=size_argument, help="e.g. 20GiB, 500MB (default: the proxy's size_limit)")
     s.add_argument("-n", "--dry-run", action="store_true", help="only say what would go")
     s.set_defaults(func=cmd_gc)
 
