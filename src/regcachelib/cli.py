@@ -393,7 +393,7 @@ def cmd_gc(args) -> int:
     store = open_store(args)
     limit = args.max_size if args.max_size is not None else int(store.content.size_limit)
     if not any(store_summary(store)[kind] for kind in ("blobs", "manifests", "tags")):
-        say(args, f"nothing to do: the store at {store.directory} is empty (nothing cached yet)")
+        say(args, f"nothing to do: the store at {store.directory} is empty, nothing cached yet (limit {human(limit)})")
         return 0
     stats = Stats(store.tags)
     result = inventory.gc(store, limit, dry_run=args.dry_run, stats=stats)

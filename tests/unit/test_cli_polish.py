@@ -40,7 +40,7 @@ def test_gc_bad_size_is_a_usage_error(empty_cache, size):
 
 def test_gc_on_an_empty_store_says_so(empty_cache):
     r = regcache("gc", "--dir", str(empty_cache), "--max-size", "0")
-    assert r.returncode == 0 and r.stdout == f"nothing to do: the store at {empty_cache} is empty (nothing cached yet)\n"
+    assert r.returncode == 0 and r.stdout == f"nothing to do: the store at {empty_cache} is empty, nothing cached yet (limit 0 B)\n"
 
 
 # which shared option each command's help must show (and no other)
