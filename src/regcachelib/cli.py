@@ -487,7 +487,17 @@ def cmd_client_config(args) -> int:
     cache.proxy_port, cache.mirror_port, cache.transparent_port = args.proxy_port, args.mirror_port, args.transparent_port
     kind = args.kind
     if kind == "docker":
-        text, hint = clientconfig.docker(cache, proxies=not args.no_proxies)
+        version = None
+        if args.docker_version:
+            try:
+                version = clientconfig.parse_docker_version(args.docker_version)
+            except ValueError as e:
+                raise CLIError(str(e)) from None
+        elif not args.no_proxies:
+            version = clientconfig.installed_docker_version()
+            if version is not None:
+                note(args, f"# dockerd {version[0]}.{version[1]} is installed here; for another host's, give --docker-version")
+        text, hint = clientconfig.docker(cache, proxies=not args.no_proxies, version=version)
     elif kind == "containerd":
         text, hint = clientconfig.containerd(cache)
     elif kind == "podman":
@@ -495,7 +505,10 @@ def cmd_client_config(args) -> int:
     elif kind == "systemd":
         text, hint = clientconfig.systemd(cache, args.service)
     else:
-        text, hint = clientconfig.iptables(cache, args.user, args.iface)
+        try:
+            text, hint = clientconfig.iptables(cache, args.user, args.iface, remove=args.remove)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
     sys.stdout.write(text)
     if not args.quiet:
         sys.stderr.write(hint)
@@ -708,10 +721,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mirror-port", type=int, default=clientconfig.MIRROR_PORT, help="mirror listener (default 5000)")
     s.add_argument("--transparent-port", type=int, default=clientconfig.TRANSPARENT_PORT, help="transparent listener (default 8081)")
     s.add_argument("--no-proxies", action="store_true", help="docker: mirrors only (dockerd < 23 rejects \"proxies\")")
+    s.add_argument("--docker-version", metavar="VERSION",
+                   help="docker: the node's dockerd version (20.10, 24.0.7, or `dockerd --version`'s output); default: "
+                        "this host's dockerd; \"proxies\" only for >= 23, none when unknown")
     s.add_argument("--registry", action="append", metavar="REGISTRY", help="podman: only these registries (repeatable)")
     s.add_argument("--service", default="docker", help="systemd: the unit to configure (default docker; e.g. containerd)")
     s.add_argument("--user", default="regcache", help="iptables: the user regcache runs as (exempted; default regcache)")
     s.add_argument("--iface", metavar="IFACE", help="iptables: only redirect traffic arriving on this interface")
+    s.add_argument("--remove", action="store_true", help="iptables: print the script that removes the rules again")
     s.set_defaults(func=cmd_client_config)
 
     s = add("ca", "create, show or install the CA clients trust for intercepted registries",

@@ -215,3 +215,77 @@ def test_ca_is_named_for_regcache_and_signs_mitmdumps_leaves(netns, tmp_path):
     # mitmdump created nothing of its own next to it
     assert sorted(p.name for p in certs.iterdir() if p.name.startswith("mitmproxy-ca")) == [
         "mitmproxy-ca-cert.cer", "mitmproxy-ca-cert.p12", "mitmproxy-ca-cert.pem", "mitmproxy-ca.p12", "mitmproxy-ca.pem"]
+
+
+# --- client-config docker: a daemon.json this host's dockerd starts with -------------------------------------
+
+
+def client_config(*argv: str) -> subprocess.CompletedProcess:
+    r = subprocess.run([*REGCACHE, "client-config", *argv], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+def test_docker_daemon_json_is_one_this_dockerd_starts_with(dockerd):
+    """Without --docker-version, client-config asks the installed dockerd (Debian 12: 20.10, which
+    refuses "proxies"); dockerd starts with what it prints and uses the mirror, the port from
+    --cache in registry-mirrors."""
+    installed = subprocess.run([DOCKERD or "dockerd", "--version"], capture_output=True, text=True).stdout
+    r = client_config("docker", "--cache", "cache.example.net:5001")
+    d = dockerd(r.stdout)
+    mirrors = json.loads(d.docker("info", "--format", "{{json .RegistryConfig.Mirrors}}", binary=False).stdout)
+    assert mirrors == ["http://cache.example.net:5001/"]
+    assert f"dockerd {'.'.join(installed.split()[2].split('.')[:2])} is installed here" in r.stderr
+    if "proxies" in json.loads(r.stdout):  # a dockerd >= 23 here: it took them, and shows them
+        assert "cache.example.net:8080" in d.docker("info", "--format", "{{.HTTPSProxy}}", binary=False).stdout
+
+
+def test_docker_daemon_json_for_another_version_is_what_that_version_needs(dockerd):
+    """The control: the config for a dockerd >= 23 has "proxies", which an older dockerd refuses
+    to start with, so asking the right version is what keeps the daemon up."""
+    installed = subprocess.run([DOCKERD or "dockerd", "--version"], capture_output=True, text=True).stdout
+    r = client_config("docker", "--cache", "cache.example.net", "--docker-version", "24.0")
+    assert json.loads(r.stdout)["proxies"]["https-proxy"] == "http://cache.example.net:8080"
+    if int(installed.split()[2].split(".")[0]) >= 23:
+        d = dockerd(r.stdout)
+        assert "cache.example.net:8080" in d.docker("info", "--format", "{{.HTTPSProxy}}", binary=False).stdout
+    else:
+        with pytest.raises(DockerdRefused, match="directives don.t match any configuration option: https-proxy"):
+            dockerd(r.stdout)
+
+
+# --- client-config iptables: idempotent, IPv4 and IPv6, removable ----------------------------------------------
+
+
+def nat_rules(ns: str) -> dict[str, list[str]]:
+    out = {}
+    for tool in ("iptables-save", "ip6tables-save"):
+        text = in_ns(ns, [tool, "-t", "nat"]).stdout
+        out[tool] = sorted(l for l in text.splitlines() if l.startswith(("-A", ":REGCACHE")))
+    return out
+
+
+def test_iptables_script_is_idempotent_covers_ipv6_and_comes_out_again(netns):
+    script = client_config("iptables", "--user", "nobody", "--iface", "eth7").stdout
+    for _ in range(2):  # the second run (a reboot script, a re-run by hand) adds nothing
+        r = in_ns(netns, ["sh", "-c", script])
+        assert r.returncode == 0, r.stderr
+    expected = sorted([
+        ":REGCACHE - [0:0]",
+        "-A OUTPUT -p tcp -m tcp --dport 443 -m owner ! --uid-owner 65534 -j REGCACHE",
+        "-A PREROUTING -i eth7 -p tcp -m tcp --dport 443 -j REGCACHE",
+        "-A REGCACHE -p tcp -m tcp --dport 443 -j REDIRECT --to-ports 8081",
+    ])
+    assert nat_rules(netns) == {"iptables-save": expected, "ip6tables-save": expected}
+    remove = client_config("iptables", "--user", "nobody", "--iface", "eth7", "--remove").stdout
+    for _ in range(2):
+        r = in_ns(netns, ["sh", "-c", remove])
+        assert r.returncode == 0, r.stderr
+    assert nat_rules(netns) == {"iptables-save": [], "ip6tables-save": []}
+
+
+def test_iptables_script_stops_when_the_exempted_user_is_missing(netns):
+    script = client_config("iptables", "--user", "no-such-regcache-user").stdout
+    r = in_ns(netns, ["sh", "-c", script])
+    assert r.returncode == 1 and "no user no-such-regcache-user" in r.stderr
+    assert nat_rules(netns) == {"iptables-save": [], "ip6tables-save": []}
