@@ -289,3 +289,92 @@ def test_iptables_script_stops_when_the_exempted_user_is_missing(netns):
     r = in_ns(netns, ["sh", "-c", script])
     assert r.returncode == 1 and "no user no-such-regcache-user" in r.stderr
     assert nat_rules(netns) == {"iptables-save": [], "ip6tables-save": []}
+
+
+# --- the service and the pod, started as the unit file and the manifests say --------------------------------
+#
+# Neither systemd (PID 1 here is no systemd) nor a kubelet runs here, and this machine's Python lives
+# where an unprivileged user cannot enter, so both run as root; what is checked is the command line,
+# the environment and the files they are given, with the CA directory mounted read-only as the
+# service (ProtectSystem=strict) and the pod (a Secret volume) see it.
+
+
+def serve_read_only_ca(netns: str, argv: list[str], env: dict, ca_dir: Path, log_path: Path) -> str:
+    """Start argv in netns with ca_dir read-only, wait for /healthz on :9090 and the mirror and
+    proxy listeners; return the issuer of the certificate a proxy client gets for quay.io."""
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(["ip", "netns", "exec", netns, "unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(ca_dir), *argv],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 40
+        while True:
+            health = in_ns(netns, ["curl", "-sf", "--max-time", "2", "http://127.0.0.1:9090/healthz"])
+            if health.stdout == "ok\n":
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.3)
+        listening = in_ns(netns, ["ss", "-Htln"]).stdout
+        assert ":5000 " in listening and ":8080 " in listening, listening
+        # a client of the proxy gets a certificate from this CA (the handshake needs no upstream)
+        s = in_ns(netns, ["openssl", "s_client", "-proxy", "127.0.0.1:8080", "-connect", "quay.io:443", "-servername", "quay.io"], input="")
+        return openssl_field(s.stdout[s.stdout.index("-----BEGIN CERTIFICATE"):], "issuer")
+    finally:
+        stop_process_group(proc, 10)
+        log.close()
+
+
+def test_systemd_units_command_serves_with_the_readme_files_and_a_read_only_etc(netns, tmp_path):
+    from tests.unit.test_deploy_files import UNIT, unit_settings
+
+    etc, state = tmp_path / "etc-regcache", tmp_path / "var-lib-regcache"
+    state.mkdir(mode=0o700)
+    # the README's steps: the CA, then the sample config
+    subprocess.run([*REGCACHE, "ca", "create", "--certs", str(etc), "--organization", "Example Corp"], check=True, capture_output=True)
+    shutil.copy(ROOT / "deploy" / "systemd" / "regcache.yml", etc / "regcache.yml")
+    before = sorted(p.name for p in etc.iterdir())
+    settings = unit_settings(UNIT.read_text().replace("/etc/regcache", str(etc)).replace("/var/lib/regcache", str(state))
+                             .replace("/opt/regcache/.venv/bin/mitmdump", MITMDUMP).replace("/opt/regcache", str(ROOT)))
+    argv = settings["ExecStart"][0].split()
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT / "src")}
+    for assignments in settings["Environment"]:
+        env.update(a.split("=", 1) for a in assignments.split())
+    issuer = serve_read_only_ca(netns, argv, env, etc, tmp_path / "service.log")
+    assert issuer == "issuer=O=Example Corp,CN=regcache CA"
+    assert sorted(p.name for p in etc.iterdir()) == before
+    assert (state / "cache" / "content").is_dir()  # the cache dir is where the unit says
+
+
+def test_k8s_pod_serves_with_the_ca_secret_and_the_configmap(netns, tmp_path):
+    """docker/entrypoint.sh as the StatefulSet runs it (uid 10001, so no privilege drop: the
+    CA volume is its confdir as is): the Secret holds exactly the files the README puts in it,
+    read-only; the config is the ConfigMap's."""
+    from tests.unit.test_deploy_files import k8s_documents
+
+    docs = {d["kind"]: d for _, d in k8s_documents()}
+    container = docs["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    created = tmp_path / "workstation-certs"
+    subprocess.run([*REGCACHE, "ca", "create", "--certs", str(created), "--organization", "Example Corp"], check=True, capture_output=True)
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    readme = (ROOT / "README.md").read_text()
+    for name in ("mitmproxy-ca.pem", "mitmproxy-ca-cert.pem", "mitmproxy-dhparam.pem"):
+        assert f"--from-file=certs/{name}" in readme
+        shutil.copy(created / name, secret / name)
+    config = tmp_path / "configmap"
+    config.mkdir()
+    (config / "regcache.yml").write_text(docs["ConfigMap"]["data"]["regcache.yml"])
+    where = {mounts["ca"]: secret, mounts["config"]: config, mounts["cache"]: tmp_path / "cache", mounts["run"]: tmp_path / "run"}
+    env = {"PATH": f"{Path(MITMDUMP).parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT / "src"),
+           "REGCACHE_ADDON": str(ROOT / "addons" / "regcache.py"), "REGCACHE_RUNTIME": str(tmp_path / "run"), "REGCACHE_USER": "no-such-user-here"}
+    for e in container["env"]:
+        value = e["value"]
+        for path, local in sorted(where.items(), key=lambda kv: -len(kv[0])):  # /etc/regcache-config before /etc/regcache
+            if value == path or value.startswith(path + "/"):
+                value = str(local) + value[len(path):]
+                break
+        env[e["name"]] = value
+    issuer = serve_read_only_ca(netns, [str(ROOT / "docker" / "entrypoint.sh")], env, secret, tmp_path / "pod.log")
+    assert issuer == "issuer=O=Example Corp,CN=regcache CA"
+    assert (tmp_path / "cache" / "content").is_dir()
