@@ -250,7 +250,7 @@ def test_docker_daemon_json_for_another_version_is_what_that_version_needs(docke
         d = dockerd(r.stdout)
         assert "cache.example.net:8080" in d.docker("info", "--format", "{{.HTTPSProxy}}", binary=False).stdout
     else:
-        with pytest.raises(DockerdRefused, match="directives don.t match any configuration option: https-proxy"):
+        with pytest.raises(DockerdRefused, match=r"directives don.t match any configuration option: .*https-proxy"):
             dockerd(r.stdout)
 
 
