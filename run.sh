@@ -38,6 +38,10 @@ if [ ! -x "$VENV/bin/mitmdump" ]; then
     fi
     "$PY" -m venv "$VENV" && "$VENV/bin/pip" install -q --disable-pip-version-check -e "$HERE"
 fi
+# The CA clients trust, named for regcache (mitmdump would name one it creates "mitmproxy").
+if ! option_is_set confdir "$@" && [ ! -f "$HERE/certs/mitmproxy-ca.pem" ]; then
+    "$VENV/bin/regcache" ca create --certs "$HERE/certs" --organization "${REGCACHE_CA_ORGANIZATION:-regcache}" >&2
+fi
 exec "$VENV/bin/mitmdump" -s "$HERE/addons/regcache.py" \
     --mode regular@8080 \
     --mode reverse:https://registry-1.docker.io@5000 \

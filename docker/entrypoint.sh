@@ -8,6 +8,7 @@
 #   REGCACHE_DIR            cache directory [/var/lib/regcache/cache]
 #   REGCACHE_CERTS          CA directory, mitmproxy confdir format [/var/lib/regcache/certs];
 #                           the CA is created there on first start (key mode 0600)
+#   REGCACHE_CA_ORGANIZATION  the organisation a CA created on first start is issued for [regcache]
 #   REGCACHE_METRICS        metrics + status page listener [0.0.0.0:9090]
 #   REGCACHE_MODES          mitmdump listeners [--mode regular@8080 --mode reverse:https://registry-1.docker.io@5000]
 #   REGCACHE_CONFIG         a regcache_config YAML; if unset one is written from:
@@ -52,7 +53,7 @@ option_value regcache_metrics "$@" >/dev/null || own_sets+=(--set "regcache_metr
 mkdir -p "$REGCACHE_DIR" "$RUNTIME"
 if [ ! -f "$REGCACHE_CERTS/mitmproxy-ca.pem" ]; then
     echo "regcache: creating the CA in $REGCACHE_CERTS" >&2
-    regcache ca create --certs "$REGCACHE_CERTS" >&2
+    regcache ca create --certs "$REGCACHE_CERTS" --organization "${REGCACHE_CA_ORGANIZATION:-regcache}" >&2
 fi
 
 confdir=$REGCACHE_CERTS

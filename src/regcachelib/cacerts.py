@@ -5,7 +5,9 @@
     (+ mitmproxy's .p12/.cer/dhparam companions)
 
 mitmdump --set confdir=certs/ uses it as is; it is created with mitmproxy's own code, so the
-files are exactly what mitmproxy would have written on its first start.
+files are what mitmproxy would have written on its first start, except for the name: clients
+see "regcache CA" and the operator's organisation in their trust store, not "mitmproxy". The
+file names stay mitmproxy's (the confdir basename), or mitmproxy would not load them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ KEY_SIZE = 2048  # mitmproxy's default key_size
 SECRET_FILES = (f"{BASENAME}-ca.pem", f"{BASENAME}-ca.p12")
 CERT_FILE = f"{BASENAME}-ca-cert.pem"
 KEY_FILE = f"{BASENAME}-ca.pem"
+CA_COMMON_NAME = "regcache CA"
+DEFAULT_ORGANIZATION = "regcache"
 
 SYSTEM_ANCHORS = "/usr/local/share/ca-certificates"
 SYSTEM_NAME = "regcache-ca.crt"
@@ -43,14 +47,21 @@ class CAInfo:
     pem: str
 
 
-def create(certs_dir: str) -> tuple[bool, str]:
-    """Create the CA unless it exists; (created?, path of the certificate). Key files 0600."""
+def create(certs_dir: str, organization: str | None = None) -> tuple[bool, str]:
+    """Create the CA unless it exists; (created?, path of the certificate). Key files 0600.
+
+    An existing CA is kept whatever organization says: clients already trust it."""
     from mitmproxy.certs import CertStore
 
+    organization = organization or DEFAULT_ORGANIZATION
+    if not organization.strip() or any(c in organization for c in "\r\n\0"):
+        raise CAError(f"organization {organization!r}: give a name on one line")
     path = Path(certs_dir)
     existed = (path / KEY_FILE).exists()
     path.mkdir(parents=True, exist_ok=True)
-    CertStore.from_store(path, BASENAME, KEY_SIZE)
+    if not existed:
+        CertStore.create_store(path, BASENAME, KEY_SIZE, organization=organization, cn=CA_COMMON_NAME)
+    CertStore.from_store(path, BASENAME, KEY_SIZE)  # loads it as mitmdump will, and writes the dhparam file
     for name in SECRET_FILES:
         p = path / name
         if p.exists():

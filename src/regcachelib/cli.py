@@ -391,7 +391,10 @@ def cmd_import(args) -> int:
 
 def cmd_gc(args) -> int:
     store = open_store(args)
-    limit = parse_size(args.max_size) if args.max_size else int(store.content.size_limit)
+    limit = args.max_size if args.max_size is not None else int(store.content.size_limit)
+    if not any(store_summary(store)[kind] for kind in ("blobs", "manifests", "tags")):
+        say(args, f"nothing to do: the store at {store.directory} is empty, nothing cached yet (limit {human(limit)})")
+        return 0
     stats = Stats(store.tags)
     result = inventory.gc(store, limit, dry_run=args.dry_run, stats=stats)
     verb = "would remove" if args.dry_run else "removed"
@@ -484,7 +487,17 @@ def cmd_client_config(args) -> int:
     cache.proxy_port, cache.mirror_port, cache.transparent_port = args.proxy_port, args.mirror_port, args.transparent_port
     kind = args.kind
     if kind == "docker":
-        text, hint = clientconfig.docker(cache, proxies=not args.no_proxies)
+        version = None
+        if args.docker_version:
+            try:
+                version = clientconfig.parse_docker_version(args.docker_version)
+            except ValueError as e:
+                raise CLIError(str(e)) from None
+        elif not args.no_proxies:
+            version = clientconfig.installed_docker_version()
+            if version is not None:
+                note(args, f"# dockerd {version[0]}.{version[1]} is installed here; for another host's, give --docker-version")
+        text, hint = clientconfig.docker(cache, proxies=not args.no_proxies, version=version)
     elif kind == "containerd":
         text, hint = clientconfig.containerd(cache)
     elif kind == "podman":
@@ -497,7 +510,10 @@ def cmd_client_config(args) -> int:
         except ValueError as e:
             raise CLIError(str(e)) from None
     else:
-        text, hint = clientconfig.iptables(cache, args.user, args.iface)
+        try:
+            text, hint = clientconfig.iptables(cache, args.user, args.iface, remove=args.remove)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
     sys.stdout.write(text)
     if not args.quiet:
         sys.stderr.write(hint)
@@ -509,11 +525,16 @@ def cmd_client_config(args) -> int:
 
 def cmd_ca(args) -> int:
     certs = os.path.abspath(getattr(args, "certs", None) or os.environ.get("REGCACHE_CERTS") or DEFAULT_CERTS)
-    if args.ca_command == "create":
-        created, cert = cacerts.create(certs)
-        say(args, ("created" if created else "already there:") + f" {cert} (key {os.path.join(certs, cacerts.KEY_FILE)}, mode 0600)")
-        return 0
     try:
+        if args.ca_command == "create":
+            created, cert = cacerts.create(certs, args.organization)
+            say(args, ("created" if created else "already there:") + f" {cert} (key {os.path.join(certs, cacerts.KEY_FILE)}, mode 0600)")
+            subject = cacerts.info(certs).subject
+            say(args, f"subject {subject}")
+            if not created and args.organization:
+                note(args, "note: the existing CA is kept (clients trust it); --organization names a new one only "
+                           f"(move {certs} away first to make one)")
+            return 0
         if args.ca_command == "show":
             ca = cacerts.info(certs)
             if args.pem:
@@ -572,18 +593,47 @@ examples:
 """
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--dir", default=argparse.SUPPRESS, metavar="DIR", help=f"cache directory (default: $REGCACHE_DIR or ./{DEFAULT_DIR_NAME})")
-    common.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE", help="the proxy's regcache_config YAML (for its size_limit)")
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or hints on stderr")
-    common.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+# The shared options each command really uses (its --help shows those only): --dir where it
+# opens the cache dir, --config where the proxy's size_limit matters, -q where it prints hints
+# on stderr, --no-progress where it draws a progress bar.
+SHARED_OPTIONS = {
+    "stats": ("dir", "config"),
+    "ls": ("dir",),
+    "warm": ("dir", "config", "quiet", "progress"),
+    "export": ("dir", "quiet", "progress"),
+    "import": ("dir", "config", "quiet", "progress"),
+    "gc": ("dir", "config"),
+    "pin": ("dir",),
+    "unpin": ("dir",),
+    "verify": ("dir", "quiet", "progress"),
+    "client-config": ("quiet",),
+    "ca": ("quiet",),
+}
 
-    p = argparse.ArgumentParser(prog="regcache", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[common])
+
+def size_argument(text: str) -> int:
+    """argparse type for sizes: a bad one is a usage error (exit status 2), not a traceback."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    shared = {name: argparse.ArgumentParser(add_help=False) for name in ("dir", "config", "quiet", "progress")}
+    shared["dir"].add_argument("--dir", default=argparse.SUPPRESS, metavar="DIR", help=f"cache directory (default: $REGCACHE_DIR or ./{DEFAULT_DIR_NAME})")
+    shared["config"].add_argument("--config", default=argparse.SUPPRESS, metavar="FILE", help="the proxy's regcache_config YAML (for its size_limit)")
+    shared["quiet"].add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or hints on stderr")
+    shared["progress"].add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    common = shared["quiet"]  # the CA's actions
+
+    p = argparse.ArgumentParser(prog="regcache", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                parents=list(shared.values()))
     sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
 
     def add(name, help_, description=None, **kw):
-        return sub.add_parser(name, help=help_, description=description or help_, parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+        parents = [shared[option] for option in SHARED_OPTIONS[name]]
+        return sub.add_parser(name, help=help_, description=description or help_, parents=parents, formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
 
     s = add("stats", "hits, misses, hit ratio, bytes saved, store size, per registry",
             "Counters persisted in the cache dir by every proxy (and warm/gc/verify) that used it: requests by registry\n"
@@ -645,7 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
             "The unit of eviction is an image: a top-level manifest and everything only it references. Images go in\n"
             "least-recently-pulled order until the store fits; a blob a retained manifest references and anything of\n"
             "a pinned image are never removed. The running proxy does the same by itself above 90% of its size_limit.")
-    s.add_argument("--max-size", metavar="SIZE", help="e.g. 20GiB, 500MB (default: the proxy's size_limit)")
+    s.add_argument("--max-size", metavar="SIZE", type=size_argument, help="e.g. 20GiB, 500MB (default: the proxy's size_limit)")
     s.add_argument("-n", "--dry-run", action="store_true", help="only say what would go")
     s.set_defaults(func=cmd_gc)
 
@@ -678,10 +728,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mirror-port", type=int, default=clientconfig.MIRROR_PORT, help="mirror listener (default 5000)")
     s.add_argument("--transparent-port", type=int, default=clientconfig.TRANSPARENT_PORT, help="transparent listener (default 8081)")
     s.add_argument("--no-proxies", action="store_true", help="docker: mirrors only (dockerd < 23 rejects \"proxies\")")
+    s.add_argument("--docker-version", metavar="VERSION",
+                   help="docker: the node's dockerd version (20.10, 24.0.7, or `dockerd --version`'s output); default: "
+                        "this host's dockerd; \"proxies\" only for >= 23, none when unknown")
     s.add_argument("--registry", action="append", metavar="REGISTRY", help="podman: only these registries (repeatable)")
     s.add_argument("--service", default="docker", help="systemd: the unit to configure (default docker; e.g. containerd)")
     s.add_argument("--user", default="regcache", help="iptables: the user regcache runs as (exempted; default regcache)")
     s.add_argument("--iface", metavar="IFACE", help="iptables: only redirect traffic arriving on this interface")
+    s.add_argument("--remove", action="store_true", help="iptables: print the script that removes the rules again")
     s.set_defaults(func=cmd_client_config)
 
     s = add("ca", "create, show or install the CA clients trust for intercepted registries",
@@ -691,7 +745,10 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--certs", default=argparse.SUPPRESS, metavar="DIR", help="CA directory (default $REGCACHE_CERTS or ./certs)")
     s.add_argument("--certs", default=argparse.SUPPRESS, metavar="DIR", help="CA directory (default $REGCACHE_CERTS or ./certs)")
     ca_sub = s.add_subparsers(dest="ca_command", metavar="ACTION", required=True)
-    ca_sub.add_parser("create", help="create the CA with mitmproxy (kept if it exists)", parents=[common, certs])
+    create = ca_sub.add_parser("create", help="create the CA with mitmproxy (kept if it exists)", parents=[common, certs])
+    create.add_argument("--organization", metavar="NAME",
+                        help=f"the CA's organisation (O=) in clients' trust stores (default {cacerts.DEFAULT_ORGANIZATION}); "
+                             f"its name (CN=) is \"{cacerts.CA_COMMON_NAME}\"")
     show = ca_sub.add_parser("show", help="print the certificate (never the key)", parents=[common, certs])
     show.add_argument("--pem", action="store_true", help="only the PEM certificate")
     inst = ca_sub.add_parser("install", help="trust the CA: system store, dockerd certs.d, or containerd", parents=[common, certs])

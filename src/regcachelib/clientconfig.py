@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
+import shlex
+import shutil
 import socket
+import subprocess
 from dataclasses import dataclass
 
 from .config import DEFAULT_REGISTRIES
@@ -89,19 +93,58 @@ def no_proxy(cache: Cache) -> str:
     return ",".join(dict.fromkeys([cache.host, "localhost", "127.0.0.1", "::1"]))
 
 
-def docker(cache: Cache, proxies: bool = True) -> tuple[str, str]:
-    doc: dict = {"registry-mirrors": [f"http://{cache.mirror}"]}
-    if proxies:
-        doc["proxies"] = {"https-proxy": f"http://{cache.proxy}", "no-proxy": no_proxy(cache)}
+# daemon.json "proxies" arrived in dockerd 23.0; older daemons refuse to start with it
+# ("the following directives don't match any configuration option: proxies").
+DOCKER_PROXIES_SINCE = (23, 0)
+
+
+def parse_docker_version(text: str) -> tuple[int, int]:
+    """(major, minor) from "20.10", "24.0.7" or the whole `dockerd --version` line."""
+    m = re.search(r"(?:^|[^\w.])v?(\d+)(?:\.(\d+))?", text)
+    if not m:
+        raise ValueError(f"--docker-version: no version in {text!r} (e.g. 20.10, 24.0.7, or dockerd --version's output)")
+    return int(m.group(1)), int(m.group(2) or 0)
+
+
+def installed_docker_version() -> tuple[int, int] | None:
+    """The version of the dockerd installed on this host, if any."""
+    exe = shutil.which("dockerd")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10).stdout
+        return parse_docker_version(out)
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+
+
+def docker(cache: Cache, proxies: bool = True, version: tuple[int, int] | None = None) -> tuple[str, str]:
+    """daemon.json for dockerd `version` (None: unknown). "proxies" only where that dockerd
+    accepts it: a config the daemon refuses stops it from starting at all.
+
+    A port in --cache is the mirror's (what registry-mirrors names); the proxy keeps its own."""
+    known = version is not None and version >= DOCKER_PROXIES_SINCE
+    with_proxies = proxies and known
+    mirror = cache.mirror
+    proxy = cache.netloc(cache.proxy_port)
+    doc: dict = {"registry-mirrors": [f"http://{mirror}"]}
+    if with_proxies:
+        doc["proxies"] = {"https-proxy": f"http://{proxy}", "no-proxy": no_proxy(cache)}
     hint = (
         "# write to /etc/docker/daemon.json (merge with what is there), then: systemctl restart docker\n"
-        "# registry-mirrors: Docker Hub pulls go to the cache's mirror listener (plain HTTP).\n"
+        f"# registry-mirrors: Docker Hub pulls go to the cache's mirror listener (plain HTTP, {mirror}).\n"
     )
-    if proxies:
+    if with_proxies:
         hint += (
-            "# proxies (dockerd >= 23): every other registry goes through the cache's HTTPS proxy;\n"
-            "# trust its CA: regcache ca install system (or: regcache ca install docker).\n"
-            "# dockerd < 23 rejects \"proxies\": use --no-proxies and `regcache client-config systemd` instead.\n"
+            f"# proxies (dockerd {version[0]}.{version[1]} >= 23): every other registry goes through the cache's HTTPS proxy\n"
+            f"# ({proxy}); trust its CA: regcache ca install system (or: regcache ca install docker).\n"
+        )
+    elif proxies:
+        why = ("dockerd version unknown (no dockerd here; give --docker-version, e.g. $(ssh NODE dockerd --version))"
+               if version is None else f"dockerd {version[0]}.{version[1]} < 23 refuses daemon.json \"proxies\"")
+        hint += (
+            f"# no \"proxies\": {why}.\n"
+            f"# For every other registry use the systemd drop-in: regcache client-config systemd --cache {cache.host}\n"
         )
     return json.dumps(doc, indent=2) + "\n", hint
 
@@ -146,24 +189,78 @@ def systemd(cache: Cache, service: str = "docker") -> tuple[str, str]:
     return text, hint
 
 
-def iptables(cache: Cache, user: str = "regcache", iface: str | None = None) -> tuple[str, str]:
+_USER = re.compile(r"^(?:[0-9]+|[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?)$")
+_IFACE = re.compile(r"^[A-Za-z0-9_.:@+-]{1,15}$")
+
+
+def _iptables_rules(port: int, user: str, iface: str | None) -> list[tuple[str, str]]:
+    """(chain, rule) pairs, in the order they are added."""
+    return [
+        ("REGCACHE", f"-p tcp --dport 443 -j REDIRECT --to-ports {port}"),
+        # containers and hosts routed through this one (docker0, cni0, a LAN interface)
+        ("PREROUTING", f"{'-i ' + shlex.quote(iface) + ' ' if iface else ''}-p tcp --dport 443 -j REGCACHE"),
+        # processes on this host (dockerd, containerd), except regcache itself, which must reach the real registries
+        ("OUTPUT", f"-p tcp --dport 443 -m owner ! --uid-owner {shlex.quote(user)} -j REGCACHE"),
+    ]
+
+
+def iptables(cache: Cache, user: str = "regcache", iface: str | None = None, remove: bool = False) -> tuple[str, str]:
+    """A sh script for IPv4 (iptables) and IPv6 (ip6tables, where the kernel has IPv6 NAT) that
+    redirects port 443 to the transparent listener. Running it again adds nothing (-C before -A);
+    remove=True prints the script that takes every rule out again."""
+    if not _USER.match(user):
+        raise ValueError(f"--user: {user!r} is not a user name or uid")
+    if iface is not None and not _IFACE.match(iface):
+        raise ValueError(f"--iface: {iface!r} is not an interface name")
     port = cache.port or cache.transparent_port
-    lines = [
-        "#!/bin/sh",
-        f"# regcache transparent mode: mitmdump --mode transparent@{port} runs on this host as user {user!r}.",
-        "set -e",
-        "iptables -t nat -N REGCACHE 2>/dev/null || iptables -t nat -F REGCACHE",
-        f"iptables -t nat -A REGCACHE -p tcp --dport 443 -j REDIRECT --to-ports {port}",
-        "# containers and hosts routed through this one (e.g. docker0, cni0, a LAN interface):",
-        f"iptables -t nat -A PREROUTING {'-i ' + iface + ' ' if iface else ''}-p tcp --dport 443 -j REGCACHE",
-        "# processes on this host (dockerd, containerd), except regcache itself, which must reach the real registries:",
-        f"iptables -t nat -A OUTPUT -p tcp --dport 443 -m owner ! --uid-owner {user} -j REGCACHE",
+    rules = _iptables_rules(port, user, iface)
+    options = f"--user {shlex.quote(user)}" + (f" --iface {shlex.quote(iface)}" if iface else "") + (f" --transparent-port {port}" if port != TRANSPARENT_PORT else "")
+    lines = ["#!/bin/sh"]
+    if remove:
+        lines += [
+            f"# regcache transparent mode: remove what `regcache client-config iptables {options}` added.",
+            "set -u",
+            "for tool in iptables ip6tables; do",
+            '    if ! { command -v "$tool" >/dev/null 2>&1 && "$tool" -t nat -S >/dev/null 2>&1; }; then continue; fi',
+            *[f'    while "$tool" -t nat -D {chain} {rule} 2>/dev/null; do :; done' for chain, rule in rules if chain != "REGCACHE"],
+            '    "$tool" -t nat -F REGCACHE 2>/dev/null && "$tool" -t nat -X REGCACHE 2>/dev/null',
+            "done",
+            "exit 0",
+        ]
+        hint = "# run as root on the host where regcache runs: takes out the REDIRECT rules (IPv4 and IPv6)\n"
+        return "\n".join(lines) + "\n", hint
+    q_user = shlex.quote(user)
+    lines += [
+        f"# regcache transparent mode: mitmdump --mode transparent@{port} runs on this host as user {user}.",
+        "# Safe to run again: each rule is checked (-C) before it is added. Remove it all with:",
+        f"#   regcache client-config iptables {options} --remove | sudo sh",
+        "set -eu",
+    ]
+    if not user.isdigit():  # a bare uid needs no user entry: the owner match compares numbers
+        lines += [
+            f"if ! id -u {q_user} >/dev/null 2>&1; then",
+            f"    echo \"no user {user} on this host: regcache must run as the user exempted here, or its own\" >&2",
+            "    echo \"upstream connections loop back into itself (create it, or give --user)\" >&2",
+            "    exit 1",
+            "fi",
+        ]
+    lines += [
+        "add() {  # add TOOL CHAIN RULE...: append the rule to the nat table unless it is there",
+        '    tool=$1; shift',
+        '    "$tool" -t nat -C "$@" 2>/dev/null || "$tool" -t nat -A "$@"',
+        "}",
+        "for tool in iptables ip6tables; do",
+        '    if [ "$tool" = ip6tables ] && ! { command -v ip6tables >/dev/null 2>&1 && ip6tables -t nat -S >/dev/null 2>&1; }; then',
+        '        echo "ip6tables: no IPv6 NAT on this host; IPv6 connections to port 443 are not redirected" >&2',
+        "        continue",
+        "    fi",
+        '    "$tool" -t nat -N REGCACHE 2>/dev/null || true',
+        *[f'    add "$tool" {chain} {rule}' for chain, rule in rules],
+        "done",
     ]
     hint = (
-        "# run as root on the host where regcache runs; undo with:\n"
-        f"#   iptables -t nat -D PREROUTING {'-i ' + iface + ' ' if iface else ''}-p tcp --dport 443 -j REGCACHE\n"
-        f"#   iptables -t nat -D OUTPUT -p tcp --dport 443 -m owner ! --uid-owner {user} -j REGCACHE\n"
-        "#   iptables -t nat -F REGCACHE && iptables -t nat -X REGCACHE\n"
+        "# run as root on the host where regcache runs (IPv4 and IPv6); running it again adds nothing.\n"
+        f"# undo: regcache client-config iptables {options} --remove | sudo sh\n"
         "# clients must trust regcache's CA (regcache ca install system). docker/entrypoint-transparent.sh does all this.\n"
     )
     return "\n".join(lines) + "\n", hint

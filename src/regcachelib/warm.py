@@ -28,6 +28,22 @@ ACCEPT = ", ".join(oci.MANIFEST_MEDIA_TYPES)
 INDEX_TYPES = (oci.OCI_INDEX, oci.DOCKER_LIST)
 
 
+def registry_error_text(body: bytes) -> str:
+    """What a registry's error body says, for a person: the OCI errors' codes and messages
+    ("MANIFEST_UNKNOWN: manifest unknown"), else the start of the text; printable only."""
+    text = ""
+    try:
+        errors = json.loads(body).get("errors")
+        if isinstance(errors, list):
+            text = "; ".join(": ".join(str(e[k]) for k in ("code", "message") if isinstance(e, dict) and e.get(k)) for e in errors)
+    except (ValueError, AttributeError):
+        pass
+    if not text:
+        text = body.decode("utf-8", "replace")
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())[:200]
+    return f" ({text})" if text else ""
+
+
 class WarmError(Exception):
     pass
 
@@ -82,7 +98,7 @@ class RegistryClient:
         try:
             if resp.status != 200:
                 body = resp.read_all(64 * 1024) if resp.status != 304 else b""
-                raise WarmError(f"{self.registry}/{repo}:{reference}: manifest: upstream answered {resp.status} {body[:200]!r}")
+                raise WarmError(f"{self.registry}/{repo}:{reference}: manifest: upstream answered {resp.status}{registry_error_text(body)}")
             body = resp.read_all(oci.MAX_MANIFEST_BYTES)
             media_type = oci.manifest_media_type(body, resp.header("content-type"))
             claimed = resp.header("docker-content-digest")

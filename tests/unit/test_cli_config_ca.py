@@ -36,7 +36,7 @@ def systemd_environment(text: str) -> dict[str, str]:
 
 
 def test_docker_daemon_json(capsys):
-    code, out, err = run_cli(capsys, "client-config", "docker", "--cache", "cache.example.net")
+    code, out, err = run_cli(capsys, "client-config", "docker", "--cache", "cache.example.net", "--docker-version", "24.0.7")
     assert code == 0
     doc = json.loads(out)
     assert doc["registry-mirrors"] == ["http://cache.example.net:5000"]
@@ -45,6 +45,32 @@ def test_docker_daemon_json(capsys):
     assert "/etc/docker/daemon.json" in err
     code, out, _ = run_cli(capsys, "client-config", "docker", "--cache", "10.0.0.5:5001", "--no-proxies")
     assert json.loads(out) == {"registry-mirrors": ["http://10.0.0.5:5001"]}
+
+
+@pytest.mark.parametrize("version, proxies", [
+    ("20.10", False), ("Docker version 20.10.24+dfsg1, build 5d6db84", False), ("22.06.0-beta", False),
+    ("23.0", True), ("Docker version 28.2.2, build e6534b4", True),
+])
+def test_docker_proxies_only_for_a_dockerd_that_accepts_them(capsys, version, proxies):
+    code, out, err = run_cli(capsys, "client-config", "docker", "--cache", "cache", "--docker-version", version)
+    assert code == 0 and ("proxies" in json.loads(out)) == proxies
+    if not proxies:
+        assert "< 23" in err and "client-config systemd" in err
+
+
+def test_docker_version_unknown_prints_no_proxies(capsys, monkeypatch):
+    monkeypatch.setattr(clientconfig.shutil, "which", lambda name: None)  # no dockerd on this host
+    code, out, err = run_cli(capsys, "client-config", "docker", "--cache", "cache")
+    assert code == 0 and json.loads(out) == {"registry-mirrors": ["http://cache:5000"]}
+    assert "version unknown" in err and "--docker-version" in err
+    code, _, err = run_cli(capsys, "client-config", "docker", "--docker-version", "latest")
+    assert code == 2 and "no version in 'latest'" in err
+
+
+def test_docker_cache_port_is_the_mirrors_and_the_proxy_keeps_its_own(capsys):
+    _, out, _ = run_cli(capsys, "client-config", "docker", "--cache", "cache:5001", "--docker-version", "24", "--proxy-port", "3128")
+    doc = json.loads(out)
+    assert doc["registry-mirrors"] == ["http://cache:5001"] and doc["proxies"]["https-proxy"] == "http://cache:3128"
 
 
 def test_containerd_hosts_toml(capsys):
@@ -77,9 +103,18 @@ def test_systemd_drop_in_never_proxies_the_cache_itself(capsys):
 
 def test_iptables_script_exempts_the_owner(capsys):
     code, out, _ = run_cli(capsys, "client-config", "iptables", "--user", "999", "--iface", "docker0")
-    assert "-m owner ! --uid-owner 999 -j REGCACHE" in out
-    assert "PREROUTING -i docker0 -p tcp --dport 443 -j REGCACHE" in out
+    assert 'add "$tool" OUTPUT -p tcp --dport 443 -m owner ! --uid-owner 999 -j REGCACHE' in out
+    assert 'add "$tool" PREROUTING -i docker0 -p tcp --dport 443 -j REGCACHE' in out
     assert "REDIRECT --to-ports 8081" in out and out.startswith("#!/bin/sh")
+    assert "id -u" not in out  # a bare uid needs no user entry
+    _, out, _ = run_cli(capsys, "client-config", "iptables", "--user", "regcache")
+    assert "if ! id -u regcache" in out and "ip6tables" in out and "--remove | sudo sh" in out
+
+
+@pytest.mark.parametrize("option", [["--user", "x; rm -rf /"], ["--iface", "eth0 -j ACCEPT"], ["--user", "$(id)"]])
+def test_iptables_refuses_what_would_be_shell(capsys, option):
+    code, out, err = run_cli(capsys, "client-config", "iptables", *option)
+    assert code == 2 and out == "" and "is not" in err
 
 
 @pytest.mark.parametrize("text,host,port", [
@@ -139,7 +174,8 @@ def test_ca_create_show_install(tmp_path, capsys):
     assert out.startswith("already there") and (certs / "mitmproxy-ca-cert.pem").read_bytes() == first
 
     code, out, _ = run_cli(capsys, "ca", "--certs", str(certs), "show")
-    assert code == 0 and "CN=mitmproxy" in out and "sha256" in out and "BEGIN CERTIFICATE" in out
+    assert code == 0 and "O=regcache,CN=regcache CA" in out and "sha256" in out and "BEGIN CERTIFICATE" in out
+    assert "mitmproxy" not in out.split("BEGIN CERTIFICATE")[0].replace(str(certs / "mitmproxy-ca-cert.pem"), "")
     assert "PRIVATE KEY" not in out and key_pem.splitlines()[1] not in out
     _, pem, _ = run_cli(capsys, "ca", "show", "--certs", str(certs), "--pem")
     assert pem == first.decode()
@@ -172,6 +208,19 @@ def test_ca_created_is_what_mitmproxy_loads(tmp_path):
     store = CertStore.from_store(tmp_path / "c", "mitmproxy", 2048)
     leaf = store.get_cert("quay.io", [])
     assert leaf.cert.issuer == store.default_ca.issuer
+
+
+def test_ca_create_names_the_operators_organisation_and_keeps_an_existing_ca(tmp_path, capsys):
+    certs = tmp_path / "certs"
+    code, out, _ = run_cli(capsys, "ca", "create", "--certs", str(certs), "--organization", "Example Corp")
+    assert code == 0 and "subject O=Example Corp,CN=regcache CA" in out
+    assert cacerts.info(str(certs)).issuer == "O=Example Corp,CN=regcache CA"
+    first = (certs / "mitmproxy-ca-cert.pem").read_bytes()
+    code, out, err = run_cli(capsys, "ca", "create", "--certs", str(certs), "--organization", "Other")
+    assert code == 0 and out.startswith("already there") and "O=Example Corp" in out and "kept" in err
+    assert (certs / "mitmproxy-ca-cert.pem").read_bytes() == first
+    code, _, err = run_cli(capsys, "ca", "create", "--certs", str(tmp_path / "x"), "--organization", "a\nb")
+    assert code == 2 and "one line" in err and not (tmp_path / "x" / "mitmproxy-ca.pem").exists()
 
 
 def test_ca_show_without_a_ca(tmp_path, capsys):

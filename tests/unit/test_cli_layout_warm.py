@@ -334,8 +334,9 @@ class TokenRegistry:
                     return self.send(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}', [("WWW-Authenticate", challenge)])
                 if parts[-2] == "manifests":
                     mt, body = reg.manifests.get((repo, parts[-1]), (None, None))
-                    if body is None:
-                        return self.send(404, b"{}")
+                    if body is None:  # as distribution answers
+                        return self.send(404, b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{"Tag":"1"}}]}\n',
+                                         [("Content-Type", "application/json")])
                     return self.send(200, body, [("Content-Type", mt), ("Docker-Content-Digest", sha256(body))])
                 if parts[-2] == "blobs" and parts[-1] in reg.blobs:
                     return self.send(307, b"", [("Location", f"http://localhost:{reg.port}/cdn/{parts[-1]}")])  # another host
@@ -394,6 +395,8 @@ def test_warm_fetches_the_chosen_platform_with_anonymous_tokens(tmp_path, token_
     report = w.run([f"{registry}/org/multi:1", f"{registry}/org/absent:1"])
     assert report.images == [f"{registry}/org/multi:1"]
     assert [r for r, _ in report.failed] == [f"{registry}/org/absent:1"]
+    # the operator reads the registry's own words (regcache warm prints this line as it is)
+    assert report.failed[0][1] == f"{registry}/org/absent:1: manifest: upstream answered 404 (MANIFEST_UNKNOWN: manifest unknown)"
     arm, arm_blobs = children["arm64"]
     amd, amd_blobs = children["amd64"]
     assert store.get_manifest(index) and store.get_manifest(arm) and store.get_manifest(amd) is None
@@ -427,6 +430,20 @@ def test_warm_platform_not_in_the_index_fails_clearly(tmp_path, token_registry):
     report = w.run([f"{registry}/org/multi:1"])
     assert "no manifest for linux/s390x" in report.failed[0][1] and "linux/arm64/v8" in report.failed[0][1]
     store.close()
+
+
+@pytest.mark.parametrize("body, text", [
+    (b'{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"},{"code":"X"}]}',
+     " (DENIED: requested access to the resource is denied; X)"),
+    (b"<html><body>Bad\r\nGateway\x00</body></html>", " (<html><body>Bad Gateway </body></html>)"),
+    (b"\xff\xfeoops", " (\ufffd\ufffdoops)"),
+    (b"", ""),
+    (b"{}", " ({})"),
+])
+def test_registry_error_text_is_for_people(body, text):
+    from regcachelib.warm import registry_error_text
+
+    assert registry_error_text(body) == text
 
 
 def test_images_from_misses(tmp_path):
