@@ -202,8 +202,11 @@ def test_two_processes_on_one_directory(tmp_path):
     directory = str(tmp_path / "cache")
     Store(directory).close()
     payloads = [(directory, f"blob from process {i}".encode() * 1000, f"t{i}", oci.OCI_MANIFEST) for i in range(2)]
-    with multiprocessing.get_context("spawn").Pool(2) as pool:
-        digests = pool.starmap(commit_and_tag, payloads)
+    # One pool per payload: a shared pool may hand both to one worker under load.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as first, ctx.Pool(1) as second:
+        pending = [pool.apply_async(commit_and_tag, args) for pool, args in zip((first, second), payloads)]
+        digests = [p.get(60) for p in pending]
     store = Store(directory)
     try:
         for (_, data, tag, _), digest in zip(payloads, digests):
