@@ -16,8 +16,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from . import oci
+from .concurrency import Flights
 from .store import Store
-from .upstream import Target, Upstream, UpstreamUnavailable
+from .upstream import MAX_ERROR_BODY, Target, Upstream, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,6 @@ CHUNK = 1024 * 1024
 PUBLISH_BYTES = 1024 * 1024
 # Bytes withheld from readers until the digest checks out.
 HOLDBACK = 64 * 1024
-MAX_ERROR_BODY = 64 * 1024
 
 
 class FillFailed(Exception):
@@ -204,36 +204,45 @@ class Fill:
 
 
 class Fills:
-    """The in-flight fills of this process, keyed by digest."""
+    """The in-flight fills of this process, keyed by digest (a Flights registry)."""
 
-    def __init__(self, store: Store, upstream: Upstream, max_workers: int = 32):
+    def __init__(self, store: Store, upstream: Upstream, max_workers: int = 32, executor=None):
         self.store = store
         self.upstream = upstream
-        self.executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="regcache-fill")
-        self.inflight: dict[str, Fill] = {}
+        self._own_executor = executor is None
+        self.executor = executor or ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="regcache-fill")
+        self.flights: Flights[Fill] = Flights()
         self.stats = None  # stats.Stats handed to every Fill
 
+    @property
+    def inflight(self) -> dict[str, Fill]:
+        return {str(fill.digest): fill for fill in self.flights.values()}
+
     def get(self, digest: str) -> Fill | None:
-        return self.inflight.get(digest)
+        return self.flights.get(digest)
 
-    def start(self, digest: oci.Digest, registry: str, repo: str, target: Target, path: str, headers: list[tuple[str, str]]) -> Fill:
-        """The fill for a digest: the one in flight, or a new one (registered synchronously,
-        before any await, so a concurrent request for the same digest always finds it)."""
+    def start(self, digest: oci.Digest, registry: str, repo: str, target: Target, path: str,
+              headers: list[tuple[str, str]]) -> Fill:
+        """The fill for a digest: the one in flight, or a new one."""
+        return self.join(digest, registry, repo, target, path, headers)[0]
+
+    def join(self, digest: oci.Digest, registry: str, repo: str, target: Target, path: str,
+             headers: list[tuple[str, str]]) -> tuple[Fill, bool]:
+        """(fill, leader): the fill in flight for the digest, or a new one this caller leads
+        (registered synchronously, before any await, so a concurrent request always finds it).
+        A failed fill is not joined: the next request tries again."""
         key = str(digest)
-        fill = self.inflight.get(key)
-        if fill is not None and not (fill.done and not fill.ok):
-            return fill
         loop = asyncio.get_running_loop()
-        fill = Fill(loop, digest, repo, registry)
-        fill.stats = self.stats
-        self.inflight[key] = fill
-        future = loop.run_in_executor(self.executor, fill.run, self.upstream, self.store, target, path, headers)
-        future.add_done_callback(lambda _f: loop.call_soon(self._forget, key, fill))
-        return fill
 
-    def _forget(self, key: str, fill: Fill) -> None:
-        if self.inflight.get(key) is fill:
-            del self.inflight[key]
+        def start() -> Fill:
+            fill = Fill(loop, digest, repo, registry)
+            fill.stats = self.stats
+            future = loop.run_in_executor(self.executor, fill.run, self.upstream, self.store, target, path, headers)
+            future.add_done_callback(lambda _f: loop.call_soon(self.flights.forget, key, fill))
+            return fill
+
+        return self.flights.join(key, start, reusable=lambda fill: not (fill.done and not fill.ok))
 
     def shutdown(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self._own_executor:
+            self.executor.shutdown(wait=False, cancel_futures=True)

@@ -41,9 +41,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import oci
 from .stats import MAX_REGISTRIES, OTHER, PRIVATE, Stats
-from .upstream import UpstreamUnavailable
+from .request import OUTCOME, REQUEST
 
-log = logging.getLogger("regcache")
+log = logging.getLogger(__name__)
 
 OPTION = "regcache_metrics"
 GC_INTERVAL = 60.0
@@ -191,22 +191,21 @@ class Monitor:
     def load(self, loader):
         loader.add_option(OPTION, str, "", "Serve Prometheus metrics (/metrics) and a status page (/) on host:port (e.g. 127.0.0.1:9090 or :9090); empty: off.")
 
+    def use(self, services) -> None:
+        """The services RegistryCache answers with now: count into their store."""
+        if self.stats is None or self.stats.cache is not services.store.tags:
+            if self.stats is not None:
+                self.stats.stop()
+            self.stats = Stats(services.store.tags)
+            if self._running:
+                self.stats.start()
+        services.fills.stats = self.stats
+        if self.cache.blobserver is not None:
+            self.cache.blobserver.stats = self.stats
+
     def configure(self, updated):
         from mitmproxy import ctx, exceptions
 
-        cache = self.cache
-        if cache.store is not None and (self.stats is None or self.stats.cache is not cache.store.tags):
-            if self.stats is not None:
-                self.stats.stop()
-            self.stats = Stats(cache.store.tags)
-            if self._running:
-                self.stats.start()
-        if cache.fills is not None:
-            cache.fills.stats = self.stats
-        if cache.blobserver is not None:
-            cache.blobserver.stats = self.stats
-        if cache.upstream is not None:
-            self.instrument(cache.upstream)
         if OPTION in updated:
             try:
                 listen = parse_listen(getattr(ctx.options, OPTION))
@@ -237,37 +236,52 @@ class Monitor:
 
     # --- counting -----------------------------------------------------------------------------------
 
-    def record(self, flow, ident, route, outcome: str, size: int | None) -> None:
-        """One answered request, from RegistryCache._log."""
-        if self.stats is not None:
-            self.stats.request(ident.registry, route.kind, outcome, route.name, flow.request.method, size)
+    def response(self, flow) -> None:
+        self._observe(flow)
 
-    def instrument(self, upstream) -> None:
-        """Time every upstream request; note rate-limit headers (Docker Hub)."""
-        if getattr(upstream, "_regcache_monitor", None) is self:
+    def error(self, flow) -> None:
+        self._observe(flow)
+
+    def _observe(self, flow) -> None:
+        """Log and count the outcome the blob and manifest addons recorded, once the flow ended
+        (a flow that failed after its answer was decided says so in its log line)."""
+        outcome = flow.metadata.get(OUTCOME)
+        req = flow.metadata.get(REQUEST)
+        if outcome is None or req is None or req.route is None:
             return
-        original = upstream.request
-        monitor = self
+        route = req.route
+        failed = f" error={flow.error.msg}" if flow.error else ""
+        log.info(
+            "regcache: %s %s registry=%s repo=%s %s=%s outcome=%s%s%s%s",
+            req.method, route.kind, req.registry, route.name, "digest" if route.digest else "tag", route.reference,
+            outcome.outcome,
+            f" bytes={outcome.size}" if outcome.size is not None else "",
+            f" via={outcome.via}" if outcome.via else "",
+            failed,
+        )
+        self.record(req.registry, route.kind, "ERROR" if flow.error else outcome.outcome, route.name, req.method,
+                    outcome.size)
 
-        def request(method, target, path, headers, follow_redirects=True):
-            t0 = time.monotonic()
-            try:
-                resp = original(method, target, path, headers, follow_redirects)
-            except UpstreamUnavailable:
-                monitor.upstream_errors.labels(monitor._host_label(target.host)).inc()
-                raise
-            monitor.latency.labels(monitor._host_label(target.host)).observe(time.monotonic() - t0)
-            remaining = _ratelimit_value(resp.header("ratelimit-remaining"))
-            if remaining is not None:
-                registry = monitor._host_label(oci.canonical_registry(target.host))
-                monitor.ratelimit_remaining.labels(registry).set(remaining)
-                limit = _ratelimit_value(resp.header("ratelimit-limit"))
-                if limit is not None:
-                    monitor.ratelimit_limit.labels(registry).set(limit)
-            return resp
+    def record(self, registry: str, kind: str, outcome: str, repo: str, method: str, size: int | None) -> None:
+        """One answered request."""
+        if self.stats is not None:
+            self.stats.request(registry, kind, outcome, repo, method, size)
 
-        upstream.request = request
-        upstream._regcache_monitor = self
+    def observe_upstream(self, target, seconds: float, resp) -> None:
+        """Upstream's report of one exchange: its time to response headers, or that it failed;
+        the rate-limit headers it carried (Docker Hub)."""
+        host = self._host_label(target.host)
+        if resp is None:
+            self.upstream_errors.labels(host).inc()
+            return
+        self.latency.labels(host).observe(seconds)
+        remaining = _ratelimit_value(resp.header("ratelimit-remaining"))
+        if remaining is not None:
+            registry = self._host_label(oci.canonical_registry(target.host))
+            self.ratelimit_remaining.labels(registry).set(remaining)
+            limit = _ratelimit_value(resp.header("ratelimit-limit"))
+            if limit is not None:
+                self.ratelimit_limit.labels(registry).set(limit)
 
     def _host_label(self, host: str) -> str:
         # A wildcard registry pattern lets clients name the upstream host: each new name would

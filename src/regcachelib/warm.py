@@ -20,7 +20,7 @@ from . import oci
 from .fill import Fills
 from .inventory import ImageRef, format_platform, parse_image, platform_matches
 from .store import Store
-from .upstream import Target, Upstream, UpstreamUnavailable, fetch_bearer_token
+from .upstream import Target, Upstream, UpstreamError, fetch_bearer_token
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +185,7 @@ class Warmer:
                 try:
                     await self._image(loop, executor, fills, ref)
                     self.report.images.append(str(ref))
-                except (WarmError, UpstreamUnavailable, ValueError, OSError) as e:
+                except (WarmError, UpstreamError, ValueError, OSError) as e:
                     self.report.failed.append((str(ref), str(e)))
                 except Exception as e:  # noqa: BLE001 - one image's failure must not stop the others
                     log.exception("regcache: warming %s failed", ref)

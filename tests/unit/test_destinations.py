@@ -305,7 +305,7 @@ def test_blob_routed_inband_passes_the_policy(tmp_path):
             blob = "/v2/library/x/blobs/sha256:" + "a" * 64
             flow = await request_headers(rc, tctx, proxy_flow("registry-1.docker.io", 443, blob, scheme="https"))
             assert flow.response is None
-            rc._route_to_blobserver(flow, Ticket("sha256:" + "a" * 64, "HIT", None))
+            rc.route_to_blobserver(flow, Ticket("sha256:" + "a" * 64, "HIT", None))
             assert (flow.request.host, flow.request.port) == ("127.0.0.1", rc.blobserver.inband_port)
             assert (await server_connect(rc, tctx, flow.request.host, flow.request.port)).server.error is None
     run(go())
