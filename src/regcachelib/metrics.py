@@ -338,7 +338,11 @@ class Monitor:
 
         self._gc_busy = True
         try:
-            result = await asyncio.get_running_loop().run_in_executor(None, gc, store, int(limit * GC_LOW), False, self.stats)
+            # eviction is a store write: the store's pool (concurrency.Workers) runs it
+            workers = getattr(self.cache, "workers", None)
+            executor = workers.store if workers is not None else None
+            result = await asyncio.get_running_loop().run_in_executor(executor, gc, store, int(limit * GC_LOW),
+                                                                      False, self.stats)
         finally:
             self._gc_busy = False
         log.info("regcache: size limit: evicted %d manifests and %d blobs (%s), store now %s of %s",

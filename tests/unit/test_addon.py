@@ -634,3 +634,60 @@ def test_mirror_tls_is_always_intercepted_and_upstream_sni_is_the_listeners(tmp_
             assert server.sni == "registry-1.docker.io"
 
     run(main())
+
+
+# --- a bug of regcache's never breaks a pull -------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["regular", "reverse:http://127.0.0.1:{port}@5000"])
+def test_unexpected_error_passes_the_request_through_with_a_traceback(tmp_path, upstream_server, monkeypatch,
+                                                                     caplog, mode):
+    async def boom(req):
+        raise RuntimeError("a bug")
+
+    async def main():
+        async with running_addon(tmp_path, LOCAL_ALIAS) as (rc, _):
+            monkeypatch.setattr(rc.services.blobs, "get", boom)
+            monkeypatch.setattr(rc.services.manifests, "get", boom)
+            for path in (f"/v2/org/img/blobs/{BLOB_DIGEST}", "/v2/org/img/manifests/v1"):
+                if mode == "regular":
+                    flow = local_flow(upstream_server, path)
+                else:
+                    flow = mirror_flow(path, "cache:5000", mode=mode.format(port=upstream_server.port))
+                await send(rc, flow)
+                # no 500: mitmproxy forwards the request to the registry as it is
+                assert flow.response is None
+                assert (flow.request.host, flow.request.port) == ("127.0.0.1", upstream_server.port)
+                assert flow.request.path == path
+            assert caplog.text.count("RuntimeError: a bug") == 2
+            assert "passing it through to upstream" in caplog.text
+
+    run(main())
+
+
+def test_monitor_counts_the_outcome_the_flow_ended_with(tmp_path, upstream_server, caplog):
+    """The outcome is logged and counted when the flow ends (response or error), not when the
+    answer is decided: a flow that fails after dispatch is not counted as served."""
+    import logging
+
+    from mitmproxy.proxy.layers.http import HttpErrorHook, HttpResponseHook
+
+    caplog.set_level(logging.INFO)
+    path = "/v2/org/img/manifests/v1"
+    upstream_server.routes[path] = Reply(body=MANIFEST, headers=[("Content-Type", oci.OCI_INDEX)])
+
+    async def main():
+        async with running_addon(tmp_path, LOCAL_ALIAS) as (rc, tctx):
+            first = await send(rc, local_flow(upstream_server, path))
+            assert first.response.headers["x-cache"] == "MISS"
+            assert rc.monitor.stats.snapshot().registries == {}  # decided, not yet ended
+            await tctx.master.addons.invoke_addon(rc, HttpResponseHook(first))
+            second = await send(rc, local_flow(upstream_server, path))
+            second.error = flow_error = tflow.terr()
+            await tctx.master.addons.invoke_addon(rc, HttpErrorHook(second))
+            snap = rc.monitor.stats.snapshot()
+            assert snap.registries["quay.io"].misses == 1 and snap.registries["quay.io"].hits == 0
+            assert "tag=v1 outcome=MISS bytes=" in caplog.text
+            assert f"outcome=HIT bytes={len(MANIFEST)} error={flow_error.msg}" in caplog.text
+
+    run(main())
