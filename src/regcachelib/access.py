@@ -79,7 +79,6 @@ class Access:
         self._probes: Flights = Flights()  # one publicness probe per repository at a time
         self.upstream = upstream
         self.store = store
-        self.tags_store = store.tags  # publicness is kept with the tags
         self.auth_ttl = auth_ttl
         self.public_ttl = public_ttl
         self.trust_clients_offline = trust_clients_offline
@@ -89,10 +88,7 @@ class Access:
     # --- publicness ------------------------------------------------------------------------
 
     def known_public(self, registry: str, repo: str) -> tuple[bool | None, float]:
-        value = self.tags_store.get(("public", registry, repo))
-        if value is None:
-            return None, 0.0
-        return bool(value[0]), float(value[1])
+        return self.store.get_public(registry, repo)
 
     def fresh_public(self, registry: str, repo: str, offline: bool = False) -> bool | None:
         """The remembered verdict while it is trusted (always, offline); else None."""
@@ -102,7 +98,7 @@ class Access:
         return public
 
     def remember_public(self, registry: str, repo: str, public: bool) -> None:
-        self.tags_store.set(("public", registry, repo), (public, time.time()))
+        self.store.set_public(registry, repo, public)
 
     def probe_public(self, target: Target, registry: str, repo: str, path: str) -> bool | None:
         """Blocking: may an anonymous client HEAD this resource, which repo is known to hold?

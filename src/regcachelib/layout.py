@@ -195,10 +195,7 @@ def export(store: Store, images: list[str], bundle: str, progress=None, total_cb
 
 
 def _known_public(store: Store, registry: str, repo: str) -> tuple[bool | None, float]:
-    value = store.tags.get(("public", registry, repo))
-    if value is None:
-        return None, 0.0
-    return bool(value[0]), float(value[1])
+    return store.get_public(registry, repo)
 
 
 # --- import ------------------------------------------------------------------------------------
@@ -322,10 +319,10 @@ def _read_tree(bundle: str, top: str, declared: object) -> tuple[dict[str, tuple
 def _record_public(store: Store, registry: str, repo: str, public: bool) -> bool:
     """Record an operator's word on publicness, dated 0 so that an online cache asks upstream
     at the first pull and upstream's answer replaces it; never over a verdict upstream gave."""
-    known = store.tags.get(("public", registry, repo))
-    if known is not None and float(known[1]) > 0 and public:
+    _known, checked = store.get_public(registry, repo)
+    if _known is not None and checked > 0 and public:
         return False
-    store.tags.set(("public", registry, repo), (public, 0.0))
+    store.set_public(registry, repo, public, checked=0.0)
     return True
 
 

@@ -49,7 +49,6 @@ OPTION = "regcache_metrics"
 GC_INTERVAL = 60.0
 GC_HIGH, GC_LOW = 0.90, 0.80
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-MODE_BINARY, MODE_PICKLE = 2, 4  # diskcache value modes: blob files, pickled manifests
 
 
 def parse_listen(value: str) -> tuple[str, int] | None:
@@ -102,24 +101,7 @@ def human(n: float | int | None) -> str:
 
 def store_summary(store) -> dict:
     """Size, limit and entry counts of a store, from the SQLite index only."""
-    content = store.content
-    counts = dict(content._sql("SELECT mode, COUNT(*) FROM Cache GROUP BY mode").fetchall())
-    tags = 0
-    pins = 0
-    for key in store.tags.iterkeys():
-        if isinstance(key, tuple) and key:
-            if key[0] == "tag":
-                tags += 1
-            elif key[0] == "pin":
-                pins += 1
-    return {
-        "size": int(content.volume()),
-        "limit": int(content.size_limit),
-        "blobs": int(counts.get(MODE_BINARY, 0)),
-        "manifests": int(counts.get(MODE_PICKLE, 0)),
-        "tags": tags,
-        "pins": pins,
-    }
+    return {"size": store.volume(), "limit": store.size_limit, **store.entry_counts()}
 
 
 class _StatsCollector:
@@ -331,8 +313,8 @@ class Monitor:
         store = self.cache.store
         if store is None or self._gc_busy:
             return None
-        limit = int(store.content.size_limit)
-        if store.content.volume() <= limit * GC_HIGH:
+        limit = store.size_limit
+        if store.volume() <= limit * GC_HIGH:
             return None
         from .inventory import gc
 

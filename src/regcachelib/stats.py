@@ -24,6 +24,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from .store import tagged_rows
+
 log = logging.getLogger(__name__)
 
 TAG = "stats"
@@ -316,16 +318,9 @@ class Stats:
     def _rows(self) -> dict[tuple, float]:
         """Every persisted counter (index rows included)."""
         out: dict[tuple, float] = {}
-        try:
-            rows = self.cache._sql("SELECT key, raw, value FROM Cache WHERE tag = ?", (TAG,)).fetchall()
-            for db_key, raw, value in rows:
-                key = self.cache._disk.get(db_key, raw)
-                if isinstance(key, tuple) and len(key) > 1 and key[0] == PREFIX and isinstance(value, (int, float)):
-                    out[key] = value
-        except AttributeError:  # pragma: no cover - a diskcache without the private API
-            for key in self.cache.iterkeys():
-                if isinstance(key, tuple) and len(key) > 1 and key[0] == PREFIX:
-                    out[key] = self.cache.get(key, 0)
+        for key, value in tagged_rows(self.cache, TAG):
+            if isinstance(key, tuple) and len(key) > 1 and key[0] == PREFIX and isinstance(value, (int, float)):
+                out[key] = value
         return out
 
     def values(self) -> dict[tuple, float]:

@@ -252,7 +252,7 @@ class Warmer:
         if self.credentials is None:
             # fetched anonymously: the repository is public, as the proxy's own probe would find
             # (an offline cache serves only repositories it knows to be public)
-            self.store.tags.set(("public", ref.registry, ref.repo), (True, time.time()))
+            self.store.set_public(ref.registry, ref.repo, True)
         self.store.log_miss({"registry": ref.registry, "repo": ref.repo, "reference": tag or digest, "digest": digest, "kind": "manifest", "media_type": media_type, "size": len(body), "outcome": "WARM"})
 
     async def _fill_blobs(self, fills: Fills, client: RegistryClient, ref: ImageRef, todo: dict[str, int | None]) -> None:
