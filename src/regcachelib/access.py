@@ -229,7 +229,7 @@ class Access:
             verdict = await self.workers.upstream_call(req.endpoint, self.decide, question, req.offline)
         if verdict.allow:
             return
-        log.warning("regcache: not serving cached %s/%s %s to this client: %s",
+        log.warning("not serving cached %s/%s %s to this client: %s",
                     req.registry, req.repository, digest, verdict.reason)
         code = oci.refusal_code(verdict.status, req.kind or oci.MANIFEST)
         raise oci.RegistryError(verdict.status, code, verdict.reason, {"digest": digest}, verdict.headers or [])
@@ -248,7 +248,7 @@ class Access:
             try:
                 self.probe_public(req.target, req.registry, req.repository, path)
             except Exception as e:  # noqa: BLE001 - best effort; decide() probes again if needed
-                log.debug("regcache: public probe of %s/%s failed: %s", req.registry, req.repository, e)
+                log.debug("public probe of %s/%s failed: %s", req.registry, req.repository, e)
 
         def start():
             future = self.workers.upstream_background(probe)

@@ -88,7 +88,7 @@ def answering(flow: http.HTTPFlow, req: RegistryRequest):
         if e.outcome:
             record(flow, e.outcome)
     except Exception:  # noqa: BLE001 - never let a cache bug break a pull
-        log.exception("regcache: internal error on %s %s; passing it through to upstream",
+        log.exception("internal error on %s %s; passing it through to upstream",
                       flow.request.method, flow.request.pretty_url[:200])
         flow.response = None
         flow.metadata.pop(OUTCOME, None)
@@ -158,7 +158,7 @@ class Blobs:
             log.warning("refused fast-path request from %s through the proxy: %s", client, why)
             answer_error(flow, oci.RegistryError.of("DENIED", why))
             return
-        log.info("regcache: fast-path URL for %s came back through the proxy from %s; served in-band",
+        log.info("fast-path URL for %s came back through the proxy from %s; served in-band",
                  digest, client)
         self.cache.route_to_blobserver(flow, Ticket(digest, "HIT", flow.request.headers.get("range")))
 
@@ -286,7 +286,7 @@ class RegistryCache:
             self._rebuild()
         if "connection_strategy" in updated and ctx.options.connection_strategy != "lazy":
             # Eager connections would reach upstream for every hit (and fail when it is down).
-            log.info("regcache: setting connection_strategy=lazy so cache hits open no upstream connection")
+            log.info("setting connection_strategy=lazy so cache hits open no upstream connection")
             ctx.options.update(connection_strategy="lazy")
         if "keep_host_header" in updated and not ctx.options.keep_host_header:
             # Otherwise mitmproxy replaces a mirror client's Host before any hook sees it, and the
@@ -310,7 +310,7 @@ class RegistryCache:
                 store.close()
                 raise
             if swept:
-                log.info("regcache: removed %d leftover staging file(s) from an earlier run", swept)
+                log.info("removed %d leftover staging file(s) from an earlier run", swept)
             return store
         except (OSError, sqlite3.Error) as e:
             # At start-up mitmproxy logs this as an error and exits 1 (its errorcheck addon):
@@ -360,7 +360,7 @@ class RegistryCache:
                 log.warning("fast path disabled, cannot listen on its default port %s: %s", where, e)
             await self.blobserver.start(None, None)
         log.info(
-            "regcache: cache %s, %s, in-band blob server 127.0.0.1:%d%s",
+            "cache %s, %s, in-band blob server 127.0.0.1:%d%s",
             self._store.directory,
             "OFFLINE (cache only)" if ctx.options.regcache_offline else "online",
             self.blobserver.inband_port,

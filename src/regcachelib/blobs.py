@@ -103,7 +103,7 @@ class BlobService:
         await fill.headers_ready.wait()
         if fill.no_room:
             # Caching is impossible right now; the pull must still work: straight upstream.
-            log.warning("regcache: passing %s/%s blob %s through uncached: cache disk full",
+            log.warning("passing %s/%s blob %s through uncached: cache disk full",
                         req.registry, req.repository, digest)
             return Uncached("cache disk full")
         if fill.status != 200 and fill.status in (401, 403) and not leader:
@@ -128,7 +128,7 @@ class BlobService:
         self.store.log_miss(record)
 
     def _failed(self, req: RegistryRequest, fill: Fill) -> Relay:
-        log.warning("regcache: blob %s %s/%s not served: %s", req.digest, req.registry, req.repository, fill.failure)
+        log.warning("blob %s %s/%s not served: %s", req.digest, req.registry, req.repository, fill.failure)
         if fill.upstream_headers:
             return Relay(fill.status, fill.upstream_headers, fill.error_body)
         if fill.status == 502:

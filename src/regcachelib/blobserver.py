@@ -460,7 +460,7 @@ class BlobServer:
                 assert fill is not None
                 if fill.failure is not None:
                     # Ending short is the only honest signal left once headers are out.
-                    log.warning("regcache: aborting response for %s: %s", fill.digest, fill.failure)
+                    log.warning("aborting response for %s: %s", fill.digest, fill.failure)
                     return False
                 await fill.wait_for_change()
                 continue

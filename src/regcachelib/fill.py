@@ -116,7 +116,7 @@ class Fill:
                 resp.end_deadline()
                 size = resp.content_length
                 if not store.has_room(size):
-                    log.warning("regcache: cache disk full: %s (%s bytes) passes through uncached", self.digest, size)
+                    log.warning("cache disk full: %s (%s bytes) passes through uncached", self.digest, size)
                     self._publish(status=200, no_room=True, failure="cache disk full", done=True)
                     return
                 try:
@@ -179,19 +179,19 @@ class Fill:
                     except Exception as e:  # noqa: BLE001
                         # The bytes are verified: readers that have the file open finish
                         # their pull; it is only not kept.
-                        log.warning("regcache: blob %s verified but not stored: %s", self.digest, e)
+                        log.warning("blob %s verified but not stored: %s", self.digest, e)
                 self._publish(size=written, written=written, verified=True, done=True)
                 if self.stats is not None:
                     self.stats.upstream_bytes(self.registry, written)
-                log.debug("regcache: fill of %s done (%d bytes)", self.digest, written)
+                log.debug("fill of %s done (%d bytes)", self.digest, written)
             finally:
                 resp.close()
         except FillFailed as e:
-            log.warning("regcache: blob %s from %s/%s not cached: %s", self.digest, self.registry, self.repo, e)
+            log.warning("blob %s from %s/%s not cached: %s", self.digest, self.registry, self.repo, e)
             self._publish(failure=str(e), done=True)
         except Exception as e:  # noqa: BLE001 - a fill must never take the proxy down
             reason = "disk full" if isinstance(e, OSError) and e.errno == errno.ENOSPC else f"{e.__class__.__name__}: {e}"
-            log.warning("regcache: blob %s from %s/%s not cached: %s", self.digest, self.registry, self.repo, reason)
+            log.warning("blob %s from %s/%s not cached: %s", self.digest, self.registry, self.repo, reason)
             # Waiters block on headers_ready: a failure before any status must still wake them.
             status = {} if self._status_published else {"status": 502}
             self._publish(failure=reason, done=True, **status)

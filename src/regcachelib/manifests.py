@@ -92,7 +92,7 @@ class ManifestService:
                 status, headers, body = await self.workers.upstream_call(
                     req.endpoint, fetch, self.upstream, req.method, req.target, "/v2/", req.header_list())
             except UpstreamError as e:
-                log.warning("regcache: %s unreachable (%s); answering /v2/ from the cache", req.target.host, e)
+                log.warning("%s unreachable (%s); answering /v2/ from the cache", req.target.host, e)
             else:
                 if status < 500 and status != 429:
                     if anonymous and status == 200:
@@ -168,7 +168,7 @@ class ManifestService:
         try:
             answer = await self._ask_upstream(req, "GET")
         except UpstreamError as e:
-            log.warning("regcache: manifest %s/%s:%s not served: %s", req.registry, route.name, route.reference, e)
+            log.warning("manifest %s/%s:%s not served: %s", req.registry, route.name, route.reference, e)
             raise self._unavailable(req, e) from None
         if answer.status != 200:
             return Relay(answer.status, answer.headers, answer.body, f"UPSTREAM_{answer.status}")
@@ -177,14 +177,14 @@ class ManifestService:
         digest = oci.sha256_digest(body)
         claimed = answer.header("docker-content-digest")
         if route.digest is not None and not route.digest.matches(body):
-            log.warning("regcache: upstream sent a manifest for %s that hashes differently; not cached",
+            log.warning("upstream sent a manifest for %s that hashes differently; not cached",
                         route.reference)
             raise oci.RegistryError(502, "MANIFEST_INVALID", "upstream manifest does not match its digest",
                                     {"digest": route.reference})
         if route.digest is not None:
             digest = route.reference
         elif claimed and claimed.startswith("sha256:") and claimed != digest:
-            log.warning("regcache: manifest %s/%s:%s hashes to %s but upstream claims %s; not cached",
+            log.warning("manifest %s/%s:%s hashes to %s but upstream claims %s; not cached",
                         req.registry, route.name, route.reference, digest, claimed)
             raise oci.RegistryError(502, "MANIFEST_INVALID", "upstream manifest does not match its Docker-Content-Digest")
         if answer.own:
@@ -201,7 +201,7 @@ class ManifestService:
             if route.is_tag:
                 self.store.set_tag(req.registry, route.name, route.reference, manifest.media_type, manifest.digest)
         except Exception as e:  # noqa: BLE001 - a full disk must not fail the pull
-            log.warning("regcache: manifest %s of %s/%s served but not stored: %s",
+            log.warning("manifest %s of %s/%s served but not stored: %s",
                         manifest.digest, req.registry, route.name, e)
         self.store.log_miss({"registry": req.registry, "repo": route.name, "reference": route.reference,
                              "digest": manifest.digest, "kind": "manifest", "media_type": manifest.media_type,
@@ -238,7 +238,7 @@ class ManifestService:
                     self.store.set_tag(req.registry, route.name, route.reference, media_type,
                                        str(oci.parse_digest(digest)))
             except Exception as e:  # noqa: BLE001 - a malformed digest or a full disk: not recorded
-                log.warning("regcache: tag %s/%s:%s not recorded: %s", req.registry, route.name, route.reference, e)
+                log.warning("tag %s/%s:%s not recorded: %s", req.registry, route.name, route.reference, e)
 
     async def _revalidate(self, req: RegistryRequest, cached: Manifest) -> Answer | Relay:
         """A tag past its TTL: HEAD upstream (free of Docker Hub's pull limit) and compare digests."""
@@ -265,6 +265,6 @@ class ManifestService:
 
     async def _stale(self, req: RegistryRequest, cached: Manifest, why: str) -> Answer:
         await self.access.require(req, cached.digest)
-        log.warning("regcache: serving stale %s/%s:%s (%s): %s",
+        log.warning("serving stale %s/%s:%s (%s): %s",
                     req.registry, req.route.name, req.route.reference, cached.digest, why)
         return Answer(cached, "STALE", '110 regcache "Response is stale"')

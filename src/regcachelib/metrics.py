@@ -234,7 +234,7 @@ class Monitor:
         route = req.route
         failed = f" error={flow.error.msg}" if flow.error else ""
         log.info(
-            "regcache: %s %s registry=%s repo=%s %s=%s outcome=%s%s%s%s",
+            "%s %s registry=%s repo=%s %s=%s outcome=%s%s%s%s",
             req.method, route.kind, req.registry, route.name, "digest" if route.digest else "tag", route.reference,
             outcome.outcome,
             f" bytes={outcome.size}" if outcome.size is not None else "",
@@ -307,7 +307,7 @@ class Monitor:
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001
-                log.exception("regcache: size-limit gc failed")
+                log.exception("size-limit gc failed")
 
     async def gc_if_needed(self):
         store = self.cache.store
@@ -327,7 +327,7 @@ class Monitor:
                                                                       False, self.stats)
         finally:
             self._gc_busy = False
-        log.info("regcache: size limit: evicted %d manifests and %d blobs (%s), store now %s of %s",
+        log.info("size limit: evicted %d manifests and %d blobs (%s), store now %s of %s",
                  len(result.removed_manifests), len(result.removed_blobs), human(result.removed_bytes), human(result.after), human(limit))
         return result
 
@@ -346,7 +346,7 @@ class Monitor:
             log.error("cannot listen on %s=%s:%d for metrics and the status page: %s", OPTION, host, port, e)
             return
         self.port = self.server.sockets[0].getsockname()[1]
-        log.info("regcache: metrics on http://%s:%d/metrics, status page on http://%s:%d/", host, self.port, host, self.port)
+        log.info("metrics on http://%s:%d/metrics, status page on http://%s:%d/", host, self.port, host, self.port)
 
     async def _stop_server(self) -> None:
         if self.server is not None:
@@ -394,7 +394,7 @@ class Monitor:
         except (ConnectionError, asyncio.CancelledError):
             pass
         except Exception:  # noqa: BLE001
-            log.exception("regcache: metrics endpoint failed")
+            log.exception("metrics endpoint failed")
             try:
                 await self._send(writer, 500, "text/plain", b"internal error\n")
             except Exception:  # noqa: BLE001

@@ -109,7 +109,7 @@ class Routing:
         if not ident.cacheable:
             # e.g. http://quay.io/... or quay.io:9999 through the proxy: what that endpoint says
             # is this client's business alone; it passes through and never touches the cache.
-            log.info("regcache: passing %s through uncached: not the registry's HTTPS endpoint",
+            log.info("passing %s through uncached: not the registry's HTTPS endpoint",
                      flow.request.pretty_url[:200])
             if offline:
                 answer_error(flow, offline_refusal())
@@ -121,7 +121,7 @@ class Routing:
                 route = oci.parse_route(ident.registry, ident.path)
             except oci.RegistryError as e:
                 answer_error(flow, e)
-                log.warning("regcache: rejected %s %s%s: %s", flow.request.method, ident.registry,
+                log.warning("rejected %s %s%s: %s", flow.request.method, ident.registry,
                             ident.path[:200], e.message)
                 return
             if route is None or flow.request.method not in ("GET", "HEAD"):

@@ -263,7 +263,7 @@ class Stats:
                             self._known.add(key)
                         self.cache.incr(key, n)
             except Exception as e:  # noqa: BLE001 - counting must never break serving
-                log.warning("regcache: could not persist statistics: %s", e)
+                log.warning("could not persist statistics: %s", e)
                 with self._lock:
                     self._pending.update(pending)
 

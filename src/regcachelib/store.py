@@ -481,4 +481,4 @@ class Store:
             finally:
                 os.close(fd)
         except OSError as e:
-            log.warning("regcache: could not append to miss log %s: %s", self.miss_log_path, e)
+            log.warning("could not append to miss log %s: %s", self.miss_log_path, e)

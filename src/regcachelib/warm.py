@@ -188,7 +188,7 @@ class Warmer:
                 except (WarmError, UpstreamError, ValueError, OSError) as e:
                     self.report.failed.append((str(ref), str(e)))
                 except Exception as e:  # noqa: BLE001 - one image's failure must not stop the others
-                    log.exception("regcache: warming %s failed", ref)
+                    log.exception("warming %s failed", ref)
                     self.report.failed.append((str(ref), f"{e.__class__.__name__}: {e}"))
         finally:
             executor.shutdown(wait=True)

@@ -339,7 +339,9 @@ def test_status_show_private_config_key():
 
 
 def _stats_rows(cache) -> int:
-    return cache._sql("SELECT COUNT(*) FROM Cache WHERE tag = ?", ("stats",)).fetchone()[0]
+    from regcachelib.store import count_tagged_rows
+
+    return count_tagged_rows(cache, "stats")
 
 
 def test_junk_repositories_and_registries_keep_rows_and_series_bounded(tmp_path):
