@@ -386,8 +386,6 @@ class RegistryCache:
             and flow.request.path.startswith(FASTPATH_PREFIX)
         )
 
-    _is_fastpath_request = is_fastpath_request  # DestinationPolicy's name for it
-
     def route_to_blobserver(self, flow: http.HTTPFlow, ticket: Ticket) -> None:
         """Let the in-band blob server answer the flow, as the ticket says."""
         flow.request.path = self.blobserver.issue(ticket)

@@ -45,7 +45,8 @@ class Flights(Generic[T]):
     def values(self) -> list[T]:
         return list(self._inflight.values())
 
-    def join(self, key: Hashable, start: Callable[[], T], reusable: Callable[[T], bool] | None = None) -> tuple[T, bool]:
+    def join(self, key: Hashable, start: Callable[[], T],
+             reusable: Callable[[T], bool] | None = None) -> tuple[T, bool]:
         """(the work in flight for key, False), or (start()'s new work, True) when there is none
         or the one there may not be joined (reusable says no)."""
         current = self._inflight.get(key)

@@ -110,7 +110,8 @@ class Fill:
             try:
                 if resp.status != 200:
                     body = resp.read_all(MAX_ERROR_BODY) if resp.status not in (204, 304) else b""
-                    self._publish(status=resp.status, upstream_headers=resp.headers, error_body=body, failure=f"upstream answered {resp.status}", done=True)
+                    self._publish(status=resp.status, upstream_headers=resp.headers, error_body=body,
+                                  failure=f"upstream answered {resp.status}", done=True)
                     return
                 # A layer's body may take long: per-read timeouts apply to it, not the exchange's deadline.
                 resp.end_deadline()
@@ -161,7 +162,8 @@ class Fill:
                             written += len(data)
                         # Wake readers once per MiB, and always before waiting on the network,
                         # so they never wait for bytes that are already on disk.
-                        if written > published and (written - published >= PUBLISH_BYTES or not chunk or not resp.more_ready()):
+                        due = written - published >= PUBLISH_BYTES or not chunk or not resp.more_ready()
+                        if written > published and due:
                             f.flush()
                             published = written
                             self._publish(written=written)
@@ -170,7 +172,8 @@ class Fill:
                     if size is not None and written != size:
                         raise FillFailed(f"short body: {written} of {size} bytes")
                     if hasher.hexdigest() != self.digest.hex:
-                        raise FillFailed(f"digest mismatch: upstream bytes hash to {self.digest.algorithm}:{hasher.hexdigest()}")
+                        raise FillFailed("digest mismatch: upstream bytes hash to "
+                                         f"{self.digest.algorithm}:{hasher.hexdigest()}")
                     try:
                         os.fsync(f.fileno())
                         # Commit while the staging lock is still held, so a sweep cannot race it.
@@ -190,7 +193,8 @@ class Fill:
             log.warning("blob %s from %s/%s not cached: %s", self.digest, self.registry, self.repo, e)
             self._publish(failure=str(e), done=True)
         except Exception as e:  # noqa: BLE001 - a fill must never take the proxy down
-            reason = "disk full" if isinstance(e, OSError) and e.errno == errno.ENOSPC else f"{e.__class__.__name__}: {e}"
+            disk_full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+            reason = "disk full" if disk_full else f"{e.__class__.__name__}: {e}"
             log.warning("blob %s from %s/%s not cached: %s", self.digest, self.registry, self.repo, reason)
             # Waiters block on headers_ready: a failure before any status must still wake them.
             status = {} if self._status_published else {"status": 502}

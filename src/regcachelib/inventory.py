@@ -408,7 +408,8 @@ def quarantine_dir(store: Store) -> str:
     return os.path.join(store.directory, "quarantine")
 
 
-def verify(store: Store, quarantine: bool = True, stats=None, progress=None, only: set[str] | None = None) -> VerifyResult:
+def verify(store: Store, quarantine: bool = True, stats=None, progress=None,
+           only: set[str] | None = None) -> VerifyResult:
     """Rehash every stored blob and manifest; move every mismatch out of the store.
 
     A mismatching blob file is moved to quarantine/<digest> (with a .json note) and its
@@ -437,7 +438,8 @@ def verify(store: Store, quarantine: bool = True, stats=None, progress=None, onl
             with open(base, "wb") as f:
                 f.write(body)
             moved = base
-        note = {"kind": kind, "digest": digest, "reason": reason, "time": time.time(), "file": os.path.basename(moved) if moved else None}
+        note = {"kind": kind, "digest": digest, "reason": reason, "time": time.time(),
+                "file": os.path.basename(moved) if moved else None}
         with open(base + ".json", "w") as f:
             json.dump(note, f, indent=1)
         store.delete_content(kind, digest)

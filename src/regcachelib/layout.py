@@ -142,12 +142,15 @@ def export(store: Store, images: list[str], bundle: str, progress=None, total_cb
     needed_manifests: set[str] = set()
     for ref, digest, _mt, _checked in plan:
         manifests, blobs, missing = inv.closure(digest)
-        missing_manifests = {d for d in missing if any(d == c for m in manifests for c, _t, _p in inv.refs(m).manifests)}
+        children = {c for m in manifests for c, _t, _p in inv.refs(m).manifests}
+        missing_manifests = {d for d in missing if d in children}
         missing_blobs = missing - missing_manifests
         if missing_blobs:
-            raise LayoutError(f"{ref}: incomplete in the cache, {len(missing_blobs)} blob(s) missing (e.g. {sorted(missing_blobs)[0]}); pull or `regcache warm` it first")
+            raise LayoutError(f"{ref}: incomplete in the cache, {len(missing_blobs)} blob(s) missing "
+                              f"(e.g. {sorted(missing_blobs)[0]}); pull or `regcache warm` it first")
         if missing_manifests:
-            report.warnings.append(f"{ref}: {len(missing_manifests)} of the index's platform manifests are not cached and not exported (pull them with --platform all to include them)")
+            report.warnings.append(f"{ref}: {len(missing_manifests)} of the index's platform manifests are not "
+                                   "cached and not exported (pull them with --platform all to include them)")
         needed_manifests |= manifests
         for b in blobs:
             needed_blobs[b] = inv.blobs[b].size
@@ -181,7 +184,8 @@ def export(store: Store, images: list[str], bundle: str, progress=None, total_cb
             annotations[CHECKED_AT] = str(checked)
         if public is not None:
             annotations[PUBLIC] = "true" if public else "false"
-        desc = {"mediaType": media_type, "digest": digest, "size": len(inv.manifest(digest)[1]), "annotations": annotations}
+        desc = {"mediaType": media_type, "digest": digest, "size": len(inv.manifest(digest)[1]),
+                "annotations": annotations}
         index["manifests"] = [m for m in index["manifests"] if (m.get("annotations") or {}).get(REF_NAME) != name]
         index["manifests"].append(desc)
         report.images.append(name)
@@ -326,7 +330,8 @@ def _record_public(store: Store, registry: str, repo: str, public: bool) -> bool
     return True
 
 
-def import_bundle(store: Store, bundle: str, name: str | None = None, mark_public: bool | None = None, progress=None, total_cb=None) -> ImportReport:
+def import_bundle(store: Store, bundle: str, name: str | None = None, mark_public: bool | None = None, progress=None,
+                  total_cb=None) -> ImportReport:
     """Verify every manifest and blob of every named image in a layout, then store them.
 
     name: REGISTRY/REPO for descriptors whose ref.name is a bare tag (layouts made by other

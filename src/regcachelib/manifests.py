@@ -186,7 +186,8 @@ class ManifestService:
         elif claimed and claimed.startswith("sha256:") and claimed != digest:
             log.warning("manifest %s/%s:%s hashes to %s but upstream claims %s; not cached",
                         req.registry, route.name, route.reference, digest, claimed)
-            raise oci.RegistryError(502, "MANIFEST_INVALID", "upstream manifest does not match its Docker-Content-Digest")
+            raise oci.RegistryError(502, "MANIFEST_INVALID",
+                                    "upstream manifest does not match its Docker-Content-Digest")
         if answer.own:
             self.access.probe_later(req)
             await self.workers.store_write(self._keep, req, Manifest(digest, media_type, body))
@@ -260,7 +261,8 @@ class ManifestService:
         if req.method == "GET" and answer.status in (401, 403, 404):
             code = oci.refusal_code(answer.status, oci.MANIFEST)
             body = oci.error_body(code, f"upstream answered {answer.status}")
-            headers = [(k, v) for k, v in headers if k.lower() != "content-type"] + [("Content-Type", "application/json")]
+            headers = [(k, v) for k, v in headers if k.lower() != "content-type"]
+            headers.append(("Content-Type", "application/json"))
         return Relay(answer.status, headers, body, f"UPSTREAM_{answer.status}")
 
     async def _stale(self, req: RegistryRequest, cached: Manifest, why: str) -> Answer:

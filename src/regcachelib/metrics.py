@@ -116,25 +116,34 @@ class _StatsCollector:
         if stats is None or cache.store is None:
             return
         snap = stats.snapshot()
-        requests = CounterMetricFamily("regcache_requests", "Registry requests answered, by registry, kind (blob/manifest) and outcome (HIT, MISS, REVALIDATED, STALE, UNKNOWN, UPSTREAM_<status>...)", labels=["registry", "kind", "outcome"])
+        requests = CounterMetricFamily(
+            "regcache_requests", "Registry requests answered, by registry, kind (blob/manifest) and outcome "
+            "(HIT, MISS, REVALIDATED, STALE, UNKNOWN, UPSTREAM_<status>...)", labels=["registry", "kind", "outcome"])
         for registry, r in sorted(snap.registries.items()):
             for (kind, outcome), count in sorted(r.outcomes.items()):
                 requests.add_metric([registry, kind, outcome], count)
         yield requests
-        b = CounterMetricFamily("regcache_bytes", "Bytes by source: served (sent to clients), cache (of those, read from stored content), upstream (fetched from upstream registries)", labels=["source"])
+        b = CounterMetricFamily(
+            "regcache_bytes", "Bytes by source: served (sent to clients), cache (of those, read from stored "
+            "content), upstream (fetched from upstream registries)", labels=["source"])
         b.add_metric(["served"], snap.served_bytes)
         b.add_metric(["cache"], snap.cache_bytes)
         b.add_metric(["upstream"], snap.upstream_bytes)
         yield b
-        up = CounterMetricFamily("regcache_upstream_bytes", "Bytes fetched from upstream, by registry", labels=["registry"])
+        up = CounterMetricFamily("regcache_upstream_bytes", "Bytes fetched from upstream, by registry",
+                                 labels=["registry"])
         for registry, r in sorted(snap.registries.items()):
             up.add_metric([registry], r.upstream_bytes)
         yield up
-        yield CounterMetricFamily("regcache_evictions", "Blobs and manifests evicted by manifest-aware gc (regcache gc, and the proxy's own size limit)", value=snap.evictions)
-        yield CounterMetricFamily("regcache_evicted_bytes", "Bytes evicted by manifest-aware gc", value=snap.evicted_bytes)
-        yield CounterMetricFamily("regcache_verification_failures", "Stored blobs and manifests that failed `regcache verify` (quarantined)", value=snap.verify_failures)
+        yield CounterMetricFamily("regcache_evictions", "Blobs and manifests evicted by manifest-aware gc "
+                                  "(regcache gc, and the proxy's own size limit)", value=snap.evictions)
+        yield CounterMetricFamily("regcache_evicted_bytes", "Bytes evicted by manifest-aware gc",
+                                  value=snap.evicted_bytes)
+        yield CounterMetricFamily("regcache_verification_failures", "Stored blobs and manifests that failed "
+                                  "`regcache verify` (quarantined)", value=snap.verify_failures)
         ratio = snap.hit_ratio
-        yield GaugeMetricFamily("regcache_hit_ratio", "hits / (hits + misses) since the counters began", value=ratio if ratio is not None else 0.0)
+        yield GaugeMetricFamily("regcache_hit_ratio", "hits / (hits + misses) since the counters began",
+                                value=ratio if ratio is not None else 0.0)
         s = store_summary(cache.store)
         yield GaugeMetricFamily("regcache_store_bytes", "Size of the store on disk", value=s["size"])
         yield GaugeMetricFamily("regcache_store_limit_bytes", "The store's size limit", value=s["limit"])
@@ -144,7 +153,8 @@ class _StatsCollector:
         entries.add_metric(["tag"], s["tags"])
         entries.add_metric(["pin"], s["pins"])
         yield entries
-        yield GaugeMetricFamily("regcache_fills_in_flight", "Blob downloads in progress", value=len(cache.fills.inflight) if cache.fills else 0)
+        yield GaugeMetricFamily("regcache_fills_in_flight", "Blob downloads in progress",
+                                value=len(cache.fills.inflight) if cache.fills else 0)
 
 
 class Monitor:
@@ -154,10 +164,18 @@ class Monitor:
         self.cache = cache  # the RegistryCache
         self.stats: Stats | None = None
         self.registry = CollectorRegistry(auto_describe=True)
-        self.latency = Histogram("regcache_upstream_request_seconds", "Time from sending an upstream request to its response headers, by host", ["host"], registry=self.registry, buckets=LATENCY_BUCKETS)
-        self.upstream_errors = Counter("regcache_upstream_errors", "Upstream requests that failed to connect, timed out or were backed off, by host", ["host"], registry=self.registry)
-        self.ratelimit_remaining = Gauge("regcache_upstream_ratelimit_remaining", "Pulls left in the current window, as last reported by the upstream (Docker Hub's ratelimit-remaining)", ["registry"], registry=self.registry)
-        self.ratelimit_limit = Gauge("regcache_upstream_ratelimit_limit", "Pulls allowed per window, as last reported by the upstream (ratelimit-limit)", ["registry"], registry=self.registry)
+        self.latency = Histogram(
+            "regcache_upstream_request_seconds", "Time from sending an upstream request to its response headers, "
+            "by host", ["host"], registry=self.registry, buckets=LATENCY_BUCKETS)
+        self.upstream_errors = Counter(
+            "regcache_upstream_errors", "Upstream requests that failed to connect, timed out or were backed off, "
+            "by host", ["host"], registry=self.registry)
+        self.ratelimit_remaining = Gauge(
+            "regcache_upstream_ratelimit_remaining", "Pulls left in the current window, as last reported by the "
+            "upstream (Docker Hub's ratelimit-remaining)", ["registry"], registry=self.registry)
+        self.ratelimit_limit = Gauge(
+            "regcache_upstream_ratelimit_limit", "Pulls allowed per window, as last reported by the upstream "
+            "(ratelimit-limit)", ["registry"], registry=self.registry)
         self.registry.register(_StatsCollector(self))
         self._host_labels: set[str] = set()  # upstream hosts with series of their own
         self.listen: tuple[str, int] | None = None
@@ -171,7 +189,8 @@ class Monitor:
     # --- mitmproxy events -------------------------------------------------------------------
 
     def load(self, loader):
-        loader.add_option(OPTION, str, "", "Serve Prometheus metrics (/metrics) and a status page (/) on host:port (e.g. 127.0.0.1:9090 or :9090); empty: off.")
+        loader.add_option(OPTION, str, "", "Serve Prometheus metrics (/metrics) and a status page (/) on host:port "
+                                           "(e.g. 127.0.0.1:9090 or :9090); empty: off.")
 
     def use(self, services) -> None:
         """The services RegistryCache answers with now: count into their store."""
@@ -328,7 +347,8 @@ class Monitor:
         finally:
             self._gc_busy = False
         log.info("size limit: evicted %d manifests and %d blobs (%s), store now %s of %s",
-                 len(result.removed_manifests), len(result.removed_blobs), human(result.removed_bytes), human(result.after), human(limit))
+                 len(result.removed_manifests), len(result.removed_blobs), human(result.removed_bytes),
+                 human(result.after), human(limit))
         return result
 
     # --- the HTTP endpoint ------------------------------------------------------------------------------
@@ -403,8 +423,10 @@ class Monitor:
             writer.close()
 
     async def _send(self, writer, status: int, ctype: str, body: bytes, method: str = "GET") -> None:
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error", 503: "Service Unavailable"}[status]
-        head = f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                  500: "Internal Server Error", 503: "Service Unavailable"}[status]
+        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Cache-Control: no-store\r\nConnection: close\r\n\r\n")
         writer.write(head.encode("latin-1") + (body if method != "HEAD" else b""))
         await writer.drain()
 
@@ -467,10 +489,13 @@ def render_status_page(status: dict) -> str:
     size, limit = store.get("size", 0), store.get("limit", 0) or 1
     fill_pct = min(100.0, 100.0 * size / limit)
     rows_reg = "".join(
-        f"<tr><td>{e(name)}</td><td>{r['requests']}</td><td>{r['hits']}</td><td>{r['misses']}</td><td>{_pct(r['hit_ratio'])}</td><td>{human(r['upstream_bytes'])}</td></tr>"
+        f"<tr><td>{e(name)}</td><td>{r['requests']}</td><td>{r['hits']}</td><td>{r['misses']}</td>"
+        f"<td>{_pct(r['hit_ratio'])}</td><td>{human(r['upstream_bytes'])}</td></tr>"
         for name, r in (stats.get("registries") or {}).items()
     ) or '<tr><td colspan="6">no requests yet</td></tr>'
-    rows_top = "".join(f"<tr><td>{e(t['image'])}</td><td>{t['pulls']}</td></tr>" for t in stats.get("top_images") or []) or '<tr><td colspan="2">no pulls yet</td></tr>'
+    rows_top = "".join(
+        f"<tr><td>{e(t['image'])}</td><td>{t['pulls']}</td></tr>" for t in stats.get("top_images") or []
+    ) or '<tr><td colspan="2">no pulls yet</td></tr>'
     private = stats.get("private_repositories") or {}
     note_private = (
         '<p class="sub" id="private-note">'
@@ -492,26 +517,39 @@ def render_status_page(status: dict) -> str:
         f"<td>{human(f['written'])} of {human(f['size'])}</td></tr>"
         for f in status.get("fills_in_flight") or []
     ) or '<tr><td colspan="3">none</td></tr>'
+    since = e(time.strftime('%Y-%m-%d %H:%M', time.localtime(stats.get('since') or status.get('time', 0))))
+    entries = (f"{store.get('blobs', 0)} blobs · {store.get('manifests', 0)} manifests · "
+               f"{store.get('tags', 0)} tags · {store.get('pins', 0)} pinned")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="10">
 <title>regcache status</title>
 <style>
 body{{font-family:system-ui,sans-serif;margin:2em;color:#222}} h1{{margin-bottom:0}} .sub{{color:#666;margin-top:.2em}}
-.cards{{display:flex;gap:1em;flex-wrap:wrap;margin:1.5em 0}} .card{{border:1px solid #ccc;border-radius:6px;padding:.8em 1.2em;min-width:11em}}
+.cards{{display:flex;gap:1em;flex-wrap:wrap;margin:1.5em 0}}
+.card{{border:1px solid #ccc;border-radius:6px;padding:.8em 1.2em;min-width:11em}}
 .card .v{{font-size:1.8em;font-weight:600}} table{{border-collapse:collapse;margin-bottom:1.5em}}
-td,th{{border-bottom:1px solid #ddd;padding:.3em .8em;text-align:left;white-space:nowrap}} .bar{{width:20em;height:1em;background:#eee;border-radius:3px}}
+td,th{{border-bottom:1px solid #ddd;padding:.3em .8em;text-align:left;white-space:nowrap}}
+.bar{{width:20em;height:1em;background:#eee;border-radius:3px}}
 .bar div{{height:100%;background:#4a8;border-radius:3px}}
 </style></head><body>
-<h1>regcache</h1><p class="sub">cache <code>{e(str(status.get('directory')))}</code> · counting since {e(time.strftime('%Y-%m-%d %H:%M', time.localtime(stats.get('since') or status.get('time', 0))))}</p>
+<h1>regcache</h1><p class="sub">cache <code>{e(str(status.get('directory')))}</code> · counting since {since}</p>
 <div class="cards">
-<div class="card" id="hit-ratio"><div>Hit ratio</div><div class="v">{_pct(stats.get('hit_ratio'))}</div><div>{stats.get('hits', 0)} hits · {stats.get('misses', 0)} misses</div></div>
-<div class="card" id="bytes-saved"><div>Bytes saved</div><div class="v">{human(b.get('saved', 0))}</div><div>served {human(b.get('served', 0))} · from upstream {human(b.get('from_upstream', 0))}</div></div>
-<div class="card" id="store-fill"><div>Store fill</div><div class="v">{fill_pct:.1f}%</div><div>{human(size)} of {human(limit)}</div><div class="bar"><div style="width:{fill_pct:.1f}%"></div></div><div>{store.get('blobs', 0)} blobs · {store.get('manifests', 0)} manifests · {store.get('tags', 0)} tags · {store.get('pins', 0)} pinned</div></div>
+<div class="card" id="hit-ratio"><div>Hit ratio</div><div class="v">{_pct(stats.get('hit_ratio'))}</div>
+<div>{stats.get('hits', 0)} hits · {stats.get('misses', 0)} misses</div></div>
+<div class="card" id="bytes-saved"><div>Bytes saved</div><div class="v">{human(b.get('saved', 0))}</div>
+<div>served {human(b.get('served', 0))} · from upstream {human(b.get('from_upstream', 0))}</div></div>
+<div class="card" id="store-fill"><div>Store fill</div><div class="v">{fill_pct:.1f}%</div>
+<div>{human(size)} of {human(limit)}</div><div class="bar"><div style="width:{fill_pct:.1f}%"></div></div>
+<div>{entries}</div></div>
 </div>
-<h2>Registries</h2><table id="registries"><tr><th>registry</th><th>requests</th><th>hits</th><th>misses</th><th>hit ratio</th><th>from upstream</th></tr>{rows_reg}</table>
+<h2>Registries</h2><table id="registries">
+<tr><th>registry</th><th>requests</th><th>hits</th><th>misses</th><th>hit ratio</th><th>from upstream</th></tr>
+{rows_reg}</table>
 <h2>Top images</h2><table id="top-images"><tr><th>image</th><th>pulls</th></tr>{rows_top}</table>{note_private}
-<h2>Recent misses</h2><table id="recent-misses"><tr><th>time</th><th>repository</th><th>kind</th><th>reference</th><th>size</th></tr>{rows_miss}</table>
-<h2>Downloads in progress</h2><table id="fills"><tr><th>repository</th><th>digest</th><th>progress</th></tr>{rows_fill}</table>
+<h2>Recent misses</h2><table id="recent-misses">
+<tr><th>time</th><th>repository</th><th>kind</th><th>reference</th><th>size</th></tr>{rows_miss}</table>
+<h2>Downloads in progress</h2><table id="fills">
+<tr><th>repository</th><th>digest</th><th>progress</th></tr>{rows_fill}</table>
 <p class="sub">Prometheus metrics: <a href="/metrics">/metrics</a> · JSON: <a href="/status.json">/status.json</a></p>
 </body></html>
 """

@@ -213,7 +213,8 @@ class Stats:
                     repos.add(labels[1])
         return named
 
-    def request(self, registry: str, kind: str, outcome: str, repo: str | None = None, method: str = "GET", size: int | None = None) -> None:
+    def request(self, registry: str, kind: str, outcome: str, repo: str | None = None, method: str = "GET",
+                size: int | None = None) -> None:
         """One answered /v2 request, as logged by the addon."""
         with self._lock:
             pulled = kind == "manifest" and method == "GET" and repo and outcome_class(outcome) != "other"

@@ -363,7 +363,8 @@ class Store:
         candidates.sort(key=lambda e: e.checked_at, reverse=True)
         return candidates[0] if candidates else None
 
-    def set_tag(self, registry: str, repo: str, tag: str, media_type: str, digest: str, now: float | None = None) -> None:
+    def set_tag(self, registry: str, repo: str, tag: str, media_type: str, digest: str,
+                now: float | None = None) -> None:
         key = tag_key(registry, repo, tag)
         with self.tags.transact():
             value = dict(self.tags.get(key) or {})

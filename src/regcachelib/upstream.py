@@ -30,7 +30,8 @@ REDIRECTS = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 5
 # Hop-by-hop and transport headers never copied between connections.
 HOP_HEADERS = frozenset(
-    {"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length"}
+    {"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding",
+     "upgrade", "host", "content-length"}
 )
 
 
@@ -422,7 +423,8 @@ class Upstream:
                 raise UpstreamUnavailable(f"{host}: {e.__class__.__name__}: {e}") from e
             if endpoint:
                 self._mark(endpoint, True)
-            if resp.status == 401 and host != origin_host and parse_bearer_challenge(resp.getheader("www-authenticate")):
+            challenged = parse_bearer_challenge(resp.getheader("www-authenticate"))
+            if resp.status == 401 and host != origin_host and challenged:
                 # The registry redirected us to a host that challenges for a token: clients
                 # will present that host's token to the registry, so it may travel there.
                 with self._lock:
@@ -484,7 +486,8 @@ def parse_bearer_challenge(header: str | None) -> dict[str, str] | None:
     return dict(_CHALLENGE_PARAM.findall(header[7:]))
 
 
-def fetch_bearer_token(upstream: Upstream, challenge: str | None, repo: str, credentials: tuple[str, str] | None = None, allow_http: bool = False) -> str | None:
+def fetch_bearer_token(upstream: Upstream, challenge: str | None, repo: str,
+                       credentials: tuple[str, str] | None = None, allow_http: bool = False) -> str | None:
     """Blocking: a pull token from the challenge's realm (docker token protocol), or None.
 
     Anonymous unless credentials are given: regcache never forwards a client's credentials
