@@ -316,6 +316,11 @@ class Monitor:
 
         return visible
 
+    def _pool(self):
+        """The store's pool (concurrency.Workers): gc and the pages read and write the store."""
+        workers = getattr(self.cache, "workers", None)
+        return workers.store if workers is not None else None
+
     # --- size limit -----------------------------------------------------------------------------------
 
     async def _gc_loop(self) -> None:
@@ -339,10 +344,8 @@ class Monitor:
 
         self._gc_busy = True
         try:
-            # eviction is a store write: the store's pool (concurrency.Workers) runs it
-            workers = getattr(self.cache, "workers", None)
-            executor = workers.store if workers is not None else None
-            result = await asyncio.get_running_loop().run_in_executor(executor, gc, store, int(limit * GC_LOW),
+            # eviction is a store write: the store's pool runs it
+            result = await asyncio.get_running_loop().run_in_executor(self._pool(), gc, store, int(limit * GC_LOW),
                                                                       False, self.stats)
         finally:
             self._gc_busy = False
@@ -395,13 +398,13 @@ class Monitor:
             path = urlsplit(target).path
             loop = asyncio.get_running_loop()
             if path == "/metrics":
-                body = await loop.run_in_executor(None, generate_latest, self.registry)
+                body = await loop.run_in_executor(self._pool(), generate_latest, self.registry)
                 ctype = "text/plain; version=0.0.4; charset=utf-8"
             elif path in ("/", "/status", "/index.html"):
-                body = (await loop.run_in_executor(None, self.render_html)).encode()
+                body = (await loop.run_in_executor(self._pool(), self.render_html)).encode()
                 ctype = "text/html; charset=utf-8"
             elif path == "/status.json":
-                body = json.dumps(await loop.run_in_executor(None, self.status), indent=1).encode()
+                body = json.dumps(await loop.run_in_executor(self._pool(), self.status), indent=1).encode()
                 ctype = "application/json"
             elif path == "/healthz":
                 ok = self.cache.store is not None
