@@ -246,10 +246,10 @@ class Monitor:
     def _observe(self, flow) -> None:
         """Log and count the outcome the blob and manifest addons recorded, once the flow ended
         (a flow that failed after its answer was decided says so in its log line)."""
-        outcome = flow.metadata.get(OUTCOME)
         req = flow.metadata.get(REQUEST)
-        if outcome is None or req is None or req.route is None:
+        if req is None or req.route is None or OUTCOME not in flow.metadata:
             return
+        outcome = flow.metadata.pop(OUTCOME)  # counted once, whichever hook ends the flow
         route = req.route
         failed = f" error={flow.error.msg}" if flow.error else ""
         log.info(
