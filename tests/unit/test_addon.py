@@ -14,7 +14,7 @@ import json
 import time
 
 import pytest
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import ctx, exceptions, hooks, http
 from mitmproxy.proxy.layers.http import HttpRequestHeadersHook, HttpRequestHook
 from mitmproxy.proxy.layers.tls import TlsClienthelloHook
 from mitmproxy.proxy.mode_specs import ProxyMode
@@ -62,12 +62,12 @@ async def running_addon(tmp_path, config: str = "", offline: bool = False):
     with taddons.context(rc) as tctx:
         add_proxyserver_options(tctx)
         tctx.configure(rc, regcache_dir=str(tmp_path / "cache"), regcache_config=str(cfg), regcache_offline=offline)
-        await rc.running()
+        await tctx.master.addons.invoke_addon(rc, hooks.RunningHook())  # the children too
         assert tctx.options.connection_strategy == "lazy"  # a hit must open no upstream connection
         try:
             yield rc, tctx
         finally:
-            await rc.done()
+            await tctx.master.addons.invoke_addon(rc, hooks.DoneHook())
 
 
 async def send(rc: RegistryCache, flow: http.HTTPFlow) -> http.HTTPFlow:

@@ -14,7 +14,7 @@ import json
 import socket
 
 import pytest
-from mitmproxy import connection
+from mitmproxy import connection, hooks
 from mitmproxy.proxy.layers.http import HttpConnectHook, HttpRequestHeadersHook, HttpRequestHook
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.proxy.server_hooks import ServerConnectHook, ServerConnectionHookData
@@ -45,11 +45,11 @@ async def running(tmp_path, config: str = "fastpath: false\n"):
     with taddons.context(rc) as tctx:
         add_proxyserver_options(tctx)
         tctx.configure(rc, regcache_dir=str(tmp_path / "cache"), regcache_config=str(cfg))
-        await rc.running()
+        await tctx.master.addons.invoke_addon(rc, hooks.RunningHook())  # the children too
         try:
             yield rc, tctx
         finally:
-            await rc.done()
+            await tctx.master.addons.invoke_addon(rc, hooks.DoneHook())
 
 
 def proxy_flow(host: str, port: int, path: str = "/status.json", method: str = "GET", mode: str = "regular",
