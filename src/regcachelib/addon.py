@@ -2,7 +2,7 @@
 
     RegistryCache    options and lifecycle; builds the services (services.py) on configure and
                      hands the whole set to its children
-      Interception   which TLS is intercepted, streaming, a mirror client's Host (routing.py)
+      Interception   which TLS is intercepted, streaming, a mirror client's Host (interception.py)
       DestinationPolicy  no proxying into the cache host (destinations.py)
       Routing        which registry request a flow is: flow.metadata[REQUEST] (routing.py)
       Blobs          blob requests: BlobService's answer -> a response (or the blob server)
@@ -31,7 +31,8 @@ from .destinations import DestinationPolicy
 from .manifests import Answer
 from .metrics import Monitor
 from .request import OUTCOME, REQUEST, Outcome, RegistryRequest
-from .routing import Interception, Routing, answer, answer_error, pass_through
+from .interception import Interception
+from .routing import Routing, answer, answer_error, pass_through
 from .services import Services, build_services
 from .store import Store
 from .upstream import Upstream, make_ssl_context
