@@ -64,6 +64,19 @@ class Uncached:
 BlobResult = Hit | Follow | Relay | Uncached
 
 
+def learn_from_download(store: Store):
+    """What a fill's worker thread records when upstream answers 200 for a blob: the repository
+    holds the digest (the membership index), and the miss (the miss log)."""
+
+    def learn(fill: Fill, content_type: str, size: int | None) -> None:
+        digest = str(fill.digest)
+        store.add_members(fill.registry, fill.repo, [digest])
+        store.log_miss({"registry": fill.registry, "repo": fill.repo, "reference": digest, "digest": digest,
+                        "kind": "blob", "media_type": content_type, "size": size, "outcome": "MISS"})
+
+    return learn
+
+
 class BlobService:
     def __init__(self, config: Config, store: Store, upstream: Upstream, fills: Fills, access: Access,
                  workers: Workers, fastpath_port: Callable[[], int]):
@@ -113,19 +126,12 @@ class BlobService:
         if fill.status != 200:
             return self._failed(req, fill)
         if leader:
-            # Upstream served this digest under this repository: it holds it.
-            record = {"registry": req.registry, "repo": req.repository, "reference": digest, "digest": digest,
-                      "kind": "blob", "media_type": fill.content_type, "size": fill.size, "outcome": "MISS"}
-            await self.workers.store_write(self._learn, req.registry, req.repository, digest, record)
+            # what the download taught is stored already (learn_from_download)
             self.access.probe_later(req)
         else:
             # a follower rides on another client's download only with its own access
             await self.access.require(req, digest)
         return Follow(fill, self.use_fastpath(req))
-
-    def _learn(self, registry: str, repo: str, digest: str, record: dict) -> None:
-        self.store.add_members(registry, repo, [digest])
-        self.store.log_miss(record)
 
     def _failed(self, req: RegistryRequest, fill: Fill) -> Relay:
         log.warning("blob %s %s/%s not served: %s", req.digest, req.registry, req.repository, fill.failure)

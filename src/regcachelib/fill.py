@@ -59,6 +59,8 @@ class Fill:
         self._status_published = False  # worker-thread side: has a status gone out yet
         self._changed = asyncio.Event()
         self.stats = None  # stats.Stats: upstream bytes of a completed download are counted
+        # on_found(fill, content type, size): told in the worker thread once upstream answered 200
+        self.on_found = None
 
     # --- what readers see --------------------------------------------------------------
 
@@ -128,11 +130,19 @@ class Fill:
                     else:
                         self._publish(status=500, failure=f"cannot create staging file: {e}", done=True)
                     return
+                content_type = resp.header("content-type") or "application/octet-stream"
+                if self.on_found is not None:
+                    # Before anyone hears of the 200: every reader of this fill then finds what it
+                    # taught (the repository holds the digest) already stored.
+                    try:
+                        self.on_found(self, content_type, size)
+                    except Exception as e:  # noqa: BLE001 - a full disk must not fail the pull
+                        log.warning("blob %s of %s/%s: not recorded: %s", self.digest, self.registry, self.repo, e)
                 self._publish(
                     status=200,
                     upstream_headers=resp.headers,
                     size=size,
-                    content_type=resp.header("content-type") or "application/octet-stream",
+                    content_type=content_type,
                     staging_path=staging,
                 )
                 hasher = self.digest.hasher()
@@ -210,8 +220,9 @@ class Fill:
 class Fills:
     """The in-flight fills of this process, keyed by digest (a Flights registry)."""
 
-    def __init__(self, store: Store, upstream: Upstream, max_workers: int = 32, executor=None):
+    def __init__(self, store: Store, upstream: Upstream, max_workers: int = 32, executor=None, on_found=None):
         self.store = store
+        self.on_found = on_found  # handed to every Fill (see Fill.on_found)
         self.upstream = upstream
         self._own_executor = executor is None
         self.executor = executor or ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="regcache-fill")
@@ -241,6 +252,7 @@ class Fills:
         def start() -> Fill:
             fill = Fill(loop, digest, repo, registry)
             fill.stats = self.stats
+            fill.on_found = self.on_found
             future = loop.run_in_executor(self.executor, fill.run, self.upstream, self.store, target, path, headers)
             future.add_done_callback(lambda _f: loop.call_soon(self.flights.forget, key, fill))
             return fill

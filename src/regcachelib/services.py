@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .access import Access
-from .blobs import BlobService
+from .blobs import BlobService, learn_from_download
 from .concurrency import Workers
 from .config import Config
 from .fill import Fills
@@ -34,7 +34,7 @@ class Services:
 def build_services(config: Config, store: Store, upstream: Upstream, workers: Workers,
                    fastpath_port: Callable[[], int]) -> Services:
     access = Access(upstream, store, config.auth_ttl, config.public_ttl, config.trust_clients_offline, workers)
-    fills = Fills(store, upstream, executor=workers.fills)
+    fills = Fills(store, upstream, executor=workers.fills, on_found=learn_from_download(store))
     return Services(
         config=config,
         store=store,
