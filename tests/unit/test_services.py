@@ -75,6 +75,26 @@ def test_blob_miss_is_followed_then_hit(tmp_path, upstream_server):
     assert upstream_server.count("GET", f"/v2/org/img/blobs/{BLOB_DIGEST}") == 1
 
 
+def test_a_download_teaches_membership_before_anyone_hears_of_it(tmp_path, upstream_server):
+    """Followers of a download check their access the moment upstream's 200 is known: the
+    membership it teaches must be stored by then, or each follower would ask upstream again."""
+    path = f"/v2/org/img/blobs/{BLOB_DIGEST}"
+    upstream_server.routes[path] = Reply(body=BLOB, gate_after=1024)
+
+    async def main():
+        with services_for(tmp_path, upstream_server) as s:
+            target = Target("127.0.0.1", upstream_server.port, "http")
+            fill, leader = s.fills.join(oci.parse_digest(BLOB_DIGEST), "quay.io", "org/img", target, path, [])
+            assert leader
+            await asyncio.wait_for(fill.headers_ready.wait(), 10)
+            assert s.store.holds("quay.io", "org/img", BLOB_DIGEST)  # no await in between
+            with open(s.store.miss_log_path) as f:
+                assert json.loads(f.readline())["digest"] == BLOB_DIGEST
+            upstream_server.gate.set()
+
+    run(main())
+
+
 def test_blob_offline_unknown_and_head_miss_and_refusal(tmp_path, upstream_server):
     path = f"/v2/org/img/blobs/{BLOB_DIGEST}"
     upstream_server.routes[path] = Reply(status=401, body=oci.error_body("UNAUTHORIZED", "no"),
