@@ -118,7 +118,8 @@ class _StatsCollector:
         snap = stats.snapshot()
         requests = CounterMetricFamily(
             "regcache_requests", "Registry requests answered, by registry, kind (blob/manifest) and outcome "
-            "(HIT, MISS, REVALIDATED, STALE, UNKNOWN, UPSTREAM_<status>...)", labels=["registry", "kind", "outcome"])
+            "(HIT, MISS, REVALIDATED, STALE, UNKNOWN, UPSTREAM_<status>, ERROR...)",
+            labels=["registry", "kind", "outcome"])
         for registry, r in sorted(snap.registries.items()):
             for (kind, outcome), count in sorted(r.outcomes.items()):
                 requests.add_metric([registry, kind, outcome], count)
