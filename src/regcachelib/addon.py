@@ -138,7 +138,7 @@ class Blobs:
         digest = str(req.digest)
         blobserver = self.cache.blobserver
         if fastpath:
-            host = self.cache.config.fastpath_host or _local_address_for(flow)
+            host = self.services.config.fastpath_host or _local_address_for(flow)
             netloc = f"[{host}]" if ":" in host else host
             signed = self.cache.signer.sign(digest, req.client)  # good for this client only
             location = f"http://{netloc}:{blobserver.fastpath_port}{signed}"
