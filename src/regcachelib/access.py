@@ -26,7 +26,10 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from . import oci
+from .concurrency import Flights, Workers
 from .oci import MANIFEST_MEDIA_TYPES
+from .request import RegistryRequest
 from .upstream import Target, Upstream, UpstreamUnavailable, fetch_bearer_token
 
 log = logging.getLogger(__name__)
@@ -71,10 +74,11 @@ def token_hash(authorization: str) -> str:
 
 class Access:
     def __init__(self, upstream: Upstream, store, auth_ttl: float = 60.0, public_ttl: float = 3600.0,
-                 trust_clients_offline: bool = False):
+                 trust_clients_offline: bool = False, workers: Workers | None = None):
+        self.workers = workers  # where blocking decisions and probes run (the async interface)
+        self._probes: Flights = Flights()  # one publicness probe per repository at a time
         self.upstream = upstream
         self.store = store
-        self.tags_store = store.tags  # publicness is kept with the tags
         self.auth_ttl = auth_ttl
         self.public_ttl = public_ttl
         self.trust_clients_offline = trust_clients_offline
@@ -84,10 +88,7 @@ class Access:
     # --- publicness ------------------------------------------------------------------------
 
     def known_public(self, registry: str, repo: str) -> tuple[bool | None, float]:
-        value = self.tags_store.get(("public", registry, repo))
-        if value is None:
-            return None, 0.0
-        return bool(value[0]), float(value[1])
+        return self.store.get_public(registry, repo)
 
     def fresh_public(self, registry: str, repo: str, offline: bool = False) -> bool | None:
         """The remembered verdict while it is trusted (always, offline); else None."""
@@ -97,7 +98,7 @@ class Access:
         return public
 
     def remember_public(self, registry: str, repo: str, public: bool) -> None:
-        self.tags_store.set(("public", registry, repo), (public, time.time()))
+        self.store.set_public(registry, repo, public)
 
     def probe_public(self, target: Target, registry: str, repo: str, path: str) -> bool | None:
         """Blocking: may an anonymous client HEAD this resource, which repo is known to hold?
@@ -212,6 +213,50 @@ class Access:
             self._granted.move_to_end(key)
             while len(self._granted) > MAX_GRANTS:
                 self._granted.popitem(last=False)
+
+    # --- as the services ask: without blocking the event loop ------------------------------------
+
+    async def require(self, req: RegistryRequest, digest: str) -> None:
+        """The one access rule for every answer built from cached or shared bytes. Raises
+        RegistryError with what upstream would answer this client when it may not have them."""
+        question = Question(req.target, req.registry, req.repository, digest, req.upstream_path(digest),
+                            tuple(req.header_list(("authorization", "accept"))))
+        # Known answers (a public repository that holds the digest, a remembered grant) cost no
+        # thread hop: a hit never waits behind upstream I/O.
+        verdict = self.decide_cached(question, req.offline)
+        if verdict is None:
+            assert self.workers is not None
+            verdict = await self.workers.upstream_call(req.endpoint, self.decide, question, req.offline)
+        if verdict.allow:
+            return
+        log.warning("not serving cached %s/%s %s to this client: %s",
+                    req.registry, req.repository, digest, verdict.reason)
+        code = oci.refusal_code(verdict.status, req.kind or oci.MANIFEST)
+        raise oci.RegistryError(verdict.status, code, verdict.reason, {"digest": digest}, verdict.headers or [])
+
+    def probe_later(self, req: RegistryRequest) -> None:
+        """Learn whether a repository is public while it is being cached, so later hits (and
+        hits while upstream is down) need no upstream request to decide."""
+        public, checked = self.known_public(req.registry, req.repository)
+        if public is not None and time.time() - checked < self.public_ttl:
+            return
+        assert self.workers is not None
+        key = (req.registry, req.repository)
+        path = req.upstream_path()
+
+        def probe():
+            try:
+                self.probe_public(req.target, req.registry, req.repository, path)
+            except Exception as e:  # noqa: BLE001 - best effort; decide() probes again if needed
+                log.debug("public probe of %s/%s failed: %s", req.registry, req.repository, e)
+
+        def start():
+            future = self.workers.upstream_background(probe)
+            future.add_done_callback(lambda _f: self._probes.forget(key, future))
+            return future
+
+        # one probe per repository at a time, however many blobs miss at once
+        self._probes.join(key, start)
 
     # --- refusals ---------------------------------------------------------------------------------
 

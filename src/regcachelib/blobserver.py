@@ -420,7 +420,8 @@ class BlobServer:
             fill = None
             f = self.store.open_blob(digest)
             if f is None and failure:
-                await self._send_error(writer, 502, "Bad Gateway", "BLOB_UNKNOWN", f"upstream download failed: {failure}", extra=extra)
+                await self._send_error(writer, 502, "Bad Gateway", "BLOB_UNKNOWN",
+                                       f"upstream download failed: {failure}", extra=extra)
                 return True
         if f is None:
             await self._send_error(writer, 404, "Not Found", "BLOB_UNKNOWN", "blob unknown to the cache", extra=extra)
@@ -432,7 +433,8 @@ class BlobServer:
             try:
                 rng = oci.parse_range(range_header, size)
             except oci.ProtocolError as e:
-                await self._send_error(writer, 416, "Range Not Satisfiable", e.code, e.message, extra=[("Content-Range", f"bytes */{size}")])
+                await self._send_error(writer, 416, "Range Not Satisfiable", e.code, e.message,
+                                       extra=[("Content-Range", f"bytes */{size}")])
                 return True
             start, end = rng if rng else (0, size)
             headers = [
@@ -460,7 +462,7 @@ class BlobServer:
                 assert fill is not None
                 if fill.failure is not None:
                     # Ending short is the only honest signal left once headers are out.
-                    log.warning("regcache: aborting response for %s: %s", fill.digest, fill.failure)
+                    log.warning("aborting response for %s: %s", fill.digest, fill.failure)
                     return False
                 await fill.wait_for_change()
                 continue

@@ -391,7 +391,7 @@ def cmd_import(args) -> int:
 
 def cmd_gc(args) -> int:
     store = open_store(args)
-    limit = args.max_size if args.max_size is not None else int(store.content.size_limit)
+    limit = args.max_size if args.max_size is not None else store.size_limit
     if not any(store_summary(store)[kind] for kind in ("blobs", "manifests", "tags")):
         say(args, f"nothing to do: the store at {store.directory} is empty, nothing cached yet (limit {human(limit)})")
         return 0

@@ -143,7 +143,7 @@ class DestinationPolicy:
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
         # RegistryCache routes a fast-path redirect that came back through the proxy to its
         # blob server itself; its destination (our own address) is never connected to.
-        if not self.cache._is_fastpath_request(flow):
+        if not self.cache.is_fastpath_request(flow):
             await self._refuse_request(flow)
 
     async def server_connect(self, data) -> None:

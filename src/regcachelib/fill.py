@@ -16,8 +16,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from . import oci
+from .concurrency import Flights
 from .store import Store
-from .upstream import Target, Upstream, UpstreamUnavailable
+from .upstream import MAX_ERROR_BODY, Target, Upstream, UpstreamUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,6 @@ CHUNK = 1024 * 1024
 PUBLISH_BYTES = 1024 * 1024
 # Bytes withheld from readers until the digest checks out.
 HOLDBACK = 64 * 1024
-MAX_ERROR_BODY = 64 * 1024
 
 
 class FillFailed(Exception):
@@ -59,6 +59,8 @@ class Fill:
         self._status_published = False  # worker-thread side: has a status gone out yet
         self._changed = asyncio.Event()
         self.stats = None  # stats.Stats: upstream bytes of a completed download are counted
+        # on_found(fill, content type, size): told in the worker thread once upstream answered 200
+        self.on_found = None
 
     # --- what readers see --------------------------------------------------------------
 
@@ -110,13 +112,14 @@ class Fill:
             try:
                 if resp.status != 200:
                     body = resp.read_all(MAX_ERROR_BODY) if resp.status not in (204, 304) else b""
-                    self._publish(status=resp.status, upstream_headers=resp.headers, error_body=body, failure=f"upstream answered {resp.status}", done=True)
+                    self._publish(status=resp.status, upstream_headers=resp.headers, error_body=body,
+                                  failure=f"upstream answered {resp.status}", done=True)
                     return
                 # A layer's body may take long: per-read timeouts apply to it, not the exchange's deadline.
                 resp.end_deadline()
                 size = resp.content_length
                 if not store.has_room(size):
-                    log.warning("regcache: cache disk full: %s (%s bytes) passes through uncached", self.digest, size)
+                    log.warning("cache disk full: %s (%s bytes) passes through uncached", self.digest, size)
                     self._publish(status=200, no_room=True, failure="cache disk full", done=True)
                     return
                 try:
@@ -127,11 +130,19 @@ class Fill:
                     else:
                         self._publish(status=500, failure=f"cannot create staging file: {e}", done=True)
                     return
+                content_type = resp.header("content-type") or "application/octet-stream"
+                if self.on_found is not None:
+                    # Before anyone hears of the 200: every reader of this fill then finds what it
+                    # taught (the repository holds the digest) already stored.
+                    try:
+                        self.on_found(self, content_type, size)
+                    except Exception as e:  # noqa: BLE001 - a full disk must not fail the pull
+                        log.warning("blob %s of %s/%s: not recorded: %s", self.digest, self.registry, self.repo, e)
                 self._publish(
                     status=200,
                     upstream_headers=resp.headers,
                     size=size,
-                    content_type=resp.header("content-type") or "application/octet-stream",
+                    content_type=content_type,
                     staging_path=staging,
                 )
                 hasher = self.digest.hasher()
@@ -161,7 +172,8 @@ class Fill:
                             written += len(data)
                         # Wake readers once per MiB, and always before waiting on the network,
                         # so they never wait for bytes that are already on disk.
-                        if written > published and (written - published >= PUBLISH_BYTES or not chunk or not resp.more_ready()):
+                        due = written - published >= PUBLISH_BYTES or not chunk or not resp.more_ready()
+                        if written > published and due:
                             f.flush()
                             published = written
                             self._publish(written=written)
@@ -170,7 +182,8 @@ class Fill:
                     if size is not None and written != size:
                         raise FillFailed(f"short body: {written} of {size} bytes")
                     if hasher.hexdigest() != self.digest.hex:
-                        raise FillFailed(f"digest mismatch: upstream bytes hash to {self.digest.algorithm}:{hasher.hexdigest()}")
+                        raise FillFailed("digest mismatch: upstream bytes hash to "
+                                         f"{self.digest.algorithm}:{hasher.hexdigest()}")
                     try:
                         os.fsync(f.fileno())
                         # Commit while the staging lock is still held, so a sweep cannot race it.
@@ -179,19 +192,20 @@ class Fill:
                     except Exception as e:  # noqa: BLE001
                         # The bytes are verified: readers that have the file open finish
                         # their pull; it is only not kept.
-                        log.warning("regcache: blob %s verified but not stored: %s", self.digest, e)
+                        log.warning("blob %s verified but not stored: %s", self.digest, e)
                 self._publish(size=written, written=written, verified=True, done=True)
                 if self.stats is not None:
                     self.stats.upstream_bytes(self.registry, written)
-                log.debug("regcache: fill of %s done (%d bytes)", self.digest, written)
+                log.debug("fill of %s done (%d bytes)", self.digest, written)
             finally:
                 resp.close()
         except FillFailed as e:
-            log.warning("regcache: blob %s from %s/%s not cached: %s", self.digest, self.registry, self.repo, e)
+            log.warning("blob %s from %s/%s not cached: %s", self.digest, self.registry, self.repo, e)
             self._publish(failure=str(e), done=True)
         except Exception as e:  # noqa: BLE001 - a fill must never take the proxy down
-            reason = "disk full" if isinstance(e, OSError) and e.errno == errno.ENOSPC else f"{e.__class__.__name__}: {e}"
-            log.warning("regcache: blob %s from %s/%s not cached: %s", self.digest, self.registry, self.repo, reason)
+            disk_full = isinstance(e, OSError) and e.errno == errno.ENOSPC
+            reason = "disk full" if disk_full else f"{e.__class__.__name__}: {e}"
+            log.warning("blob %s from %s/%s not cached: %s", self.digest, self.registry, self.repo, reason)
             # Waiters block on headers_ready: a failure before any status must still wake them.
             status = {} if self._status_published else {"status": 502}
             self._publish(failure=reason, done=True, **status)
@@ -204,36 +218,47 @@ class Fill:
 
 
 class Fills:
-    """The in-flight fills of this process, keyed by digest."""
+    """The in-flight fills of this process, keyed by digest (a Flights registry)."""
 
-    def __init__(self, store: Store, upstream: Upstream, max_workers: int = 32):
+    def __init__(self, store: Store, upstream: Upstream, max_workers: int = 32, executor=None, on_found=None):
         self.store = store
+        self.on_found = on_found  # handed to every Fill (see Fill.on_found)
         self.upstream = upstream
-        self.executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="regcache-fill")
-        self.inflight: dict[str, Fill] = {}
+        self._own_executor = executor is None
+        self.executor = executor or ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="regcache-fill")
+        self.flights: Flights[Fill] = Flights()
         self.stats = None  # stats.Stats handed to every Fill
 
+    @property
+    def inflight(self) -> dict[str, Fill]:
+        return {str(fill.digest): fill for fill in self.flights.values()}
+
     def get(self, digest: str) -> Fill | None:
-        return self.inflight.get(digest)
+        return self.flights.get(digest)
 
-    def start(self, digest: oci.Digest, registry: str, repo: str, target: Target, path: str, headers: list[tuple[str, str]]) -> Fill:
-        """The fill for a digest: the one in flight, or a new one (registered synchronously,
-        before any await, so a concurrent request for the same digest always finds it)."""
+    def start(self, digest: oci.Digest, registry: str, repo: str, target: Target, path: str,
+              headers: list[tuple[str, str]]) -> Fill:
+        """The fill for a digest: the one in flight, or a new one."""
+        return self.join(digest, registry, repo, target, path, headers)[0]
+
+    def join(self, digest: oci.Digest, registry: str, repo: str, target: Target, path: str,
+             headers: list[tuple[str, str]]) -> tuple[Fill, bool]:
+        """(fill, leader): the fill in flight for the digest, or a new one this caller leads
+        (registered synchronously, before any await, so a concurrent request always finds it).
+        A failed fill is not joined: the next request tries again."""
         key = str(digest)
-        fill = self.inflight.get(key)
-        if fill is not None and not (fill.done and not fill.ok):
-            return fill
         loop = asyncio.get_running_loop()
-        fill = Fill(loop, digest, repo, registry)
-        fill.stats = self.stats
-        self.inflight[key] = fill
-        future = loop.run_in_executor(self.executor, fill.run, self.upstream, self.store, target, path, headers)
-        future.add_done_callback(lambda _f: loop.call_soon(self._forget, key, fill))
-        return fill
 
-    def _forget(self, key: str, fill: Fill) -> None:
-        if self.inflight.get(key) is fill:
-            del self.inflight[key]
+        def start() -> Fill:
+            fill = Fill(loop, digest, repo, registry)
+            fill.stats = self.stats
+            fill.on_found = self.on_found
+            future = loop.run_in_executor(self.executor, fill.run, self.upstream, self.store, target, path, headers)
+            future.add_done_callback(lambda _f: loop.call_soon(self.flights.forget, key, fill))
+            return fill
+
+        return self.flights.join(key, start, reusable=lambda fill: not (fill.done and not fill.ok))
 
     def shutdown(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
+        if self._own_executor:
+            self.executor.shutdown(wait=False, cancel_futures=True)

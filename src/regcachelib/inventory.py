@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import oci
-from .store import Store, blob_key, hash_copy, manifest_key, tag_key
+from .store import Store, hash_copy
 
 # --- image references --------------------------------------------------------------------
 
@@ -158,20 +158,10 @@ class Inventory:
         self.blobs: dict[str, Entry] = {}
         self.manifests: dict[str, Entry] = {}
         self._bodies: dict[str, tuple[str, bytes] | None] = {}
-        cache = store.content
-        rows = cache._sql("SELECT key, raw, size, access_time, store_time, mode, filename, value FROM Cache").fetchall()
-        for db_key, raw, size, atime, stime, mode, filename, value in rows:
-            try:
-                key = cache._disk.get(db_key, raw)
-            except Exception:  # noqa: BLE001 - an unreadable key is not ours
-                continue
-            if not (isinstance(key, tuple) and len(key) == 2 and key[0] in ("blob", "manifest")):
-                continue
-            entry = Entry(key[0], key[1], size or 0, atime or 0.0, stime or 0.0, filename, mode, value)
-            if key[0] == "blob":
-                self.blobs[key[1]] = entry
-            else:
-                self.manifests[key[1]] = entry
+        for row in store.content_rows():
+            entry = Entry(row.kind, row.digest, row.size, row.access_time, row.store_time, row.filename, row.mode,
+                          row.value)
+            (self.blobs if row.kind == "blob" else self.manifests)[row.digest] = entry
         for entry in self.manifests.values():
             body = self.manifest(entry.digest)
             entry.size = len(body[1]) if body else entry.size
@@ -184,7 +174,7 @@ class Inventory:
         result = None
         if entry is not None:
             try:
-                value = self.store.content._disk.fetch(entry.mode, entry.filename, entry.value, False)
+                value = self.store.row_value(entry)
                 media_type, body = value
                 result = (media_type, bytes(body))
             except Exception:  # noqa: BLE001 - evicted meanwhile, or damaged
@@ -196,7 +186,7 @@ class Inventory:
         entry = self.blobs.get(digest)
         if entry is None or not entry.filename:
             return None
-        return os.path.join(self.store.content.directory, entry.filename)
+        return self.store.row_path(entry)
 
     def refs(self, digest: str) -> Refs:
         m = self.manifest(digest)
@@ -256,27 +246,21 @@ def tagged_images(store: Store) -> list[TaggedImage]:
     return out
 
 
-def pin_key(ref: ImageRef) -> tuple:
-    return ("pin", ref.registry, ref.repo, ref.reference)
-
-
 def pin(store: Store, ref: ImageRef) -> None:
-    store.tags.set(pin_key(ref), time.time())
+    store.pin(ref.registry, ref.repo, ref.reference)
 
 
 def unpin(store: Store, ref: ImageRef) -> bool:
-    return store.tags.delete(pin_key(ref))
+    return store.unpin(ref.registry, ref.repo, ref.reference)
 
 
 def pins(store: Store) -> list[ImageRef]:
     out = []
-    for key in store.tags.iterkeys():
-        if isinstance(key, tuple) and len(key) == 4 and key[0] == "pin":
-            _, registry, repo, reference = key
-            if oci.is_digest(reference):
-                out.append(ImageRef(registry, repo, None, reference))
-            else:
-                out.append(ImageRef(registry, repo, reference, None))
+    for registry, repo, reference in store.iter_pins():
+        if oci.is_digest(reference):
+            out.append(ImageRef(registry, repo, None, reference))
+        else:
+            out.append(ImageRef(registry, repo, reference, None))
     return sorted(out, key=str)
 
 
@@ -284,9 +268,8 @@ def resolve(store: Store, ref: ImageRef) -> list[str]:
     """Manifest digests a reference names: a digest itself, or every media type of a tag."""
     if ref.digest:
         return [ref.digest]
-    value = store.tags.get(tag_key(ref.registry, ref.repo, ref.tag)) or {}
-    entries = sorted(value.items(), key=lambda kv: kv[1][1], reverse=True)
-    return [digest for _mt, (digest, _checked) in entries]
+    entries = sorted(store.tag_entries(ref.registry, ref.repo, ref.tag), key=lambda e: e.checked_at, reverse=True)
+    return [e.digest for e in entries]
 
 
 # --- gc --------------------------------------------------------------------------------------------
@@ -306,7 +289,7 @@ class GcResult:
 
 
 def store_volume(store: Store) -> int:
-    return int(store.content.volume())
+    return store.volume()
 
 
 def gc(store: Store, max_size: int, dry_run: bool = False, stats=None, progress=None) -> GcResult:
@@ -354,7 +337,7 @@ def gc(store: Store, max_size: int, dry_run: bool = False, stats=None, progress=
         nonlocal current
         entry = inv.manifests[digest] if kind == "manifest" else inv.blobs[digest]
         if not dry_run:
-            store.content.delete(manifest_key(digest) if kind == "manifest" else blob_key(digest))
+            store.delete_content(kind, digest)
         removed.add(digest)
         current -= entry.size
         result.removed_bytes += entry.size
@@ -388,14 +371,8 @@ def gc(store: Store, max_size: int, dry_run: bool = False, stats=None, progress=
         if image.digest in gone:
             result.removed_images.append(image.ref)
             if not dry_run:
-                key = tag_key(image.registry, image.repo, image.tag)
-                with store.tags.transact():
-                    value = dict(store.tags.get(key) or {})
-                    value.pop(image.media_type, None)
-                    if value:
-                        store.tags.set(key, value)
-                    else:
-                        store.tags.delete(key)
+                store.set_tag_entries(image.registry, image.repo, image.tag,
+                                      lambda value, media_type=image.media_type: value.pop(media_type, None))
     result.removed_images = sorted(set(result.removed_images))
     if not dry_run:
         # a repository holds only what is stored: the proxy never answers from a digest gc took
@@ -431,7 +408,8 @@ def quarantine_dir(store: Store) -> str:
     return os.path.join(store.directory, "quarantine")
 
 
-def verify(store: Store, quarantine: bool = True, stats=None, progress=None, only: set[str] | None = None) -> VerifyResult:
+def verify(store: Store, quarantine: bool = True, stats=None, progress=None,
+           only: set[str] | None = None) -> VerifyResult:
     """Rehash every stored blob and manifest; move every mismatch out of the store.
 
     A mismatching blob file is moved to quarantine/<digest> (with a .json note) and its
@@ -460,10 +438,11 @@ def verify(store: Store, quarantine: bool = True, stats=None, progress=None, onl
             with open(base, "wb") as f:
                 f.write(body)
             moved = base
-        note = {"kind": kind, "digest": digest, "reason": reason, "time": time.time(), "file": os.path.basename(moved) if moved else None}
+        note = {"kind": kind, "digest": digest, "reason": reason, "time": time.time(),
+                "file": os.path.basename(moved) if moved else None}
         with open(base + ".json", "w") as f:
             json.dump(note, f, indent=1)
-        store.content.delete(blob_key(digest) if kind == "blob" else manifest_key(digest))
+        store.delete_content(kind, digest)
         result.quarantined.append(moved or base + ".json")
 
     for digest, entry in sorted(inv.blobs.items()):
@@ -479,7 +458,7 @@ def verify(store: Store, quarantine: bool = True, stats=None, progress=None, onl
         try:
             hexdigest, n = _hash_file(path, d.algorithm, progress)
         except (OSError, TypeError) as e:
-            if store.content._sql("SELECT filename FROM Cache WHERE filename = ?", (entry.filename,)).fetchone() is None:
+            if not store.holds_file(entry.filename):
                 continue  # evicted while we looked
             bad("blob", digest, f"unreadable: {e}")
             continue

@@ -142,12 +142,15 @@ def export(store: Store, images: list[str], bundle: str, progress=None, total_cb
     needed_manifests: set[str] = set()
     for ref, digest, _mt, _checked in plan:
         manifests, blobs, missing = inv.closure(digest)
-        missing_manifests = {d for d in missing if any(d == c for m in manifests for c, _t, _p in inv.refs(m).manifests)}
+        children = {c for m in manifests for c, _t, _p in inv.refs(m).manifests}
+        missing_manifests = {d for d in missing if d in children}
         missing_blobs = missing - missing_manifests
         if missing_blobs:
-            raise LayoutError(f"{ref}: incomplete in the cache, {len(missing_blobs)} blob(s) missing (e.g. {sorted(missing_blobs)[0]}); pull or `regcache warm` it first")
+            raise LayoutError(f"{ref}: incomplete in the cache, {len(missing_blobs)} blob(s) missing "
+                              f"(e.g. {sorted(missing_blobs)[0]}); pull or `regcache warm` it first")
         if missing_manifests:
-            report.warnings.append(f"{ref}: {len(missing_manifests)} of the index's platform manifests are not cached and not exported (pull them with --platform all to include them)")
+            report.warnings.append(f"{ref}: {len(missing_manifests)} of the index's platform manifests are not "
+                                   "cached and not exported (pull them with --platform all to include them)")
         needed_manifests |= manifests
         for b in blobs:
             needed_blobs[b] = inv.blobs[b].size
@@ -181,7 +184,8 @@ def export(store: Store, images: list[str], bundle: str, progress=None, total_cb
             annotations[CHECKED_AT] = str(checked)
         if public is not None:
             annotations[PUBLIC] = "true" if public else "false"
-        desc = {"mediaType": media_type, "digest": digest, "size": len(inv.manifest(digest)[1]), "annotations": annotations}
+        desc = {"mediaType": media_type, "digest": digest, "size": len(inv.manifest(digest)[1]),
+                "annotations": annotations}
         index["manifests"] = [m for m in index["manifests"] if (m.get("annotations") or {}).get(REF_NAME) != name]
         index["manifests"].append(desc)
         report.images.append(name)
@@ -195,10 +199,7 @@ def export(store: Store, images: list[str], bundle: str, progress=None, total_cb
 
 
 def _known_public(store: Store, registry: str, repo: str) -> tuple[bool | None, float]:
-    value = store.tags.get(("public", registry, repo))
-    if value is None:
-        return None, 0.0
-    return bool(value[0]), float(value[1])
+    return store.get_public(registry, repo)
 
 
 # --- import ------------------------------------------------------------------------------------
@@ -322,14 +323,15 @@ def _read_tree(bundle: str, top: str, declared: object) -> tuple[dict[str, tuple
 def _record_public(store: Store, registry: str, repo: str, public: bool) -> bool:
     """Record an operator's word on publicness, dated 0 so that an online cache asks upstream
     at the first pull and upstream's answer replaces it; never over a verdict upstream gave."""
-    known = store.tags.get(("public", registry, repo))
-    if known is not None and float(known[1]) > 0 and public:
+    _known, checked = store.get_public(registry, repo)
+    if _known is not None and checked > 0 and public:
         return False
-    store.tags.set(("public", registry, repo), (public, 0.0))
+    store.set_public(registry, repo, public, checked=0.0)
     return True
 
 
-def import_bundle(store: Store, bundle: str, name: str | None = None, mark_public: bool | None = None, progress=None, total_cb=None) -> ImportReport:
+def import_bundle(store: Store, bundle: str, name: str | None = None, mark_public: bool | None = None, progress=None,
+                  total_cb=None) -> ImportReport:
     """Verify every manifest and blob of every named image in a layout, then store them.
 
     name: REGISTRY/REPO for descriptors whose ref.name is a bare tag (layouts made by other

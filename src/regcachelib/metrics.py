@@ -41,15 +41,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import oci
 from .stats import MAX_REGISTRIES, OTHER, PRIVATE, Stats
-from .upstream import UpstreamUnavailable
+from .request import OUTCOME, REQUEST
 
-log = logging.getLogger("regcache")
+log = logging.getLogger(__name__)
 
 OPTION = "regcache_metrics"
 GC_INTERVAL = 60.0
 GC_HIGH, GC_LOW = 0.90, 0.80
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-MODE_BINARY, MODE_PICKLE = 2, 4  # diskcache value modes: blob files, pickled manifests
 
 
 def parse_listen(value: str) -> tuple[str, int] | None:
@@ -102,24 +101,7 @@ def human(n: float | int | None) -> str:
 
 def store_summary(store) -> dict:
     """Size, limit and entry counts of a store, from the SQLite index only."""
-    content = store.content
-    counts = dict(content._sql("SELECT mode, COUNT(*) FROM Cache GROUP BY mode").fetchall())
-    tags = 0
-    pins = 0
-    for key in store.tags.iterkeys():
-        if isinstance(key, tuple) and key:
-            if key[0] == "tag":
-                tags += 1
-            elif key[0] == "pin":
-                pins += 1
-    return {
-        "size": int(content.volume()),
-        "limit": int(content.size_limit),
-        "blobs": int(counts.get(MODE_BINARY, 0)),
-        "manifests": int(counts.get(MODE_PICKLE, 0)),
-        "tags": tags,
-        "pins": pins,
-    }
+    return {"size": store.volume(), "limit": store.size_limit, **store.entry_counts()}
 
 
 class _StatsCollector:
@@ -134,25 +116,35 @@ class _StatsCollector:
         if stats is None or cache.store is None:
             return
         snap = stats.snapshot()
-        requests = CounterMetricFamily("regcache_requests", "Registry requests answered, by registry, kind (blob/manifest) and outcome (HIT, MISS, REVALIDATED, STALE, UNKNOWN, UPSTREAM_<status>...)", labels=["registry", "kind", "outcome"])
+        requests = CounterMetricFamily(
+            "regcache_requests", "Registry requests answered, by registry, kind (blob/manifest) and outcome "
+            "(HIT, MISS, REVALIDATED, STALE, UNKNOWN, UPSTREAM_<status>, ERROR...)",
+            labels=["registry", "kind", "outcome"])
         for registry, r in sorted(snap.registries.items()):
             for (kind, outcome), count in sorted(r.outcomes.items()):
                 requests.add_metric([registry, kind, outcome], count)
         yield requests
-        b = CounterMetricFamily("regcache_bytes", "Bytes by source: served (sent to clients), cache (of those, read from stored content), upstream (fetched from upstream registries)", labels=["source"])
+        b = CounterMetricFamily(
+            "regcache_bytes", "Bytes by source: served (sent to clients), cache (of those, read from stored "
+            "content), upstream (fetched from upstream registries)", labels=["source"])
         b.add_metric(["served"], snap.served_bytes)
         b.add_metric(["cache"], snap.cache_bytes)
         b.add_metric(["upstream"], snap.upstream_bytes)
         yield b
-        up = CounterMetricFamily("regcache_upstream_bytes", "Bytes fetched from upstream, by registry", labels=["registry"])
+        up = CounterMetricFamily("regcache_upstream_bytes", "Bytes fetched from upstream, by registry",
+                                 labels=["registry"])
         for registry, r in sorted(snap.registries.items()):
             up.add_metric([registry], r.upstream_bytes)
         yield up
-        yield CounterMetricFamily("regcache_evictions", "Blobs and manifests evicted by manifest-aware gc (regcache gc, and the proxy's own size limit)", value=snap.evictions)
-        yield CounterMetricFamily("regcache_evicted_bytes", "Bytes evicted by manifest-aware gc", value=snap.evicted_bytes)
-        yield CounterMetricFamily("regcache_verification_failures", "Stored blobs and manifests that failed `regcache verify` (quarantined)", value=snap.verify_failures)
+        yield CounterMetricFamily("regcache_evictions", "Blobs and manifests evicted by manifest-aware gc "
+                                  "(regcache gc, and the proxy's own size limit)", value=snap.evictions)
+        yield CounterMetricFamily("regcache_evicted_bytes", "Bytes evicted by manifest-aware gc",
+                                  value=snap.evicted_bytes)
+        yield CounterMetricFamily("regcache_verification_failures", "Stored blobs and manifests that failed "
+                                  "`regcache verify` (quarantined)", value=snap.verify_failures)
         ratio = snap.hit_ratio
-        yield GaugeMetricFamily("regcache_hit_ratio", "hits / (hits + misses) since the counters began", value=ratio if ratio is not None else 0.0)
+        yield GaugeMetricFamily("regcache_hit_ratio", "hits / (hits + misses) since the counters began",
+                                value=ratio if ratio is not None else 0.0)
         s = store_summary(cache.store)
         yield GaugeMetricFamily("regcache_store_bytes", "Size of the store on disk", value=s["size"])
         yield GaugeMetricFamily("regcache_store_limit_bytes", "The store's size limit", value=s["limit"])
@@ -162,7 +154,8 @@ class _StatsCollector:
         entries.add_metric(["tag"], s["tags"])
         entries.add_metric(["pin"], s["pins"])
         yield entries
-        yield GaugeMetricFamily("regcache_fills_in_flight", "Blob downloads in progress", value=len(cache.fills.inflight) if cache.fills else 0)
+        yield GaugeMetricFamily("regcache_fills_in_flight", "Blob downloads in progress",
+                                value=len(cache.fills.inflight) if cache.fills else 0)
 
 
 class Monitor:
@@ -172,10 +165,18 @@ class Monitor:
         self.cache = cache  # the RegistryCache
         self.stats: Stats | None = None
         self.registry = CollectorRegistry(auto_describe=True)
-        self.latency = Histogram("regcache_upstream_request_seconds", "Time from sending an upstream request to its response headers, by host", ["host"], registry=self.registry, buckets=LATENCY_BUCKETS)
-        self.upstream_errors = Counter("regcache_upstream_errors", "Upstream requests that failed to connect, timed out or were backed off, by host", ["host"], registry=self.registry)
-        self.ratelimit_remaining = Gauge("regcache_upstream_ratelimit_remaining", "Pulls left in the current window, as last reported by the upstream (Docker Hub's ratelimit-remaining)", ["registry"], registry=self.registry)
-        self.ratelimit_limit = Gauge("regcache_upstream_ratelimit_limit", "Pulls allowed per window, as last reported by the upstream (ratelimit-limit)", ["registry"], registry=self.registry)
+        self.latency = Histogram(
+            "regcache_upstream_request_seconds", "Time from sending an upstream request to its response headers, "
+            "by host", ["host"], registry=self.registry, buckets=LATENCY_BUCKETS)
+        self.upstream_errors = Counter(
+            "regcache_upstream_errors", "Upstream requests that failed to connect, timed out or were backed off, "
+            "by host", ["host"], registry=self.registry)
+        self.ratelimit_remaining = Gauge(
+            "regcache_upstream_ratelimit_remaining", "Pulls left in the current window, as last reported by the "
+            "upstream (Docker Hub's ratelimit-remaining)", ["registry"], registry=self.registry)
+        self.ratelimit_limit = Gauge(
+            "regcache_upstream_ratelimit_limit", "Pulls allowed per window, as last reported by the upstream "
+            "(ratelimit-limit)", ["registry"], registry=self.registry)
         self.registry.register(_StatsCollector(self))
         self._host_labels: set[str] = set()  # upstream hosts with series of their own
         self.listen: tuple[str, int] | None = None
@@ -189,24 +190,24 @@ class Monitor:
     # --- mitmproxy events -------------------------------------------------------------------
 
     def load(self, loader):
-        loader.add_option(OPTION, str, "", "Serve Prometheus metrics (/metrics) and a status page (/) on host:port (e.g. 127.0.0.1:9090 or :9090); empty: off.")
+        loader.add_option(OPTION, str, "", "Serve Prometheus metrics (/metrics) and a status page (/) on host:port "
+                                           "(e.g. 127.0.0.1:9090 or :9090); empty: off.")
+
+    def use(self, services) -> None:
+        """The services RegistryCache answers with now: count into their store."""
+        if self.stats is None or self.stats.cache is not services.store.tags:
+            if self.stats is not None:
+                self.stats.stop()
+            self.stats = Stats(services.store.tags)
+            if self._running:
+                self.stats.start()
+        services.fills.stats = self.stats
+        if self.cache.blobserver is not None:
+            self.cache.blobserver.stats = self.stats
 
     def configure(self, updated):
         from mitmproxy import ctx, exceptions
 
-        cache = self.cache
-        if cache.store is not None and (self.stats is None or self.stats.cache is not cache.store.tags):
-            if self.stats is not None:
-                self.stats.stop()
-            self.stats = Stats(cache.store.tags)
-            if self._running:
-                self.stats.start()
-        if cache.fills is not None:
-            cache.fills.stats = self.stats
-        if cache.blobserver is not None:
-            cache.blobserver.stats = self.stats
-        if cache.upstream is not None:
-            self.instrument(cache.upstream)
         if OPTION in updated:
             try:
                 listen = parse_listen(getattr(ctx.options, OPTION))
@@ -237,37 +238,52 @@ class Monitor:
 
     # --- counting -----------------------------------------------------------------------------------
 
-    def record(self, flow, ident, route, outcome: str, size: int | None) -> None:
-        """One answered request, from RegistryCache._log."""
-        if self.stats is not None:
-            self.stats.request(ident.registry, route.kind, outcome, route.name, flow.request.method, size)
+    def response(self, flow) -> None:
+        self._observe(flow)
 
-    def instrument(self, upstream) -> None:
-        """Time every upstream request; note rate-limit headers (Docker Hub)."""
-        if getattr(upstream, "_regcache_monitor", None) is self:
+    def error(self, flow) -> None:
+        self._observe(flow)
+
+    def _observe(self, flow) -> None:
+        """Log and count the outcome the blob and manifest addons recorded, once the flow ended
+        (a flow that failed after its answer was decided says so in its log line)."""
+        req = flow.metadata.get(REQUEST)
+        if req is None or req.route is None or OUTCOME not in flow.metadata:
             return
-        original = upstream.request
-        monitor = self
+        outcome = flow.metadata.pop(OUTCOME)  # counted once, whichever hook ends the flow
+        route = req.route
+        failed = f" error={flow.error.msg}" if flow.error else ""
+        log.info(
+            "%s %s registry=%s repo=%s %s=%s outcome=%s%s%s%s",
+            req.method, route.kind, req.registry, route.name, "digest" if route.digest else "tag", route.reference,
+            outcome.outcome,
+            f" bytes={outcome.size}" if outcome.size is not None else "",
+            f" via={outcome.via}" if outcome.via else "",
+            failed,
+        )
+        self.record(req.registry, route.kind, "ERROR" if flow.error else outcome.outcome, route.name, req.method,
+                    outcome.size)
 
-        def request(method, target, path, headers, follow_redirects=True):
-            t0 = time.monotonic()
-            try:
-                resp = original(method, target, path, headers, follow_redirects)
-            except UpstreamUnavailable:
-                monitor.upstream_errors.labels(monitor._host_label(target.host)).inc()
-                raise
-            monitor.latency.labels(monitor._host_label(target.host)).observe(time.monotonic() - t0)
-            remaining = _ratelimit_value(resp.header("ratelimit-remaining"))
-            if remaining is not None:
-                registry = monitor._host_label(oci.canonical_registry(target.host))
-                monitor.ratelimit_remaining.labels(registry).set(remaining)
-                limit = _ratelimit_value(resp.header("ratelimit-limit"))
-                if limit is not None:
-                    monitor.ratelimit_limit.labels(registry).set(limit)
-            return resp
+    def record(self, registry: str, kind: str, outcome: str, repo: str, method: str, size: int | None) -> None:
+        """One answered request."""
+        if self.stats is not None:
+            self.stats.request(registry, kind, outcome, repo, method, size)
 
-        upstream.request = request
-        upstream._regcache_monitor = self
+    def observe_upstream(self, target, seconds: float, resp) -> None:
+        """Upstream's report of one exchange: its time to response headers, or that it failed;
+        the rate-limit headers it carried (Docker Hub)."""
+        host = self._host_label(target.host)
+        if resp is None:
+            self.upstream_errors.labels(host).inc()
+            return
+        self.latency.labels(host).observe(seconds)
+        remaining = _ratelimit_value(resp.header("ratelimit-remaining"))
+        if remaining is not None:
+            registry = self._host_label(oci.canonical_registry(target.host))
+            self.ratelimit_remaining.labels(registry).set(remaining)
+            limit = _ratelimit_value(resp.header("ratelimit-limit"))
+            if limit is not None:
+                self.ratelimit_limit.labels(registry).set(limit)
 
     def _host_label(self, host: str) -> str:
         # A wildcard registry pattern lets clients name the upstream host: each new name would
@@ -301,6 +317,11 @@ class Monitor:
 
         return visible
 
+    def _pool(self):
+        """The store's pool (concurrency.Workers): gc and the pages read and write the store."""
+        workers = getattr(self.cache, "workers", None)
+        return workers.store if workers is not None else None
+
     # --- size limit -----------------------------------------------------------------------------------
 
     async def _gc_loop(self) -> None:
@@ -311,24 +332,27 @@ class Monitor:
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001
-                log.exception("regcache: size-limit gc failed")
+                log.exception("size-limit gc failed")
 
     async def gc_if_needed(self):
         store = self.cache.store
         if store is None or self._gc_busy:
             return None
-        limit = int(store.content.size_limit)
-        if store.content.volume() <= limit * GC_HIGH:
+        limit = store.size_limit
+        if store.volume() <= limit * GC_HIGH:
             return None
         from .inventory import gc
 
         self._gc_busy = True
         try:
-            result = await asyncio.get_running_loop().run_in_executor(None, gc, store, int(limit * GC_LOW), False, self.stats)
+            # eviction is a store write: the store's pool runs it
+            result = await asyncio.get_running_loop().run_in_executor(self._pool(), gc, store, int(limit * GC_LOW),
+                                                                      False, self.stats)
         finally:
             self._gc_busy = False
-        log.info("regcache: size limit: evicted %d manifests and %d blobs (%s), store now %s of %s",
-                 len(result.removed_manifests), len(result.removed_blobs), human(result.removed_bytes), human(result.after), human(limit))
+        log.info("size limit: evicted %d manifests and %d blobs (%s), store now %s of %s",
+                 len(result.removed_manifests), len(result.removed_blobs), human(result.removed_bytes),
+                 human(result.after), human(limit))
         return result
 
     # --- the HTTP endpoint ------------------------------------------------------------------------------
@@ -346,7 +370,7 @@ class Monitor:
             log.error("cannot listen on %s=%s:%d for metrics and the status page: %s", OPTION, host, port, e)
             return
         self.port = self.server.sockets[0].getsockname()[1]
-        log.info("regcache: metrics on http://%s:%d/metrics, status page on http://%s:%d/", host, self.port, host, self.port)
+        log.info("metrics on http://%s:%d/metrics, status page on http://%s:%d/", host, self.port, host, self.port)
 
     async def _stop_server(self) -> None:
         if self.server is not None:
@@ -375,13 +399,13 @@ class Monitor:
             path = urlsplit(target).path
             loop = asyncio.get_running_loop()
             if path == "/metrics":
-                body = await loop.run_in_executor(None, generate_latest, self.registry)
+                body = await loop.run_in_executor(self._pool(), generate_latest, self.registry)
                 ctype = "text/plain; version=0.0.4; charset=utf-8"
             elif path in ("/", "/status", "/index.html"):
-                body = (await loop.run_in_executor(None, self.render_html)).encode()
+                body = (await loop.run_in_executor(self._pool(), self.render_html)).encode()
                 ctype = "text/html; charset=utf-8"
             elif path == "/status.json":
-                body = json.dumps(await loop.run_in_executor(None, self.status), indent=1).encode()
+                body = json.dumps(await loop.run_in_executor(self._pool(), self.status), indent=1).encode()
                 ctype = "application/json"
             elif path == "/healthz":
                 ok = self.cache.store is not None
@@ -394,7 +418,7 @@ class Monitor:
         except (ConnectionError, asyncio.CancelledError):
             pass
         except Exception:  # noqa: BLE001
-            log.exception("regcache: metrics endpoint failed")
+            log.exception("metrics endpoint failed")
             try:
                 await self._send(writer, 500, "text/plain", b"internal error\n")
             except Exception:  # noqa: BLE001
@@ -403,8 +427,10 @@ class Monitor:
             writer.close()
 
     async def _send(self, writer, status: int, ctype: str, body: bytes, method: str = "GET") -> None:
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error", 503: "Service Unavailable"}[status]
-        head = f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n"
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                  500: "Internal Server Error", 503: "Service Unavailable"}[status]
+        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                "Cache-Control: no-store\r\nConnection: close\r\n\r\n")
         writer.write(head.encode("latin-1") + (body if method != "HEAD" else b""))
         await writer.drain()
 
@@ -467,10 +493,13 @@ def render_status_page(status: dict) -> str:
     size, limit = store.get("size", 0), store.get("limit", 0) or 1
     fill_pct = min(100.0, 100.0 * size / limit)
     rows_reg = "".join(
-        f"<tr><td>{e(name)}</td><td>{r['requests']}</td><td>{r['hits']}</td><td>{r['misses']}</td><td>{_pct(r['hit_ratio'])}</td><td>{human(r['upstream_bytes'])}</td></tr>"
+        f"<tr><td>{e(name)}</td><td>{r['requests']}</td><td>{r['hits']}</td><td>{r['misses']}</td>"
+        f"<td>{_pct(r['hit_ratio'])}</td><td>{human(r['upstream_bytes'])}</td></tr>"
         for name, r in (stats.get("registries") or {}).items()
     ) or '<tr><td colspan="6">no requests yet</td></tr>'
-    rows_top = "".join(f"<tr><td>{e(t['image'])}</td><td>{t['pulls']}</td></tr>" for t in stats.get("top_images") or []) or '<tr><td colspan="2">no pulls yet</td></tr>'
+    rows_top = "".join(
+        f"<tr><td>{e(t['image'])}</td><td>{t['pulls']}</td></tr>" for t in stats.get("top_images") or []
+    ) or '<tr><td colspan="2">no pulls yet</td></tr>'
     private = stats.get("private_repositories") or {}
     note_private = (
         '<p class="sub" id="private-note">'
@@ -492,26 +521,39 @@ def render_status_page(status: dict) -> str:
         f"<td>{human(f['written'])} of {human(f['size'])}</td></tr>"
         for f in status.get("fills_in_flight") or []
     ) or '<tr><td colspan="3">none</td></tr>'
+    since = e(time.strftime('%Y-%m-%d %H:%M', time.localtime(stats.get('since') or status.get('time', 0))))
+    entries = (f"{store.get('blobs', 0)} blobs · {store.get('manifests', 0)} manifests · "
+               f"{store.get('tags', 0)} tags · {store.get('pins', 0)} pinned")
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="10">
 <title>regcache status</title>
 <style>
 body{{font-family:system-ui,sans-serif;margin:2em;color:#222}} h1{{margin-bottom:0}} .sub{{color:#666;margin-top:.2em}}
-.cards{{display:flex;gap:1em;flex-wrap:wrap;margin:1.5em 0}} .card{{border:1px solid #ccc;border-radius:6px;padding:.8em 1.2em;min-width:11em}}
+.cards{{display:flex;gap:1em;flex-wrap:wrap;margin:1.5em 0}}
+.card{{border:1px solid #ccc;border-radius:6px;padding:.8em 1.2em;min-width:11em}}
 .card .v{{font-size:1.8em;font-weight:600}} table{{border-collapse:collapse;margin-bottom:1.5em}}
-td,th{{border-bottom:1px solid #ddd;padding:.3em .8em;text-align:left;white-space:nowrap}} .bar{{width:20em;height:1em;background:#eee;border-radius:3px}}
+td,th{{border-bottom:1px solid #ddd;padding:.3em .8em;text-align:left;white-space:nowrap}}
+.bar{{width:20em;height:1em;background:#eee;border-radius:3px}}
 .bar div{{height:100%;background:#4a8;border-radius:3px}}
 </style></head><body>
-<h1>regcache</h1><p class="sub">cache <code>{e(str(status.get('directory')))}</code> · counting since {e(time.strftime('%Y-%m-%d %H:%M', time.localtime(stats.get('since') or status.get('time', 0))))}</p>
+<h1>regcache</h1><p class="sub">cache <code>{e(str(status.get('directory')))}</code> · counting since {since}</p>
 <div class="cards">
-<div class="card" id="hit-ratio"><div>Hit ratio</div><div class="v">{_pct(stats.get('hit_ratio'))}</div><div>{stats.get('hits', 0)} hits · {stats.get('misses', 0)} misses</div></div>
-<div class="card" id="bytes-saved"><div>Bytes saved</div><div class="v">{human(b.get('saved', 0))}</div><div>served {human(b.get('served', 0))} · from upstream {human(b.get('from_upstream', 0))}</div></div>
-<div class="card" id="store-fill"><div>Store fill</div><div class="v">{fill_pct:.1f}%</div><div>{human(size)} of {human(limit)}</div><div class="bar"><div style="width:{fill_pct:.1f}%"></div></div><div>{store.get('blobs', 0)} blobs · {store.get('manifests', 0)} manifests · {store.get('tags', 0)} tags · {store.get('pins', 0)} pinned</div></div>
+<div class="card" id="hit-ratio"><div>Hit ratio</div><div class="v">{_pct(stats.get('hit_ratio'))}</div>
+<div>{stats.get('hits', 0)} hits · {stats.get('misses', 0)} misses</div></div>
+<div class="card" id="bytes-saved"><div>Bytes saved</div><div class="v">{human(b.get('saved', 0))}</div>
+<div>served {human(b.get('served', 0))} · from upstream {human(b.get('from_upstream', 0))}</div></div>
+<div class="card" id="store-fill"><div>Store fill</div><div class="v">{fill_pct:.1f}%</div>
+<div>{human(size)} of {human(limit)}</div><div class="bar"><div style="width:{fill_pct:.1f}%"></div></div>
+<div>{entries}</div></div>
 </div>
-<h2>Registries</h2><table id="registries"><tr><th>registry</th><th>requests</th><th>hits</th><th>misses</th><th>hit ratio</th><th>from upstream</th></tr>{rows_reg}</table>
+<h2>Registries</h2><table id="registries">
+<tr><th>registry</th><th>requests</th><th>hits</th><th>misses</th><th>hit ratio</th><th>from upstream</th></tr>
+{rows_reg}</table>
 <h2>Top images</h2><table id="top-images"><tr><th>image</th><th>pulls</th></tr>{rows_top}</table>{note_private}
-<h2>Recent misses</h2><table id="recent-misses"><tr><th>time</th><th>repository</th><th>kind</th><th>reference</th><th>size</th></tr>{rows_miss}</table>
-<h2>Downloads in progress</h2><table id="fills"><tr><th>repository</th><th>digest</th><th>progress</th></tr>{rows_fill}</table>
+<h2>Recent misses</h2><table id="recent-misses">
+<tr><th>time</th><th>repository</th><th>kind</th><th>reference</th><th>size</th></tr>{rows_miss}</table>
+<h2>Downloads in progress</h2><table id="fills">
+<tr><th>repository</th><th>digest</th><th>progress</th></tr>{rows_fill}</table>
 <p class="sub">Prometheus metrics: <a href="/metrics">/metrics</a> · JSON: <a href="/status.json">/status.json</a></p>
 </body></html>
 """

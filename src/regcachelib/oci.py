@@ -47,18 +47,60 @@ _DIGEST = re.compile(r"^([a-z0-9]+(?:[.+_-][a-z0-9]+)*):([A-Za-z0-9=_-]+)$")
 SUPPORTED_ALGORITHMS = {"sha256": 64, "sha512": 128}
 
 
-class ProtocolError(Exception):
-    """A request the registry protocol does not allow; carries the OCI error to answer with."""
+# The one table of OCI error codes and the HTTP status each is answered with (distribution-spec
+# "Error Codes", plus UNAVAILABLE and UNKNOWN for a cache that cannot reach its upstream).
+ERROR_STATUS = {
+    "BLOB_UNKNOWN": 404,
+    "MANIFEST_UNKNOWN": 404,
+    "NAME_UNKNOWN": 404,
+    "NAME_INVALID": 400,
+    "DIGEST_INVALID": 400,
+    "MANIFEST_INVALID": 400,
+    "RANGE_INVALID": 416,
+    "UNAUTHORIZED": 401,
+    "DENIED": 403,
+    "TOOMANYREQUESTS": 429,
+    "UNSUPPORTED": 405,
+    "UNAVAILABLE": 503,
+    "UNKNOWN": 500,
+}
 
-    def __init__(self, status: int, code: str, message: str, detail: object = None):
+
+class RegistryError(Exception):
+    """An answer in OCI error form: what the request gets instead of content.
+
+    Raised by the protocol parsers and the services; the addons turn it into a response in one
+    place. headers are sent along (a WWW-Authenticate that starts a client's token flow).
+    """
+
+    def __init__(self, status: int, code: str, message: str, detail: object = None, headers=(),
+                 outcome: str | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.detail = detail
+        self.headers = list(headers)
+        self.outcome = outcome  # how the cache's log and statistics count it (UNKNOWN...), if at all
+
+    @classmethod
+    def of(cls, code: str, message: str, detail: object = None, headers=(), outcome: str | None = None):
+        """The error with the status the table gives its code."""
+        return cls(ERROR_STATUS[code], code, message, detail, headers, outcome)
 
     def body(self) -> bytes:
         return error_body(self.code, self.message, self.detail)
+
+
+# The protocol parsers' name for it; one type all the same.
+ProtocolError = RegistryError
+
+
+def refusal_code(status: int, kind: str) -> str:
+    """The code of a refusal with this status, for a blob or a manifest."""
+    if status == 404:
+        return "BLOB_UNKNOWN" if kind == BLOB else "MANIFEST_UNKNOWN"
+    return {401: "UNAUTHORIZED", 403: "DENIED"}.get(status, "NAME_UNKNOWN")
 
 
 def error_body(code: str, message: str, detail: object = None) -> bytes:
@@ -71,10 +113,10 @@ def error_body(code: str, message: str, detail: object = None) -> bytes:
 
 def validate_name(name: str) -> str:
     if not name or len(name) > MAX_NAME_LENGTH:
-        raise ProtocolError(400, "NAME_INVALID", "invalid repository name", {"name": name[:300]})
+        raise RegistryError.of("NAME_INVALID", "invalid repository name", {"name": name[:300]})
     for component in name.split("/"):
         if not _COMPONENT.fullmatch(component):
-            raise ProtocolError(400, "NAME_INVALID", "invalid repository name", {"name": name})
+            raise RegistryError.of("NAME_INVALID", "invalid repository name", {"name": name})
     return name
 
 
@@ -103,12 +145,12 @@ class Digest:
 def parse_digest(text: str) -> Digest:
     m = _DIGEST.fullmatch(text)
     if not m:
-        raise ProtocolError(400, "DIGEST_INVALID", "invalid digest", {"digest": text[:200]})
+        raise RegistryError.of("DIGEST_INVALID", "invalid digest", {"digest": text[:200]})
     algorithm, hexpart = m.group(1), m.group(2)
     if algorithm not in SUPPORTED_ALGORITHMS:
-        raise ProtocolError(400, "DIGEST_INVALID", "unsupported digest algorithm", {"digest": text[:200]})
+        raise RegistryError.of("DIGEST_INVALID", "unsupported digest algorithm", {"digest": text[:200]})
     if len(hexpart) != SUPPORTED_ALGORITHMS[algorithm] or not re.fullmatch(r"[0-9a-f]+", hexpart):
-        raise ProtocolError(400, "DIGEST_INVALID", "invalid digest", {"digest": text[:200]})
+        raise RegistryError.of("DIGEST_INVALID", "invalid digest", {"digest": text[:200]})
     return Digest(algorithm, hexpart)
 
 
@@ -118,7 +160,7 @@ def valid_digest(text: object) -> str | None:
         return None
     try:
         return str(parse_digest(text))
-    except ProtocolError:
+    except RegistryError:
         return None
 
 
@@ -195,7 +237,7 @@ def parse_route(registry: str, path: str) -> Route | None:
     # references; decoding first means "%2e%2e" is judged as "..".
     decoded = unquote(raw)
     if "\x00" in decoded or "\\" in decoded:
-        raise ProtocolError(400, "NAME_INVALID", "invalid characters in request path")
+        raise RegistryError.of("NAME_INVALID", "invalid characters in request path")
     m = _ROUTE.fullmatch(decoded)
     if not m:
         return None
@@ -212,7 +254,7 @@ def parse_route(registry: str, path: str) -> Route | None:
         digest = parse_digest(ref)
         return Route(MANIFEST, name, str(digest), digest)
     if not _TAG.fullmatch(ref):
-        raise ProtocolError(400, "MANIFEST_INVALID", "invalid tag", {"tag": ref[:200]})
+        raise RegistryError.of("MANIFEST_INVALID", "invalid tag", {"tag": ref[:200]})
     return Route(MANIFEST, name, ref, None)
 
 
@@ -304,7 +346,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
                 return None
             length = int(last)
             if length == 0 or size == 0:
-                raise ProtocolError(416, "RANGE_INVALID", "unsatisfiable range", {"size": size})
+                raise RegistryError.of("RANGE_INVALID", "unsatisfiable range", {"size": size})
             return (max(0, size - length), size)
         if not _ascii_digits(first) or (last and not _ascii_digits(last)):
             return None
@@ -313,7 +355,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     except ValueError:
         return None
     if start >= size or end <= start:
-        raise ProtocolError(416, "RANGE_INVALID", "unsatisfiable range", {"size": size})
+        raise RegistryError.of("RANGE_INVALID", "unsatisfiable range", {"size": size})
     return (start, min(end, size))
 
 

@@ -24,6 +24,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from .store import tagged_rows
+
 log = logging.getLogger(__name__)
 
 TAG = "stats"
@@ -211,7 +213,8 @@ class Stats:
                     repos.add(labels[1])
         return named
 
-    def request(self, registry: str, kind: str, outcome: str, repo: str | None = None, method: str = "GET", size: int | None = None) -> None:
+    def request(self, registry: str, kind: str, outcome: str, repo: str | None = None, method: str = "GET",
+                size: int | None = None) -> None:
         """One answered /v2 request, as logged by the addon."""
         with self._lock:
             pulled = kind == "manifest" and method == "GET" and repo and outcome_class(outcome) != "other"
@@ -261,7 +264,7 @@ class Stats:
                             self._known.add(key)
                         self.cache.incr(key, n)
             except Exception as e:  # noqa: BLE001 - counting must never break serving
-                log.warning("regcache: could not persist statistics: %s", e)
+                log.warning("could not persist statistics: %s", e)
                 with self._lock:
                     self._pending.update(pending)
 
@@ -316,16 +319,9 @@ class Stats:
     def _rows(self) -> dict[tuple, float]:
         """Every persisted counter (index rows included)."""
         out: dict[tuple, float] = {}
-        try:
-            rows = self.cache._sql("SELECT key, raw, value FROM Cache WHERE tag = ?", (TAG,)).fetchall()
-            for db_key, raw, value in rows:
-                key = self.cache._disk.get(db_key, raw)
-                if isinstance(key, tuple) and len(key) > 1 and key[0] == PREFIX and isinstance(value, (int, float)):
-                    out[key] = value
-        except AttributeError:  # pragma: no cover - a diskcache without the private API
-            for key in self.cache.iterkeys():
-                if isinstance(key, tuple) and len(key) > 1 and key[0] == PREFIX:
-                    out[key] = self.cache.get(key, 0)
+        for key, value in tagged_rows(self.cache, TAG):
+            if isinstance(key, tuple) and len(key) > 1 and key[0] == PREFIX and isinstance(value, (int, float)):
+                out[key] = value
         return out
 
     def values(self) -> dict[tuple, float]:

@@ -138,6 +138,42 @@ def member_key(registry: str, repo: str, digest: str) -> tuple:
     return ("member", registry, repo, digest)
 
 
+def public_key(registry: str, repo: str) -> tuple:
+    return ("public", registry, repo)
+
+
+def pin_key(registry: str, repo: str, reference: str) -> tuple:
+    return ("pin", registry, repo, reference)
+
+
+@dataclass
+class ContentRow:
+    """One row of the content index, read without touching its access time."""
+
+    kind: str  # "blob" | "manifest"
+    digest: str
+    size: int
+    access_time: float
+    store_time: float
+    filename: str | None
+    mode: int
+    value: object  # inline value (manifests), raw from SQLite
+
+
+def tagged_rows(cache: diskcache.Cache, tag: str):
+    """(key, value) of every entry of a diskcache with this diskcache tag (stats.Stats' counters)."""
+    rows = cache._sql("SELECT key, raw, value FROM Cache WHERE tag = ?", (tag,)).fetchall()
+    for db_key, raw, value in rows:
+        try:
+            yield cache._disk.get(db_key, raw), value
+        except Exception:  # noqa: BLE001 - an unreadable key is not ours
+            continue
+
+
+def count_tagged_rows(cache: diskcache.Cache, tag: str) -> int:
+    return cache._sql("SELECT COUNT(*) FROM Cache WHERE tag = ?", (tag,)).fetchone()[0]
+
+
 # Present once the membership index covers every tag (cache dirs from before it existed get
 # it derived from their tags and manifests when first opened).
 MEMBERSHIP_SCHEMA = ("schema", "membership")
@@ -171,6 +207,51 @@ class Store:
 
     def set_size_limit(self, size_limit: int) -> None:
         self.content.reset("size_limit", size_limit)
+
+    @property
+    def size_limit(self) -> int:
+        return int(self.content.size_limit)
+
+    def volume(self) -> int:
+        return int(self.content.volume())
+
+    # --- the content index, as inventory and gc see it ---------------------------------
+
+    def content_rows(self):
+        """Every blob and manifest entry (ContentRow), without counting as a use."""
+        cache = self.content
+        rows = cache._sql("SELECT key, raw, size, access_time, store_time, mode, filename, value FROM Cache").fetchall()
+        for db_key, raw, size, atime, stime, mode, filename, value in rows:
+            try:
+                key = cache._disk.get(db_key, raw)
+            except Exception:  # noqa: BLE001 - an unreadable key is not ours
+                continue
+            if isinstance(key, tuple) and len(key) == 2 and key[0] in ("blob", "manifest"):
+                yield ContentRow(key[0], key[1], size or 0, atime or 0.0, stime or 0.0, filename, mode, value)
+
+    def row_value(self, row: ContentRow):
+        """The stored value of a row (a manifest's (media type, body)), without counting as a use."""
+        return self.content._disk.fetch(row.mode, row.filename, row.value, False)
+
+    def row_path(self, row: ContentRow) -> str | None:
+        return os.path.join(self.content.directory, row.filename) if row.filename else None
+
+    def holds_file(self, filename: str) -> bool:
+        """Whether a content file is still in the index (not evicted meanwhile)."""
+        return self.content._sql("SELECT filename FROM Cache WHERE filename = ?", (filename,)).fetchone() is not None
+
+    def delete_content(self, kind: str, digest: str) -> bool:
+        return self.content.delete(blob_key(digest) if kind == "blob" else manifest_key(digest))
+
+    def entry_counts(self) -> dict[str, int]:
+        """How many blobs, manifests, tags and pins the store holds, from the SQLite index only."""
+        modes = dict(self.content._sql("SELECT mode, COUNT(*) FROM Cache GROUP BY mode").fetchall())
+        counts = {"blobs": int(modes.get(diskcache.core.MODE_BINARY, 0)),
+                  "manifests": int(modes.get(diskcache.core.MODE_PICKLE, 0)), "tags": 0, "pins": 0}
+        for key in self.tags.iterkeys():
+            if isinstance(key, tuple) and key and key[0] in ("tag", "pin"):
+                counts[key[0] + "s"] += 1
+        return counts
 
     # --- blobs -----------------------------------------------------------------
 
@@ -282,7 +363,8 @@ class Store:
         candidates.sort(key=lambda e: e.checked_at, reverse=True)
         return candidates[0] if candidates else None
 
-    def set_tag(self, registry: str, repo: str, tag: str, media_type: str, digest: str, now: float | None = None) -> None:
+    def set_tag(self, registry: str, repo: str, tag: str, media_type: str, digest: str,
+                now: float | None = None) -> None:
         key = tag_key(registry, repo, tag)
         with self.tags.transact():
             value = dict(self.tags.get(key) or {})
@@ -294,6 +376,18 @@ class Store:
             self.learn_manifest(registry, repo, digest, manifest.body)
         else:
             self.add_members(registry, repo, [digest])
+
+    def set_tag_entries(self, registry: str, repo: str, tag: str, change) -> None:
+        """Apply change({media type: (digest, checked)}) to a tag's entries, atomically; a tag
+        left without entries is removed."""
+        key = tag_key(registry, repo, tag)
+        with self.tags.transact():
+            value = dict(self.tags.get(key) or {})
+            change(value)
+            if value:
+                self.tags.set(key, value)
+            else:
+                self.tags.delete(key)
 
     def iter_tags(self):
         for key in self.tags.iterkeys():
@@ -352,6 +446,30 @@ class Store:
                 removed += 1
         return removed
 
+    # --- publicness and pins ----------------------------------------------------------
+
+    def get_public(self, registry: str, repo: str) -> tuple[bool | None, float]:
+        """The remembered publicness verdict of a repository and when it was reached."""
+        value = self.tags.get(public_key(registry, repo))
+        if value is None:
+            return None, 0.0
+        return bool(value[0]), float(value[1])
+
+    def set_public(self, registry: str, repo: str, public: bool, checked: float | None = None) -> None:
+        self.tags.set(public_key(registry, repo), (public, time.time() if checked is None else checked))
+
+    def pin(self, registry: str, repo: str, reference: str) -> None:
+        self.tags.set(pin_key(registry, repo, reference), time.time())
+
+    def unpin(self, registry: str, repo: str, reference: str) -> bool:
+        return self.tags.delete(pin_key(registry, repo, reference))
+
+    def iter_pins(self):
+        """(registry, repo, reference) of every pin."""
+        for key in self.tags.iterkeys():
+            if isinstance(key, tuple) and len(key) == 4 and key[0] == "pin":
+                yield key[1:]
+
     # --- miss log ----------------------------------------------------------------------
 
     def log_miss(self, record: dict) -> None:
@@ -364,4 +482,4 @@ class Store:
             finally:
                 os.close(fd)
         except OSError as e:
-            log.warning("regcache: could not append to miss log %s: %s", self.miss_log_path, e)
+            log.warning("could not append to miss log %s: %s", self.miss_log_path, e)

@@ -30,12 +30,21 @@ REDIRECTS = (301, 302, 303, 307, 308)
 MAX_REDIRECTS = 5
 # Hop-by-hop and transport headers never copied between connections.
 HOP_HEADERS = frozenset(
-    {"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host", "content-length"}
+    {"connection", "keep-alive", "proxy-authorization", "proxy-connection", "te", "trailer", "transfer-encoding",
+     "upgrade", "host", "content-length"}
 )
 
 
-class UpstreamUnavailable(Exception):
+class UpstreamError(Exception):
+    """An upstream exchange that gave no usable answer."""
+
+
+class UpstreamUnavailable(UpstreamError):
     """The upstream could not be reached (connect error, timeout, TLS failure) or is backed off."""
+
+
+class UpstreamBodyTooLarge(UpstreamError):
+    """Upstream sent a body larger than regcache accepts for it (a manifest, an error document)."""
 
 
 class Deadline:
@@ -245,7 +254,7 @@ class UpstreamResponse:
         assert self._resp is not None
         data = self._resp.read(limit + 1)
         if len(data) > limit:
-            raise ValueError(f"upstream body larger than {limit} bytes")
+            raise UpstreamBodyTooLarge(f"upstream body larger than {limit} bytes")
         return data
 
     def close(self) -> None:
@@ -290,8 +299,12 @@ class _PlainConnection(http.client.HTTPConnection):
 class Upstream:
     """Blocking client for upstream registries, with a dead-upstream back-off."""
 
-    def __init__(self, ssl_context: ssl.SSLContext, timeout: float = 30.0, backoff: float = 15.0, redirect_allow=None):
+    def __init__(self, ssl_context: ssl.SSLContext, timeout: float = 30.0, backoff: float = 15.0, redirect_allow=None,
+                 observe=None):
         self.ssl_context = ssl_context
+        # observe(target, seconds, response): told of every exchange up to its response headers;
+        # response None when it failed (metrics.Monitor.observe_upstream).
+        self.observe = observe
         # None: follow redirects anywhere (the operator's own `regcache warm`); a list of
         # networks: redirects to another host only over HTTPS to public addresses or these.
         self.redirect_allow = None if redirect_allow is None else tuple(redirect_allow)
@@ -337,12 +350,17 @@ class Upstream:
         response's end or its end_deadline(), must finish within the timeout.
         """
         deadline = WATCHDOG.start(self.timeout)
+        started = time.monotonic()
         try:
             resp = self._request(method, target, path, headers, follow_redirects, deadline)
-        except BaseException:
+        except BaseException as e:
             deadline.cancel()
+            if self.observe is not None and isinstance(e, UpstreamUnavailable):
+                self.observe(target, time.monotonic() - started, None)
             raise
         resp._deadline = deadline
+        if self.observe is not None:
+            self.observe(target, time.monotonic() - started, resp)
         return resp
 
     def _request(self, method, target: Target, path, headers, follow_redirects, deadline: Deadline) -> UpstreamResponse:
@@ -405,7 +423,8 @@ class Upstream:
                 raise UpstreamUnavailable(f"{host}: {e.__class__.__name__}: {e}") from e
             if endpoint:
                 self._mark(endpoint, True)
-            if resp.status == 401 and host != origin_host and parse_bearer_challenge(resp.getheader("www-authenticate")):
+            challenged = parse_bearer_challenge(resp.getheader("www-authenticate"))
+            if resp.status == 401 and host != origin_host and challenged:
                 # The registry redirected us to a host that challenges for a token: clients
                 # will present that host's token to the registry, so it may travel there.
                 with self._lock:
@@ -423,6 +442,24 @@ class Upstream:
                 continue
             return UpstreamResponse(resp.status, resp.reason, resp.getheaders(), url, conn, resp, sock)
         raise UpstreamUnavailable(f"too many redirects from {target.host}")
+
+
+# The most regcache reads of a small upstream answer: a manifest (the OCI spec's cap), an error.
+MAX_SMALL_BODY = 4 * 1024 * 1024
+MAX_ERROR_BODY = 64 * 1024
+
+
+def fetch(upstream: Upstream, method: str, target: Target, path: str, headers) -> tuple[int, list, bytes]:
+    """Blocking: one small upstream exchange (manifest, ping, HEAD); (status, headers, body).
+
+    Raises UpstreamError."""
+    resp = upstream.request(method, target, path, headers)
+    try:
+        limit = MAX_SMALL_BODY if resp.status == 200 else MAX_ERROR_BODY
+        body = b"" if method == "HEAD" else resp.read_all(limit)
+        return resp.status, resp.headers, body
+    finally:
+        resp.close()
 
 
 def make_ssl_context(insecure: bool, ca_file: str | None, ca_path: str | None) -> ssl.SSLContext:
@@ -449,7 +486,8 @@ def parse_bearer_challenge(header: str | None) -> dict[str, str] | None:
     return dict(_CHALLENGE_PARAM.findall(header[7:]))
 
 
-def fetch_bearer_token(upstream: Upstream, challenge: str | None, repo: str, credentials: tuple[str, str] | None = None, allow_http: bool = False) -> str | None:
+def fetch_bearer_token(upstream: Upstream, challenge: str | None, repo: str,
+                       credentials: tuple[str, str] | None = None, allow_http: bool = False) -> str | None:
     """Blocking: a pull token from the challenge's realm (docker token protocol), or None.
 
     Anonymous unless credentials are given: regcache never forwards a client's credentials
@@ -474,7 +512,7 @@ def fetch_bearer_token(upstream: Upstream, challenge: str | None, repo: str, cre
         if resp.status != 200:
             return None
         doc = json.loads(resp.read_all(256 * 1024) or b"{}")
-    except ValueError:
+    except (ValueError, UpstreamBodyTooLarge):
         return None
     finally:
         resp.close()

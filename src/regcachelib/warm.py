@@ -20,7 +20,7 @@ from . import oci
 from .fill import Fills
 from .inventory import ImageRef, format_platform, parse_image, platform_matches
 from .store import Store
-from .upstream import Target, Upstream, UpstreamUnavailable, fetch_bearer_token
+from .upstream import Target, Upstream, UpstreamError, fetch_bearer_token
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,8 @@ class RegistryClient:
     go there with ?ns=<registry> (the way containerd names the registry to a mirror).
     """
 
-    def __init__(self, upstream: Upstream, registry: str, mirror: tuple[str, int] | None = None, credentials: tuple[str, str] | None = None):
+    def __init__(self, upstream: Upstream, registry: str, mirror: tuple[str, int] | None = None,
+                 credentials: tuple[str, str] | None = None):
         self.upstream = upstream
         self.registry = registry
         self.mirror = mirror
@@ -84,7 +85,8 @@ class RegistryClient:
         resp.close()
         token = self._token(repo, challenge)
         if token is None:
-            raise WarmError(f"{self.registry}/{repo}: 401 Unauthorized and no anonymous token ({challenge or 'no challenge'})")
+            raise WarmError(f"{self.registry}/{repo}: 401 Unauthorized and no anonymous token "
+                            f"({challenge or 'no challenge'})")
         self._tokens[repo] = token
         return self.upstream.request(method, self.target, self.path(path), [*headers, ("Authorization", token)])
 
@@ -98,7 +100,8 @@ class RegistryClient:
         try:
             if resp.status != 200:
                 body = resp.read_all(64 * 1024) if resp.status != 304 else b""
-                raise WarmError(f"{self.registry}/{repo}:{reference}: manifest: upstream answered {resp.status}{registry_error_text(body)}")
+                raise WarmError(f"{self.registry}/{repo}:{reference}: manifest: upstream answered "
+                                f"{resp.status}{registry_error_text(body)}")
             body = resp.read_all(oci.MAX_MANIFEST_BYTES)
             media_type = oci.manifest_media_type(body, resp.header("content-type"))
             claimed = resp.header("docker-content-digest")
@@ -110,7 +113,8 @@ class RegistryClient:
                 raise WarmError(f"{self.registry}/{repo}@{reference}: manifest does not match its digest")
             digest = reference
         elif claimed and claimed.startswith("sha256:") and claimed != digest:
-            raise WarmError(f"{self.registry}/{repo}:{reference}: manifest hashes to {digest}, upstream claims {claimed}")
+            raise WarmError(f"{self.registry}/{repo}:{reference}: manifest hashes to {digest}, "
+                            f"upstream claims {claimed}")
         return digest, media_type, body
 
 
@@ -157,8 +161,8 @@ def images_from_misses(path: str) -> list[str]:
 class Warmer:
     """Pulls images into a store (direct) or through a running cache (mirror)."""
 
-    def __init__(self, upstream: Upstream, store: Store | None, platforms: list[str], mirror: tuple[str, int] | None = None,
-                 jobs: int = 4, stats=None, progress=None, credentials=None):
+    def __init__(self, upstream: Upstream, store: Store | None, platforms: list[str],
+                 mirror: tuple[str, int] | None = None, jobs: int = 4, stats=None, progress=None, credentials=None):
         self.upstream = upstream
         self.store = store
         self.platforms = platforms or ["linux/amd64"]
@@ -188,7 +192,8 @@ class Warmer:
     async def _run(self, images: list[str]) -> None:
         loop = asyncio.get_running_loop()
         executor = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="regcache-warm")
-        fills = Fills(self.store, self.upstream, max_workers=self.jobs) if self.store is not None and self.mirror is None else None
+        direct = self.store is not None and self.mirror is None
+        fills = Fills(self.store, self.upstream, max_workers=self.jobs) if direct else None
         if fills is not None:
             fills.stats = self.stats
         try:
@@ -201,10 +206,10 @@ class Warmer:
                 try:
                     await self._image(loop, executor, fills, ref)
                     self.report.images.append(str(ref))
-                except (WarmError, UpstreamUnavailable, ValueError, OSError) as e:
+                except (WarmError, UpstreamError, ValueError, OSError) as e:
                     self.report.failed.append((str(ref), str(e)))
                 except Exception as e:  # noqa: BLE001 - one image's failure must not stop the others
-                    log.exception("regcache: warming %s failed", ref)
+                    log.exception("warming %s failed", ref)
                     self.report.failed.append((str(ref), f"{e.__class__.__name__}: {e}"))
         finally:
             executor.shutdown(wait=True)
@@ -217,7 +222,8 @@ class Warmer:
         self._keep_manifest(ref, digest, media_type, body, tag=ref.tag)
         manifests = [(digest, media_type, body)]
         doc = json.loads(body)
-        if media_type in INDEX_TYPES or (isinstance(doc, dict) and isinstance(doc.get("manifests"), list) and "layers" not in doc):
+        lists_manifests = isinstance(doc, dict) and isinstance(doc.get("manifests"), list) and "layers" not in doc
+        if media_type in INDEX_TYPES or lists_manifests:
             children = [m for m in doc.get("manifests") or [] if isinstance(m, dict) and "digest" in m]
             chosen = [m for m in children if any(platform_matches(m.get("platform"), p) for p in self.platforms)]
             if not chosen:
@@ -231,7 +237,8 @@ class Warmer:
         blobs: dict[str, int | None] = {}
         for _d, _mt, b in manifests:
             doc = json.loads(b)
-            for desc in ([doc.get("config")] if isinstance(doc.get("config"), dict) else []) + list(doc.get("layers") or []):
+            config = [doc.get("config")] if isinstance(doc.get("config"), dict) else []
+            for desc in config + list(doc.get("layers") or []):
                 if isinstance(desc, dict) and isinstance(desc.get("digest"), str):
                     blobs.setdefault(desc["digest"], desc.get("size"))
             for layer in doc.get("fsLayers") or []:
@@ -268,17 +275,20 @@ class Warmer:
         if self.credentials is None:
             # fetched anonymously: the repository is public, as the proxy's own probe would find
             # (an offline cache serves only repositories it knows to be public)
-            self.store.tags.set(("public", ref.registry, ref.repo), (True, time.time()))
-        self.store.log_miss({"registry": ref.registry, "repo": ref.repo, "reference": tag or digest, "digest": digest, "kind": "manifest", "media_type": media_type, "size": len(body), "outcome": "WARM"})
+            self.store.set_public(ref.registry, ref.repo, True)
+        self.store.log_miss({"registry": ref.registry, "repo": ref.repo, "reference": tag or digest, "digest": digest,
+                             "kind": "manifest", "media_type": media_type, "size": len(body), "outcome": "WARM"})
 
-    async def _fill_blobs(self, fills: Fills, client: RegistryClient, ref: ImageRef, todo: dict[str, int | None]) -> None:
+    async def _fill_blobs(self, fills: Fills, client: RegistryClient, ref: ImageRef,
+                          todo: dict[str, int | None]) -> None:
         sem = asyncio.Semaphore(self.jobs)
 
         async def one(d: str):
             async with sem:
                 for attempt in (1, 2):
                     digest = oci.parse_digest(d)
-                    fill = fills.start(digest, ref.registry, ref.repo, client.target, f"/v2/{ref.repo}/blobs/{d}", client.auth_headers(ref.repo))
+                    fill = fills.start(digest, ref.registry, ref.repo, client.target, f"/v2/{ref.repo}/blobs/{d}",
+                                       client.auth_headers(ref.repo))
                     before = 0
                     while not fill.done:
                         await fill.wait_for_change()
@@ -288,7 +298,8 @@ class Warmer:
                     self._done_bytes += fill.written - before
                     if fill.status == 401 and attempt == 1:
                         # token expired (or none yet): get one, then retry once
-                        resp = await asyncio.get_running_loop().run_in_executor(None, client.request, "HEAD", ref.repo, f"/v2/{ref.repo}/blobs/{d}")
+                        resp = await asyncio.get_running_loop().run_in_executor(
+                            None, client.request, "HEAD", ref.repo, f"/v2/{ref.repo}/blobs/{d}")
                         resp.close()
                         continue
                     if not fill.ok:
@@ -297,7 +308,9 @@ class Warmer:
                         raise WarmError(f"{ref}: blob {d}: cache disk full")
                     self.report.blobs_fetched += 1
                     self.report.bytes_fetched += fill.written
-                    self.store.log_miss({"registry": ref.registry, "repo": ref.repo, "reference": d, "digest": d, "kind": "blob", "media_type": fill.content_type, "size": fill.written, "outcome": "WARM"})
+                    self.store.log_miss({"registry": ref.registry, "repo": ref.repo, "reference": d, "digest": d,
+                                         "kind": "blob", "media_type": fill.content_type, "size": fill.written,
+                                         "outcome": "WARM"})
                     return
 
         results = await asyncio.gather(*(one(d) for d in todo), return_exceptions=True)

@@ -212,6 +212,34 @@ def skopeo_copy(world: World, src: str, dest_dir: Path, env: dict, extra=(), tim
     return world.run(world.ns_client, argv, env=env, check=False, timeout=timeout)
 
 
+CACHE_ONLY = " (from the cache, upstream stopped)"
+
+
+def pull_twice(world: World, items, pull, client=lambda round_name: round_name, only_first=()):
+    """Pull every item into a fresh client, then again into another fresh client with the
+    upstream stopped: the second round can only come from the cache.
+
+    client(round_name) makes the client of a round ("a", then "b": a store, a daemon...; one with
+    a stop() is stopped after its round); pull(client, item, note) pulls one item and checks it,
+    note saying which round it is in. Items in only_first are left out of the second round.
+    Returns the second round's client, still running.
+    """
+    first = client("a")
+    for item in items:
+        pull(first, item, "")
+    if hasattr(first, "stop"):
+        first.stop()
+    world.stop_upstream()
+    try:
+        second = client("b")
+        for item in items:
+            if item not in only_first:
+                pull(second, item, CACHE_ONLY)
+        return second
+    finally:
+        world.start_upstream()
+
+
 def dir_manifest_digest(layout: Path) -> str:
     """Digest of the manifest skopeo received, byte for byte."""
     import hashlib

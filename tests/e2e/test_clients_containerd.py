@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, stop_process_group
+from .conftest import MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, pull_twice, stop_process_group
 
 pytestmark = [pytest.mark.e2e]
 NEEDS = [n for n in ("containerd", "ctr") if shutil.which(n) is None]
@@ -176,28 +176,19 @@ def pull_and_check(c: Containerd, world, rc, ref: str, platform: str | None, why
         assert " complete (" in status[1] and status[1].split()[-1] == "true", status  # unpacked
 
 
-def pull_twice(world, rc, containerd, pulls, ctr_env=None, hosts_dir=None):
-    """Pull each (ref, platform) into a fresh containerd, then again into another fresh
-    containerd with the upstream stopped: the second round can only come from the cache."""
-    first = containerd("a", ctr_env, hosts_dir)
-    for ref, platform in pulls:
-        pull_and_check(first, world, rc, ref, platform)
-    first.stop()
-    world.stop_upstream()
-    try:
-        second = containerd("b", ctr_env, hosts_dir)
-        for ref, platform in pulls:
-            pull_and_check(second, world, rc, ref, platform, " (from the cache, upstream stopped)")
-        second.stop()
-    finally:
-        world.start_upstream()
+def pull_with_containerd(world, rc, containerd, pulls, ctr_env=None, hosts_dir=None):
+    """Each (ref, platform) pulled into a fresh containerd per round, twice (conftest.pull_twice)."""
+    second = pull_twice(world, pulls,
+                        lambda c, pull, note: pull_and_check(c, world, rc, pull[0], pull[1], note),
+                        client=lambda _round_name: containerd(_round_name, ctr_env, hosts_dir))
+    second.stop()
 
 
 @pytest.mark.slow
 def test_containerd_https_proxy(world, regcache_factory, containerd):
     rc = regcache_factory()
     env = {"HTTPS_PROXY": f"http://{world.router_client_ip}:{PROXY_PORT}", "SSL_CERT_FILE": str(rc.client_bundle())}
-    pull_twice(world, rc, containerd, [*BASIC, (MULTI_DOCKER, "linux/arm64")], ctr_env=env)
+    pull_with_containerd(world, rc, containerd, [*BASIC, (MULTI_DOCKER, "linux/arm64")], ctr_env=env)
     log = rc.log_text()
     assert "registry=docker.io" in log and "registry=ghcr.io" in log
     assert "outcome=HIT" in log
@@ -205,7 +196,7 @@ def test_containerd_https_proxy(world, regcache_factory, containerd):
 
 def test_containerd_transparent(world, regcache_factory, containerd, transparent):
     rc = regcache_factory(modes=[f"transparent@{TRANSPARENT_PORT}"])
-    pull_twice(world, rc, containerd, BASIC, ctr_env={"SSL_CERT_FILE": str(rc.client_bundle())})
+    pull_with_containerd(world, rc, containerd, BASIC, ctr_env={"SSL_CERT_FILE": str(rc.client_bundle())})
     log = rc.log_text()
     assert "outcome=MISS" in log and "outcome=HIT" in log
     assert "outcome=HIT via=fastpath" in log
@@ -220,7 +211,7 @@ def test_containerd_mirror(world, regcache_factory, containerd, tmp_path):
         f'[host."http://{world.router_client_ip}:{MIRROR_PORT}"]\n  capabilities = ["pull", "resolve"]\n'
     )
     env = {"SSL_CERT_FILE": str(rc.client_bundle())}  # auth.docker.io is still reached directly
-    pull_twice(world, rc, containerd, [*BASIC, (MULTI_OCI, "linux/arm64")], ctr_env=env, hosts_dir=hosts_dir)
+    pull_with_containerd(world, rc, containerd, [*BASIC, (MULTI_OCI, "linux/arm64")], ctr_env=env, hosts_dir=hosts_dir)
     log = rc.log_text()
     assert "registry=docker.io" in log and "registry=ghcr.io" in log and "registry=quay.io" in log
     assert "outcome=HIT" in log

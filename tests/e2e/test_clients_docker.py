@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, stop_process_group
+from .conftest import MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, pull_twice, stop_process_group
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -169,23 +169,13 @@ def pull_and_check(d: Dockerd, world, ref: str, platform: str | None, why: str =
         assert d.inspect(ref, ".Architecture") == platform.split("/")[1]
 
 
-def pull_twice(world, rc, dockerd, env, pulls, daemon_json=None, only_first=()):
-    """Pull each (ref, platform) into a fresh dockerd, then again into another fresh dockerd
-    (new data-root) with the upstream stopped: the second round can only come from the cache.
-    Refs in only_first are left out of the second round."""
-    first = dockerd("a", env, daemon_json)
-    for ref, platform in pulls:
-        pull_and_check(first, world, ref, platform)
-    first.stop()
-    world.stop_upstream()
-    try:
-        second = dockerd("b", env, daemon_json)
-        for ref, platform in pulls:
-            if ref not in only_first:
-                pull_and_check(second, world, ref, platform, " (from the cache, upstream stopped)")
-        return second
-    finally:
-        world.start_upstream()
+def pull_with_docker(world, rc, dockerd, env, pulls, daemon_json=None, only_first=()):
+    """Each (ref, platform) pulled into a fresh dockerd (new data-root) per round, twice
+    (conftest.pull_twice). Refs in only_first are left out of the second round."""
+    return pull_twice(world, pulls,
+                      lambda daemon, pull, note: pull_and_check(daemon, world, pull[0], pull[1], note),
+                      client=lambda round_name: dockerd(round_name, env, daemon_json),
+                      only_first=[pull for pull in pulls if pull[0] in only_first])
 
 
 def manifest_gets(world, host: str, repo: str) -> list[str]:
@@ -200,7 +190,7 @@ def test_docker_https_proxy(world, regcache_factory, dockerd):
     rc = regcache_factory()
     env = {"HTTPS_PROXY": f"http://{world.router_client_ip}:{PROXY_PORT}", "SSL_CERT_FILE": str(rc.client_bundle())}
     world.clear_request_logs()
-    pull_twice(world, rc, dockerd, env, [(DOCKER_IO, None), (OTHER, None), (MULTI, "linux/arm64")])
+    pull_with_docker(world, rc, dockerd, env, [(DOCKER_IO, None), (OTHER, None), (MULTI, "linux/arm64")])
     log = rc.log_text()
     multi = world.image(MULTI)
     arm, amd = multi.child("linux/arm64").digest, multi.child("linux/amd64").digest
@@ -220,7 +210,7 @@ def test_docker_transparent(world, regcache_factory, dockerd, transparent):
     dockerd only trusts regcache's CA (SSL_CERT_FILE)."""
     rc = regcache_factory(modes=[f"transparent@{TRANSPARENT_PORT}"])
     env = {"SSL_CERT_FILE": str(rc.client_bundle())}
-    pull_twice(world, rc, dockerd, env, [(DOCKER_IO, None), (OTHER, None)])
+    pull_with_docker(world, rc, dockerd, env, [(DOCKER_IO, None), (OTHER, None)])
     log = rc.log_text()
     for repo in ("library/s2", "owner/small"):
         assert re.search(rf"GET manifest registry=\S+ repo={repo} \S+ outcome=MISS", log), repo
@@ -239,7 +229,7 @@ def test_docker_mirror(world, regcache_factory, dockerd):
     env = {"SSL_CERT_FILE": str(rc.client_bundle())}
     mirrors = {"registry-mirrors": [f"http://{world.router_client_ip}:{MIRROR_PORT}"]}
     world.clear_request_logs()
-    second = pull_twice(world, rc, dockerd, env, [(DOCKER_IO, None), (OTHER, None)], mirrors, only_first=(OTHER,))
+    second = pull_with_docker(world, rc, dockerd, env, [(DOCKER_IO, None), (OTHER, None)], mirrors, only_first=(OTHER,))
     log = rc.log_text()
     assert "manifest registry=docker.io repo=library/s2 tag=1 outcome=MISS" in log, log[-3000:]
     assert "manifest registry=docker.io repo=library/s2 tag=1 outcome=HIT" in log, log[-3000:]

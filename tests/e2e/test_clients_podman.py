@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, mirror_registries_conf
+from .conftest import MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, mirror_registries_conf, pull_twice
 
 pytestmark = [pytest.mark.e2e]
 if shutil.which("podman") is None:
@@ -127,24 +127,16 @@ def pull_and_check(p: Podman, store: str, world, ref: str, rc, why: str = "") ->
     assert f"{ref.rsplit(':', 1)[0]}@{want}" in p.repo_digests(store, ref), f"{ref}{why}"
 
 
-def pull_twice(world, rc, p: Podman, refs=IMAGES) -> None:
-    """Pull each image into a fresh store, then again into another fresh store with the
-    upstream stopped: the second round can only come from the cache."""
-    for ref in refs:
-        pull_and_check(p, "a", world, ref, rc)
-    world.stop_upstream()
-    try:
-        for ref in refs:
-            pull_and_check(p, "b", world, ref, rc, " (from the cache, upstream stopped)")
-    finally:
-        world.start_upstream()
+def pull_with_podman(world, rc, p: Podman, refs=IMAGES) -> None:
+    """Each image pulled into a store of its round ("a", "b"), twice (conftest.pull_twice)."""
+    pull_twice(world, refs, lambda store, ref, note: pull_and_check(p, store, world, ref, rc, note))
 
 
 @pytest.mark.slow
 def test_podman_https_proxy(world, regcache_factory, podman):
     rc = regcache_factory()
     p = podman(env={"HTTPS_PROXY": f"http://{world.router_client_ip}:{PROXY_PORT}", "SSL_CERT_FILE": str(rc.client_bundle())})
-    pull_twice(world, rc, p)
+    pull_with_podman(world, rc, p)
     log = rc.log_text()
     assert "registry=docker.io" in log and "registry=ghcr.io" in log
     assert "outcome=HIT" in log
@@ -154,7 +146,7 @@ def test_podman_transparent(world, regcache_factory, podman, transparent):
     rc = regcache_factory(modes=[f"transparent@{TRANSPARENT_PORT}"])
     # trust via --cert-dir (system roots + the *.crt files in it), no SSL_CERT_FILE
     p = podman(cert_dir=rc.cert_dir())
-    pull_twice(world, rc, p)
+    pull_with_podman(world, rc, p)
     log = rc.log_text()
     assert "outcome=MISS" in log and "outcome=HIT" in log
     assert "outcome=HIT via=fastpath" in log
@@ -164,7 +156,7 @@ def test_podman_mirror(world, regcache_factory, podman, tmp_path):
     rc = regcache_factory(modes=[f"reverse:https://registry-1.docker.io@{MIRROR_PORT}"])
     conf = mirror_registries_conf(tmp_path / "registries.conf", f"{world.router_client_ip}:{MIRROR_PORT}")
     p = podman(env={"SSL_CERT_FILE": str(rc.client_bundle())}, registries_conf=conf)
-    pull_twice(world, rc, p)
+    pull_with_podman(world, rc, p)
     log = rc.log_text()
     assert "registry=ghcr.io" in log and "registry=docker.io" in log
     assert "outcome=HIT" in log

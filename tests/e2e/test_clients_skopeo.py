@@ -3,40 +3,34 @@
 
 import pytest
 
-from .conftest import FASTPATH_PORT, MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, dir_manifest_digest, mirror_registries_conf, skopeo_copy
+from .conftest import FASTPATH_PORT, MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, dir_manifest_digest, mirror_registries_conf, pull_twice, skopeo_copy
 
 pytestmark = pytest.mark.e2e
 
 IMAGES = ["docker.io/library/s2:1", "ghcr.io/owner/small:1"]
 
 
-def pull_twice(world, rc, tmp_path, env, refs, extra=()):
-    """Pull each image, then again into a fresh store with upstream stopped."""
-    for ref in refs:
-        image = world.image(ref)
-        out = skopeo_copy(world, f"docker://{ref}", tmp_path / "a", env, extra)
-        assert out.returncode == 0, out.stderr + rc.log_text()[-2000:]
-        assert dir_manifest_digest(tmp_path / "a") == image.manifest_digest
-    world.stop_upstream()
-    try:
-        for ref in refs:
-            out = skopeo_copy(world, f"docker://{ref}", tmp_path / "b", env, extra)
-            assert out.returncode == 0, f"{ref} from cache: {out.stderr}" + rc.log_text()[-2000:]
-            assert dir_manifest_digest(tmp_path / "b") == world.image(ref).manifest_digest
-    finally:
-        world.start_upstream()
+def pull_with_skopeo(world, rc, tmp_path, env, refs, extra=()):
+    """Each image copied into a directory, twice (conftest.pull_twice)."""
+
+    def pull(directory, ref, note):
+        out = skopeo_copy(world, f"docker://{ref}", directory, env, extra)
+        assert out.returncode == 0, f"{ref}{note}: {out.stderr}" + rc.log_text()[-2000:]
+        assert dir_manifest_digest(directory) == world.image(ref).manifest_digest
+
+    pull_twice(world, refs, pull, client=lambda round_name: tmp_path / round_name)
 
 
 def test_skopeo_https_proxy(world, regcache_factory, tmp_path):
     rc = regcache_factory()
     env = {"HTTPS_PROXY": f"http://{world.router_client_ip}:{PROXY_PORT}", "SSL_CERT_FILE": str(rc.client_bundle())}
-    pull_twice(world, rc, tmp_path, env, IMAGES)
+    pull_with_skopeo(world, rc, tmp_path, env, IMAGES)
 
 
 def test_skopeo_transparent(world, regcache_factory, tmp_path, transparent):
     rc = regcache_factory(modes=[f"transparent@{TRANSPARENT_PORT}"])
     env = {"SSL_CERT_FILE": str(rc.client_bundle())}
-    pull_twice(world, rc, tmp_path, env, IMAGES)
+    pull_with_skopeo(world, rc, tmp_path, env, IMAGES)
     assert "outcome=MISS" in rc.log_text() and "outcome=HIT" in rc.log_text()
     # blob bodies of hits went over the fast path (307 to the plain-HTTP blob endpoint)
     assert "outcome=HIT via=fastpath" in rc.log_text()
@@ -46,7 +40,7 @@ def test_skopeo_mirror(world, regcache_factory, tmp_path):
     rc = regcache_factory(modes=[f"reverse:https://registry-1.docker.io@{MIRROR_PORT}"])
     conf = mirror_registries_conf(tmp_path / "registries.conf", f"{world.router_client_ip}:{MIRROR_PORT}")
     env = {"SSL_CERT_FILE": str(rc.client_bundle())}
-    pull_twice(world, rc, tmp_path, env, IMAGES, extra=["--registries-conf", str(conf)])
+    pull_with_skopeo(world, rc, tmp_path, env, IMAGES, extra=["--registries-conf", str(conf)])
     log = rc.log_text()
     assert "registry=ghcr.io" in log and "registry=docker.io" in log
 
@@ -72,7 +66,7 @@ def test_skopeo_https_proxy_fastpath_always(world, regcache_factory, tmp_path, n
         env["NO_PROXY"] = world.router_client_ip
     else:
         env["HTTP_PROXY"] = env["HTTPS_PROXY"]
-    pull_twice(world, rc, tmp_path, env, ["docker.io/library/small:1"])
+    pull_with_skopeo(world, rc, tmp_path, env, ["docker.io/library/small:1"])
     log = rc.log_text()
     assert "outcome=HIT via=fastpath" in log
     # a fast-path URL that reached mitmproxy is checked there and served by the in-band server

@@ -14,13 +14,16 @@ import json
 import time
 
 import pytest
-from mitmproxy import exceptions, http
+from mitmproxy import ctx, exceptions, hooks, http
+from mitmproxy.proxy.layers.http import HttpRequestHeadersHook, HttpRequestHook
+from mitmproxy.proxy.layers.tls import TlsClienthelloHook
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
 
 from regcachelib import addon as addon_module
 from regcachelib import oci
 from regcachelib.addon import RegistryCache
+from regcachelib.request import REQUEST
 
 from .helpers import Reply, http_request, random_bytes, sha256, stage_and_commit, wait_until
 
@@ -59,12 +62,26 @@ async def running_addon(tmp_path, config: str = "", offline: bool = False):
     with taddons.context(rc) as tctx:
         add_proxyserver_options(tctx)
         tctx.configure(rc, regcache_dir=str(tmp_path / "cache"), regcache_config=str(cfg), regcache_offline=offline)
-        await rc.running()
+        await tctx.master.addons.invoke_addon(rc, hooks.RunningHook())  # the children too
         assert tctx.options.connection_strategy == "lazy"  # a hit must open no upstream connection
         try:
             yield rc, tctx
         finally:
-            await rc.done()
+            await tctx.master.addons.invoke_addon(rc, hooks.DoneHook())
+
+
+async def send(rc: RegistryCache, flow: http.HTTPFlow) -> http.HTTPFlow:
+    """A request through the addon tree's hooks, as mitmproxy runs them (a hook that raises
+    fails the test instead of being logged)."""
+    await ctx.master.addons.invoke_addon(rc, HttpRequestHeadersHook(flow))
+    await ctx.master.addons.invoke_addon(rc, HttpRequestHook(flow))
+    return flow
+
+
+async def routed(rc: RegistryCache, flow: http.HTTPFlow):
+    """The registry request routing made of a flow."""
+    await send(rc, flow)
+    return flow.metadata[REQUEST]
 
 
 def run(coro):
@@ -83,7 +100,8 @@ def mark_public(rc: RegistryCache, registry: str, repo: str) -> None:
 
 # The local upstream answers for quay.io: flows to 127.0.0.1:<port> are cached as quay.io.
 # the local upstream is plain HTTP on a random port: configured as such, or it is never cached
-LOCAL_ALIAS = "aliases:\n  127.0.0.1: quay.io\nplain_http_registries: [127.0.0.1]\n"
+# and, being on loopback, the proxy may connect to it only by proxy_allow
+LOCAL_ALIAS = "aliases:\n  127.0.0.1: quay.io\nplain_http_registries: [127.0.0.1]\nproxy_allow: ['127.0.0.0/8']\n"
 
 
 def local_flow(upstream_server, path: str, method: str = "GET", headers=()) -> http.HTTPFlow:
@@ -158,7 +176,7 @@ def test_non_registry_host_is_left_alone(tmp_path, host):
         async with running_addon(tmp_path, offline=True) as (rc, _):
             for path in ("/v2/library/alpine/manifests/latest", "/v2/../../etc/passwd/blobs/x", "/token?scope=x"):
                 flow = make_flow(host, path)
-                await rc.request(flow)
+                await send(rc, flow)
                 assert flow.response is None
                 assert flow.request.host == host
 
@@ -170,10 +188,10 @@ def test_writes_pass_through_online(tmp_path, method):
     async def main():
         async with running_addon(tmp_path) as (rc, _):
             flow = make_flow("quay.io", "/v2/org/img/manifests/latest", method=method)
-            await rc.request(flow)
+            await send(rc, flow)
             assert flow.response is None
             flow = make_flow("quay.io", "/v2/org/img/blobs/uploads/", method=method)
-            await rc.request(flow)
+            await send(rc, flow)
             assert flow.response is None
 
     run(main())
@@ -199,7 +217,7 @@ def test_malformed_paths_get_oci_errors(tmp_path, path, code, method):
     async def main():
         async with running_addon(tmp_path) as (rc, _):
             flow = make_flow("quay.io", path, method=method)
-            await rc.request(flow)
+            await send(rc, flow)
             assert flow.response is not None
             assert flow.response.status_code == 400
             assert error_code(flow) == code
@@ -216,14 +234,14 @@ def test_offline_unknown_content_is_404(tmp_path):
         async with running_addon(tmp_path, offline=True) as (rc, _):
             for method in ("GET", "HEAD"):
                 flow = make_flow("quay.io", f"/v2/org/img/blobs/{BLOB_DIGEST}", method)
-                await rc.request(flow)
+                await send(rc, flow)
                 assert flow.response.status_code == 404
                 assert method == "HEAD" or error_code(flow) == "BLOB_UNKNOWN"
             flow = make_flow("quay.io", "/v2/org/img/manifests/latest")
-            await rc.request(flow)
+            await send(rc, flow)
             assert (flow.response.status_code, error_code(flow)) == (404, "MANIFEST_UNKNOWN")
             flow = make_flow("registry-1.docker.io", f"/v2/alpine/manifests/{MANIFEST_DIGEST}")
-            await rc.request(flow)
+            await send(rc, flow)
             assert (flow.response.status_code, error_code(flow)) == (404, "MANIFEST_UNKNOWN")
 
     run(main())
@@ -233,7 +251,7 @@ def test_offline_ping_is_answered(tmp_path):
     async def main():
         async with running_addon(tmp_path, offline=True) as (rc, _):
             flow = make_flow("quay.io", "/v2/")
-            await rc.request(flow)
+            await send(rc, flow)
             assert flow.response.status_code == 200
 
     run(main())
@@ -248,7 +266,7 @@ def test_offline_tag_and_digest_hits(tmp_path):
             # docker.io's library/ normalisation: "alpine" and "library/alpine" are one repository
             for path in ("/v2/alpine/manifests/3.19", "/v2/library/alpine/manifests/3.19", f"/v2/alpine/manifests/{MANIFEST_DIGEST}"):
                 flow = make_flow("registry-1.docker.io", path, headers=[("Accept", oci.OCI_INDEX)])
-                await rc.request(flow)
+                await send(rc, flow)
                 assert flow.response.status_code == 200, flow.response.content
                 assert flow.response.content == MANIFEST
                 assert flow.response.headers["content-type"] == oci.OCI_INDEX
@@ -265,7 +283,7 @@ def test_offline_old_tag_is_served_stale(tmp_path):
             rc.store.put_manifest(MANIFEST_DIGEST, oci.OCI_INDEX, MANIFEST)
             rc.store.set_tag("quay.io", "org/img", "v1", oci.OCI_INDEX, MANIFEST_DIGEST, now=time.time() - 3600)
             flow = make_flow("quay.io", "/v2/org/img/manifests/v1")
-            await rc.request(flow)
+            await send(rc, flow)
             assert flow.response.status_code == 200
             assert flow.response.content == MANIFEST
             assert flow.response.headers["x-cache"] == "STALE"
@@ -280,7 +298,7 @@ def test_offline_tag_never_answered_with_an_unaccepted_media_type(tmp_path):
             rc.store.put_manifest(MANIFEST_DIGEST, oci.OCI_INDEX, MANIFEST)
             rc.store.set_tag("quay.io", "org/img", "v1", oci.OCI_INDEX, MANIFEST_DIGEST)
             flow = make_flow("quay.io", "/v2/org/img/manifests/v1", headers=[("Accept", f"{oci.DOCKER_MANIFEST}, {oci.DOCKER_LIST}")])
-            await rc.request(flow)
+            await send(rc, flow)
             assert flow.response.status_code == 404
             assert error_code(flow) == "MANIFEST_UNKNOWN"
             assert flow.response.content != MANIFEST
@@ -295,12 +313,12 @@ def test_head_blob_hit(tmp_path):
             digest = stage_and_commit(rc.store, BLOB)
             # stored, but org/img is not known to hold it: offline, that is a 404
             flow = make_flow("quay.io", f"/v2/org/img/blobs/{digest}", "HEAD")
-            await rc.request(flow)
+            await send(rc, flow)
             assert flow.response.status_code == 404
             assert "x-cache" not in flow.response.headers
             rc.store.add_members("quay.io", "org/img", [digest])
             flow = make_flow("quay.io", f"/v2/org/img/blobs/{digest}", "HEAD")
-            await rc.request(flow)
+            await send(rc, flow)
             assert flow.response.status_code == 200
             assert flow.response.headers["content-length"] == str(len(BLOB))
             assert flow.response.headers["docker-content-digest"] == digest
@@ -317,7 +335,7 @@ def test_offline_private_repository_is_not_served(tmp_path):
             rc.store.put_manifest(MANIFEST_DIGEST, oci.OCI_INDEX, MANIFEST)
             rc.store.set_tag("quay.io", "org/private", "v1", oci.OCI_INDEX, MANIFEST_DIGEST)
             flow = make_flow("quay.io", "/v2/org/private/manifests/v1", headers=[("Authorization", "Bearer whatever")])
-            await rc.request(flow)
+            await send(rc, flow)
             assert flow.response.status_code in (401, 403)
             assert flow.response.content != MANIFEST
 
@@ -338,13 +356,13 @@ def test_fresh_tag_is_answered_from_the_store(tmp_path, upstream_server):
             rc.store.put_manifest(MANIFEST_DIGEST, oci.OCI_INDEX, MANIFEST)
             rc.store.set_tag("quay.io", "org/img", "v1", oci.OCI_INDEX, MANIFEST_DIGEST)
             flow = local_flow(upstream_server, path, headers=[("Accept", f"{oci.OCI_INDEX}, {oci.OCI_MANIFEST}")])
-            await rc.request(flow)
+            await send(rc, flow)
             assert flow.response.status_code == 200
             assert flow.response.content == MANIFEST
             assert flow.response.headers["content-type"] == oci.OCI_INDEX
             assert flow.response.headers["x-cache"] == "HIT"
             head = local_flow(upstream_server, path, "HEAD", headers=[("Accept", oci.OCI_INDEX)])
-            await rc.request(head)
+            await send(rc, head)
             assert head.response.status_code == 200
             assert head.response.headers["content-length"] == str(len(MANIFEST))
             assert head.response.headers["docker-content-digest"] == MANIFEST_DIGEST
@@ -363,7 +381,7 @@ def test_tag_with_unaccepted_media_type_goes_upstream(tmp_path, upstream_server)
             rc.store.put_manifest(MANIFEST_DIGEST, oci.OCI_INDEX, MANIFEST)
             rc.store.set_tag("quay.io", "org/img", "v1", oci.OCI_INDEX, MANIFEST_DIGEST)
             flow = local_flow(upstream_server, path, headers=[("Accept", oci.DOCKER_MANIFEST)])
-            await rc.request(flow)
+            await send(rc, flow)
             assert flow.response.status_code == 200
             assert flow.response.headers["content-type"] == oci.DOCKER_MANIFEST
             assert flow.response.content == DOCKER_MANIFEST
@@ -385,7 +403,7 @@ def test_blob_miss_then_hit_through_the_blob_server(tmp_path, upstream_server):
     async def main():
         async with running_addon(tmp_path, LOCAL_ALIAS) as (rc, _):
             flow = local_flow(upstream_server, path, headers=[("Authorization", "Bearer t0ken")])
-            await rc.request(flow)
+            await send(rc, flow)
             assert flow.response is None  # streamed by mitmproxy from the in-band blob server
             assert (flow.request.host, flow.request.port) == ("127.0.0.1", rc.blobserver.inband_port)
             assert flow.request.path.startswith("/_regcache/t/")
@@ -400,7 +418,7 @@ def test_blob_miss_then_hit_through_the_blob_server(tmp_path, upstream_server):
             assert "t0ken" not in json.dumps(misses)
 
             hit = local_flow(upstream_server, path, headers=[("Range", "bytes=100-199")])
-            await rc.request(hit)
+            await send(rc, hit)
             resp = await http_request(hit.request.port, hit.request.path)
             assert resp.status == 206 and resp.body == BLOB[100:200]
             assert resp.headers["x-cache"] == "HIT"
@@ -417,7 +435,7 @@ def test_blob_upstream_401_is_relayed(tmp_path, upstream_server):
     async def main():
         async with running_addon(tmp_path, LOCAL_ALIAS) as (rc, _):
             flow = local_flow(upstream_server, path)
-            await rc.request(flow)
+            await send(rc, flow)
             assert flow.response.status_code == 401
             assert flow.response.headers["www-authenticate"] == challenge
             assert error_code(flow) == "UNAUTHORIZED"
@@ -433,7 +451,7 @@ def test_blob_request_with_broken_upstream_redirect_gets_an_answer(tmp_path, ups
     async def main():
         async with running_addon(tmp_path, LOCAL_ALIAS) as (rc, _):
             flow = local_flow(upstream_server, path)
-            await asyncio.wait_for(rc.request(flow), 3)
+            await asyncio.wait_for(send(rc, flow), 3)
             assert flow.response is not None and flow.response.status_code >= 500
             assert not rc.store.has_blob(BLOB_DIGEST)
 
@@ -478,7 +496,7 @@ def mirror_flow(path: str, host: str, mode: str = DOCKER_MIRROR, sni: str | None
 def test_mirror_registry_named_by_host_or_sni(tmp_path, host, sni, registry, target):
     async def main():
         async with running_addon(tmp_path, offline=True) as (rc, _):
-            ident = rc.identify(mirror_flow("/v2/library/small/manifests/1", host, sni=sni))
+            ident = await routed(rc, mirror_flow("/v2/library/small/manifests/1", host, sni=sni))
             assert ident.registry == registry
             assert (ident.target.host, ident.target.port, ident.target.scheme) == target
             assert ident.path == "/v2/library/small/manifests/1" and ident.forward_credentials
@@ -489,16 +507,16 @@ def test_mirror_registry_named_by_host_or_sni(tmp_path, host, sni, registry, tar
 def test_mirror_order_ns_then_prefix_then_host(tmp_path):
     async def main():
         async with running_addon(tmp_path, offline=True) as (rc, _):
-            ident = rc.identify(mirror_flow("/v2/org/img/manifests/1?ns=ghcr.io", "quay.io"))
+            ident = await routed(rc, mirror_flow("/v2/org/img/manifests/1?ns=ghcr.io", "quay.io"))
             assert (ident.registry, ident.target.host, ident.path) == ("ghcr.io", "ghcr.io", "/v2/org/img/manifests/1")
-            ident = rc.identify(mirror_flow("/v2/gcr.io/proj/img/manifests/1", "quay.io"))
+            ident = await routed(rc, mirror_flow("/v2/gcr.io/proj/img/manifests/1", "quay.io"))
             assert (ident.registry, ident.path) == ("gcr.io", "/v2/proj/img/manifests/1")
             # the client's token is for quay.io, where its (unprefixed) /v2/ ping went
             assert not ident.forward_credentials
-            ident = rc.identify(mirror_flow("/v2/quay.io/org/img/manifests/1", "quay.io"))
+            ident = await routed(rc, mirror_flow("/v2/quay.io/org/img/manifests/1", "quay.io"))
             assert ident.registry == "quay.io" and ident.forward_credentials
             # a prefix that is not a registry is part of the repository name
-            ident = rc.identify(mirror_flow("/v2/evil.example/img/manifests/1", "cache"))
+            ident = await routed(rc, mirror_flow("/v2/evil.example/img/manifests/1", "cache"))
             assert (ident.registry, ident.path) == ("docker.io", "/v2/evil.example/img/manifests/1")
 
     run(main())
@@ -508,10 +526,9 @@ def test_mirror_client_host_survives_mitmproxys_host_rewrite(tmp_path):
     async def main():
         async with running_addon(tmp_path, offline=True) as (rc, _):
             flow = mirror_flow("/v2/library/small/manifests/1", "quay.io")
-            rc.requestheaders(flow)
-            # upstream gets the Host mitmproxy sends on a reverse listener; identify still sees quay.io
+            # upstream gets the Host mitmproxy sends on a reverse listener; routing still sees quay.io
+            assert (await routed(rc, flow)).registry == "quay.io"
             assert flow.request.host_header == "registry-1.docker.io"
-            assert rc.identify(flow).registry == "quay.io"
 
     run(main())
 
@@ -527,7 +544,7 @@ def test_mirror_ns_that_is_no_registry_is_refused_and_nothing_fetched(tmp_path, 
             for path in ("/v2/org/img/manifests/1", "/v2/", f"/v2/org/img/blobs/{BLOB_DIGEST}"):
                 mode = f"reverse:http://127.0.0.1:{upstream_server.port}@5000"
                 flow = mirror_flow(f"{path}?ns={ns}", "cache:5000", mode=mode)
-                await rc.request(flow)
+                await send(rc, flow)
                 assert flow.response.status_code == 404, path
                 assert error_code(flow) == "NAME_UNKNOWN"
             assert upstream_server.requests == []
@@ -546,8 +563,7 @@ def test_mirror_host_of_a_loopback_service_fetches_nothing_there(tmp_path, upstr
             async with running_addon(tmp_path) as (rc, _):
                 mode = f"reverse:http://127.0.0.1:{registry.port}@5000"
                 flow = mirror_flow("/v2/org/img/manifests/1", f"127.0.0.1:{upstream_server.port}", mode=mode)
-                rc.requestheaders(flow)
-                await rc.request(flow)
+                await send(rc, flow)
                 assert flow.response.status_code == 200 and flow.response.content == MANIFEST
             assert upstream_server.requests == []
             assert registry.count("GET", "/v2/org/img/manifests/1") == 1
@@ -591,7 +607,7 @@ def test_blob_redirect_to_loopback_or_plain_http_is_not_followed(tmp_path, upstr
     async def main():
         async with running_addon(tmp_path, LOCAL_ALIAS) as (rc, _):
             flow = local_flow(upstream_server, path)
-            await asyncio.wait_for(rc.request(flow), 10)
+            await asyncio.wait_for(send(rc, flow), 10)
             assert flow.response is not None and flow.response.status_code >= 500
             assert not rc.store.has_blob(BLOB_DIGEST)
             # refused by rule, not by a failing connection; nothing reached the target
@@ -613,8 +629,65 @@ def test_mirror_tls_is_always_intercepted_and_upstream_sni_is_the_listeners(tmp_
             server = SimpleNamespace(sni=None, address=spec.address)
             data = SimpleNamespace(context=SimpleNamespace(client=SimpleNamespace(proxy_mode=spec), server=server),
                                    client_hello=SimpleNamespace(sni=sni), ignore_connection=False)
-            rc.tls_clienthello(data)
+            await ctx.master.addons.invoke_addon(rc, TlsClienthelloHook(data))
             assert data.ignore_connection is False
             assert server.sni == "registry-1.docker.io"
+
+    run(main())
+
+
+# --- a bug of regcache's never breaks a pull -------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["regular", "reverse:http://127.0.0.1:{port}@5000"])
+def test_unexpected_error_passes_the_request_through_with_a_traceback(tmp_path, upstream_server, monkeypatch,
+                                                                     caplog, mode):
+    async def boom(req):
+        raise RuntimeError("a bug")
+
+    async def main():
+        async with running_addon(tmp_path, LOCAL_ALIAS) as (rc, _):
+            monkeypatch.setattr(rc.services.blobs, "get", boom)
+            monkeypatch.setattr(rc.services.manifests, "get", boom)
+            for path in (f"/v2/org/img/blobs/{BLOB_DIGEST}", "/v2/org/img/manifests/v1"):
+                if mode == "regular":
+                    flow = local_flow(upstream_server, path)
+                else:
+                    flow = mirror_flow(path, "cache:5000", mode=mode.format(port=upstream_server.port))
+                await send(rc, flow)
+                # no 500: mitmproxy forwards the request to the registry as it is
+                assert flow.response is None
+                assert (flow.request.host, flow.request.port) == ("127.0.0.1", upstream_server.port)
+                assert flow.request.path == path
+            assert caplog.text.count("RuntimeError: a bug") == 2
+            assert "passing it through to upstream" in caplog.text
+
+    run(main())
+
+
+def test_monitor_counts_the_outcome_the_flow_ended_with(tmp_path, upstream_server, caplog):
+    """The outcome is logged and counted when the flow ends (response or error), not when the
+    answer is decided: a flow that fails after dispatch is not counted as served."""
+    import logging
+
+    from mitmproxy.proxy.layers.http import HttpErrorHook, HttpResponseHook
+
+    caplog.set_level(logging.INFO)
+    path = "/v2/org/img/manifests/v1"
+    upstream_server.routes[path] = Reply(body=MANIFEST, headers=[("Content-Type", oci.OCI_INDEX)])
+
+    async def main():
+        async with running_addon(tmp_path, LOCAL_ALIAS) as (rc, tctx):
+            first = await send(rc, local_flow(upstream_server, path))
+            assert first.response.headers["x-cache"] == "MISS"
+            assert rc.monitor.stats.snapshot().registries == {}  # decided, not yet ended
+            await tctx.master.addons.invoke_addon(rc, HttpResponseHook(first))
+            second = await send(rc, local_flow(upstream_server, path))
+            second.error = flow_error = tflow.terr()
+            await tctx.master.addons.invoke_addon(rc, HttpErrorHook(second))
+            snap = rc.monitor.stats.snapshot()
+            assert snap.registries["quay.io"].misses == 1 and snap.registries["quay.io"].hits == 0
+            assert "tag=v1 outcome=MISS bytes=" in caplog.text
+            assert f"outcome=HIT bytes={len(MANIFEST)} error={flow_error.msg}" in caplog.text
 
     run(main())

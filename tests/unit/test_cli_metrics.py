@@ -131,29 +131,39 @@ def test_parse_listen():
 
 
 def test_monitor_is_loaded_with_the_addon_and_counts_its_log(tmp_path, monkeypatch):
+    from mitmproxy.proxy.layers.http import HttpErrorHook, HttpResponseHook
     from mitmproxy.test import taddons, tflow
 
     from regcachelib import addon as addon_mod
+    from regcachelib.request import OUTCOME, REQUEST, Outcome, RegistryRequest
 
     monkeypatch.setattr(addon_mod, "DEFAULT_DIR", str(tmp_path / "default-cache"))
     cache = addon_mod.RegistryCache()
-    with taddons.context(cache) as tctx:
-        tctx.configure(cache, regcache_dir=str(tmp_path / "cache"))
-        assert tctx.options.regcache_metrics == ""
-        monitor = cache.monitor
-        assert monitor.stats is not None and monitor.stats.cache is cache.store.tags
-        assert cache.fills.stats is monitor.stats
-        assert cache.upstream._regcache_monitor is monitor
-        flow = tflow.tflow()
-        ident = addon_mod.Identity("quay.io", Target("quay.io"), "/v2/org/x/manifests/1")
-        route = oci.parse_route("quay.io", "/v2/org/x/manifests/1")
-        cache._log(flow, ident, route, "MISS", 321)
-        cache._log(flow, ident, route, "HIT", 321)
-        snap = monitor.stats.snapshot()
-        assert snap.registries["quay.io"].misses == 1 and snap.registries["quay.io"].hits == 1
-        assert snap.upstream_bytes == 321 and snap.cache_bytes == 321
-        with pytest.raises(Exception):
-            tctx.configure(cache, regcache_metrics="nonsense")
+
+    async def main():
+        with taddons.context(cache) as tctx:
+            tctx.configure(cache, regcache_dir=str(tmp_path / "cache"))
+            assert tctx.options.regcache_metrics == ""
+            monitor = cache.monitor
+            assert monitor.stats is not None and monitor.stats.cache is cache.store.tags
+            assert cache.fills.stats is monitor.stats
+            assert cache.upstream.observe == monitor.observe_upstream
+            route = oci.parse_route("quay.io", "/v2/org/x/manifests/1")
+            req = RegistryRequest("quay.io", Target("quay.io"), "/v2/org/x/manifests/1", "GET", route, (), "10.0.0.1",
+                                  offline=False, direct=False)
+            # the monitor counts what the flow ended with, as recorded by the addon that answered it
+            for outcome, hook in (("MISS", HttpResponseHook), ("HIT", HttpResponseHook), ("HIT", HttpErrorHook)):
+                flow = tflow.tflow(resp=True, err=hook is HttpErrorHook)
+                flow.metadata[REQUEST], flow.metadata[OUTCOME] = req, Outcome(outcome, 321)
+                await tctx.master.addons.invoke_addon(cache, hook(flow))
+            snap = monitor.stats.snapshot()
+            assert snap.registries["quay.io"].misses == 1 and snap.registries["quay.io"].hits == 1
+            assert snap.upstream_bytes == 321 and snap.cache_bytes == 321
+            with pytest.raises(Exception):
+                tctx.configure(cache, regcache_metrics="nonsense")
+            await cache.done()
+
+    run(main())
 
 
 def _fake_cache(store, show_private=False):
@@ -214,9 +224,7 @@ def test_status_page_escapes_what_it_shows():
 def test_upstream_latency_errors_and_docker_hub_rate_limit(upstream_server):
     upstream_server.routes["/v2/library/a/manifests/1"] = Reply(body=b"{}", headers=[("ratelimit-limit", "100;w=21600"), ("ratelimit-remaining", "76;w=21600")])
     monitor = Monitor(_fake_cache(None))
-    up = Upstream(ssl.create_default_context(), timeout=5, backoff=0)
-    monitor.instrument(up)
-    monitor.instrument(up)  # idempotent
+    up = Upstream(ssl.create_default_context(), timeout=5, backoff=0, observe=monitor.observe_upstream)
     resp = up.request("GET", Target("127.0.0.1", upstream_server.port, "http"), "/v2/library/a/manifests/1", [])
     resp.close()
     with pytest.raises(UpstreamUnavailable):
@@ -331,7 +339,9 @@ def test_status_show_private_config_key():
 
 
 def _stats_rows(cache) -> int:
-    return cache._sql("SELECT COUNT(*) FROM Cache WHERE tag = ?", ("stats",)).fetchone()[0]
+    from regcachelib.store import count_tagged_rows
+
+    return count_tagged_rows(cache, "stats")
 
 
 def test_junk_repositories_and_registries_keep_rows_and_series_bounded(tmp_path):
@@ -368,14 +378,8 @@ def test_junk_repositories_and_registries_keep_rows_and_series_bounded(tmp_path)
     assert f'registry="{OTHER}"' in text
 
     # upstream hosts named by clients: latency and error series bounded too
-    def failing(method, target, path, headers, follow_redirects=True):
-        raise UpstreamUnavailable("no")
-
-    up = types.SimpleNamespace(request=failing)
-    monitor.instrument(up)
     for i in range(1000):
-        with pytest.raises(UpstreamUnavailable):
-            up.request("GET", Target(f"h{i}.example.com"), "/v2/", [])
+        monitor.observe_upstream(Target(f"h{i}.example.com"), 0.5, None)  # as Upstream reports a failure
     text = generate_latest(monitor.registry).decode()
     assert text.count("regcache_upstream_errors_total{") <= 101
     assert f'regcache_upstream_errors_total{{host="{OTHER}"}} 900.0' in text
@@ -441,4 +445,4 @@ def test_every_addon_method_named_like_a_hook_takes_that_hooks_arguments():
                 pytest.fail(f"{type(addon).__name__}.{name} is called as mitmproxy's {name} hook "
                             f"with ({', '.join(fields)}): {e}")
             checked.append(f"{type(addon).__name__}.{name}")
-    assert "Monitor.configure" in checked and "RegistryCache.request" in checked
+    assert "Monitor.configure" in checked and "Blobs.request" in checked and "Manifests.request" in checked

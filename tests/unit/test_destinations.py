@@ -14,7 +14,7 @@ import json
 import socket
 
 import pytest
-from mitmproxy import connection
+from mitmproxy import connection, hooks
 from mitmproxy.proxy.layers.http import HttpConnectHook, HttpRequestHeadersHook, HttpRequestHook
 from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.proxy.server_hooks import ServerConnectHook, ServerConnectionHookData
@@ -45,11 +45,11 @@ async def running(tmp_path, config: str = "fastpath: false\n"):
     with taddons.context(rc) as tctx:
         add_proxyserver_options(tctx)
         tctx.configure(rc, regcache_dir=str(tmp_path / "cache"), regcache_config=str(cfg))
-        await rc.running()
+        await tctx.master.addons.invoke_addon(rc, hooks.RunningHook())  # the children too
         try:
             yield rc, tctx
         finally:
-            await rc.done()
+            await tctx.master.addons.invoke_addon(rc, hooks.DoneHook())
 
 
 def proxy_flow(host: str, port: int, path: str = "/status.json", method: str = "GET", mode: str = "regular",
@@ -305,7 +305,7 @@ def test_blob_routed_inband_passes_the_policy(tmp_path):
             blob = "/v2/library/x/blobs/sha256:" + "a" * 64
             flow = await request_headers(rc, tctx, proxy_flow("registry-1.docker.io", 443, blob, scheme="https"))
             assert flow.response is None
-            rc._route_to_blobserver(flow, Ticket("sha256:" + "a" * 64, "HIT", None))
+            rc.route_to_blobserver(flow, Ticket("sha256:" + "a" * 64, "HIT", None))
             assert (flow.request.host, flow.request.port) == ("127.0.0.1", rc.blobserver.inband_port)
             assert (await server_connect(rc, tctx, flow.request.host, flow.request.port)).server.error is None
     run(go())

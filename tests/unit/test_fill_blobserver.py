@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import ssl
 import time
+from dataclasses import dataclass, field
 
 import pytest
 
 from regcachelib import blobserver, oci
 from regcachelib.blobserver import FASTPATH_PREFIX, BlobServer, Signer, Ticket
 from regcachelib.fill import CHUNK, HOLDBACK, Fill, Fills
+from regcachelib.concurrency import Workers
+from regcachelib.config import Config
+from regcachelib.services import Services, build_services
 from regcachelib.store import Store
 from regcachelib.upstream import Target, Upstream
 
@@ -24,58 +29,61 @@ DIGEST = sha256(DATA)
 BLOB_PATH = f"/v2/org/img/blobs/{DIGEST}"
 
 
-class Rig:
-    """Store, Upstream, Fills and BlobServer wired as the addon wires them."""
+@dataclass
+class Stack:
+    """The blob services and the blob server, built as RegistryCache builds them."""
 
-    def __init__(self, directory: str, upstream_port: int):
-        self.store = Store(directory)
-        self.upstream = Upstream(ssl.create_default_context(), timeout=5.0, backoff=0.0)
-        self.fills = Fills(self.store, self.upstream, max_workers=8)
-        self.signer = Signer(os.urandom(32))
-        self.server = BlobServer(self.store, self.fills, self.signer)
-        self.target = Target(host="127.0.0.1", port=upstream_port, scheme="http")
-        self.issued = 0
-        real_issue = self.server.issue
+    services: Services
+    server: BlobServer
+    target: Target
+    issued: list = field(default_factory=list)
 
-        def counting_issue(ticket: Ticket) -> str:
-            self.issued += 1
-            return real_issue(ticket)
 
-        self.server.issue = counting_issue
+@contextlib.asynccontextmanager
+async def blob_stack(directory: str, upstream_port: int):
+    store = Store(directory)
+    workers = Workers(fill_workers=8)
+    upstream = Upstream(ssl.create_default_context(), timeout=5.0, backoff=0.0)
+    services = build_services(Config(), store, upstream, workers, lambda: 0)
+    server = BlobServer(services.store, services.fills, Signer(os.urandom(32)))
+    await server.start(None, None)
+    try:
+        yield Stack(services, server, Target(host="127.0.0.1", port=upstream_port, scheme="http"))
+    finally:
+        await server.stop()
+        workers.shutdown()
+        store.close()
 
-    async def readers_connected(self, n: int) -> None:
-        """Until n tickets were issued and every one has been claimed by its connection."""
-        await wait_until(lambda: self.issued >= n and not self.server.tickets)
 
-    async def __aenter__(self) -> Rig:
-        await self.server.start(None, None)
-        return self
+def fill_for(stack: Stack, digest: str = DIGEST, headers=()) -> Fill:
+    """What a blob GET miss does: join the fill in flight or lead a new one."""
+    path = f"/v2/org/img/blobs/{digest}"
+    return stack.services.fills.join(oci.parse_digest(digest), "quay.io", "org/img", stack.target, path,
+                                     list(headers))[0]
 
-    async def __aexit__(self, *exc) -> None:
-        await self.server.stop()
-        self.fills.shutdown()
-        self.store.close()
 
-    def fill_for(self, digest: str = DIGEST, headers=()) -> Fill:
-        """What the addon does for a blob GET miss: join the fill in flight or lead a new one."""
-        fill = self.fills.get(digest)
-        if fill is None or (fill.done and not fill.ok):
-            fill = self.fills.start(oci.parse_digest(digest), "quay.io", "org/img", self.target, f"/v2/org/img/blobs/{digest}", list(headers))
-        return fill
+async def get(stack: Stack, digest: str = DIGEST, range_header: str | None = None, method: str = "GET"):
+    """A blob GET miss as a client sees it: the fill, then the in-band blob server's answer."""
+    fill = fill_for(stack, digest)
+    await asyncio.wait_for(fill.headers_ready.wait(), 10)
+    assert fill.status == 200, (fill.status, fill.failure)
+    path = stack.server.issue(Ticket(digest, "MISS", range_header))
+    stack.issued.append(path)
+    return await http_request(stack.server.inband_port, path, method=method)
 
-    async def get(self, digest: str = DIGEST, range_header: str | None = None, method: str = "GET"):
-        fill = self.fill_for(digest)
-        await asyncio.wait_for(fill.headers_ready.wait(), 10)
-        assert fill.status == 200, (fill.status, fill.failure)
-        path = self.server.issue(Ticket(digest, "MISS", range_header))
-        return await http_request(self.server.inband_port, path, method=method)
 
-    async def settle(self, digest: str = DIGEST) -> None:
-        """Wait until the fill's worker has finished (and cleaned up) and been forgotten."""
-        await wait_until(lambda: self.fills.get(digest) is None)
+async def readers_connected(stack: Stack, n: int) -> None:
+    """Until n tickets were issued and every one has been claimed by its connection."""
+    await wait_until(lambda: len(stack.issued) >= n and not stack.server.tickets)
 
-    def staging(self) -> list[str]:
-        return os.listdir(self.store.staging_dir)
+
+async def settle(stack: Stack, digest: str = DIGEST) -> None:
+    """Wait until the fill's worker has finished (and cleaned up) and been forgotten."""
+    await wait_until(lambda: stack.services.fills.get(digest) is None)
+
+
+def staging(stack: Stack) -> list[str]:
+    return os.listdir(stack.services.store.staging_dir)
 
 
 def run(coro):
@@ -83,54 +91,54 @@ def run(coro):
 
 
 @pytest.fixture
-def rig_factory(tmp_path, upstream_server):
-    return lambda: Rig(str(tmp_path / "cache"), upstream_server.port)
+def stack_factory(tmp_path, upstream_server):
+    return lambda: blob_stack(str(tmp_path / "cache"), upstream_server.port)
 
 
 # --- the good path ---------------------------------------------------------------------------------
 
 
-def test_fill_serves_verified_bytes_and_stores_them(rig_factory, upstream_server):
+def test_fill_serves_verified_bytes_and_stores_them(stack_factory, upstream_server):
     upstream_server.routes[BLOB_PATH] = Reply(body=DATA)
 
     async def main():
-        async with rig_factory() as rig:
-            resp = await rig.get()
+        async with stack_factory() as stack:
+            resp = await get(stack)
             assert resp.status == 200
             assert resp.body == DATA and sha256(resp.body) == DIGEST
             assert resp.content_length == SIZE
             assert resp.headers["docker-content-digest"] == DIGEST
             assert resp.headers["x-cache"] == "MISS"
-            await rig.settle()
-            assert rig.store.has_blob(DIGEST)
-            assert rig.staging() == []
+            await settle(stack)
+            assert stack.services.store.has_blob(DIGEST)
+            assert staging(stack) == []
             # later readers are served from the store, with no upstream request
-            hit = await http_request(rig.server.inband_port, rig.server.issue(Ticket(DIGEST, "HIT")))
+            hit = await http_request(stack.server.inband_port, stack.server.issue(Ticket(DIGEST, "HIT")))
             assert (hit.status, hit.body, hit.headers["x-cache"]) == (200, DATA, "HIT")
-            head = await http_request(rig.server.inband_port, rig.server.issue(Ticket(DIGEST, "HIT")), method="HEAD")
+            head = await http_request(stack.server.inband_port, stack.server.issue(Ticket(DIGEST, "HIT")), method="HEAD")
             assert head.status == 200 and head.content_length == SIZE and head.body == b""
 
     run(main())
     assert upstream_server.count("GET", BLOB_PATH) == 1
 
 
-def test_ten_concurrent_readers_share_one_upstream_get(rig_factory, upstream_server):
+def test_ten_concurrent_readers_share_one_upstream_get(stack_factory, upstream_server):
     upstream_server.routes[BLOB_PATH] = Reply(body=DATA, gate_after=100 * 1024)
 
     async def main():
-        async with rig_factory() as rig:
-            readers = [asyncio.create_task(rig.get()) for _ in range(10)]
+        async with stack_factory() as stack:
+            readers = [asyncio.create_task(get(stack)) for _ in range(10)]
             # every reader holds its ticket and is being served while upstream is still sending
-            await rig.readers_connected(10)
-            fill = rig.fills.get(DIGEST)
+            await readers_connected(stack, 10)
+            fill = stack.services.fills.get(DIGEST)
             assert fill is not None and not fill.done
             upstream_server.gate.set()
             results = await asyncio.gather(*readers)
             for resp in results:
                 assert resp.status == 200
                 assert resp.body == DATA
-            await rig.settle()
-            assert rig.store.has_blob(DIGEST)
+            await settle(stack)
+            assert stack.services.store.has_blob(DIGEST)
 
     run(main())
     assert upstream_server.count("GET", BLOB_PATH) == 1
@@ -140,22 +148,22 @@ BIG = random_bytes(5 * 1024 * 1024 // 2, seed=11)  # 2.5 MiB: more than one CHUN
 BIG_DIGEST = sha256(BIG)
 
 
-def test_range_on_a_follower(rig_factory, upstream_server):
+def test_range_on_a_follower(stack_factory, upstream_server):
     size = len(BIG)
     upstream_server.routes[f"/v2/org/img/blobs/{BIG_DIGEST}"] = Reply(body=BIG, gate_after=3 * CHUNK // 2)
 
     async def main():
-        async with rig_factory() as rig:
-            head_part = await asyncio.wait_for(rig.get(BIG_DIGEST, range_header="bytes=1000-1999"), 10)
+        async with stack_factory() as stack:
+            head_part = await asyncio.wait_for(get(stack, BIG_DIGEST, range_header="bytes=1000-1999"), 10)
             # answered from the growing staging file before upstream finished
             assert not upstream_server.gate.is_set()
-            assert not rig.fills.get(BIG_DIGEST).done
+            assert not stack.services.fills.get(BIG_DIGEST).done
             assert head_part.status == 206
             assert head_part.headers["content-range"] == f"bytes 1000-1999/{size}"
             assert head_part.content_length == 1000
             assert head_part.body == BIG[1000:2000]
             # the tail lies in the held-back bytes: it only comes once the digest verified
-            tail = asyncio.create_task(rig.get(BIG_DIGEST, range_header="bytes=-100"))
+            tail = asyncio.create_task(get(stack, BIG_DIGEST, range_header="bytes=-100"))
             await asyncio.sleep(0.2)
             assert not tail.done()
             upstream_server.gate.set()
@@ -163,42 +171,42 @@ def test_range_on_a_follower(rig_factory, upstream_server):
             assert tail.status == 206
             assert tail.headers["content-range"] == f"bytes {size - 100}-{size - 1}/{size}"
             assert tail.body == BIG[-100:]
-            await rig.settle(BIG_DIGEST)
-            assert rig.store.has_blob(BIG_DIGEST)
+            await settle(stack, BIG_DIGEST)
+            assert stack.services.store.has_blob(BIG_DIGEST)
 
     run(main())
     assert upstream_server.count("GET", f"/v2/org/img/blobs/{BIG_DIGEST}") == 1
 
 
-def test_follower_gets_delivered_bytes_without_waiting_for_a_whole_chunk(rig_factory, upstream_server):
+def test_follower_gets_delivered_bytes_without_waiting_for_a_whole_chunk(stack_factory, upstream_server):
     upstream_server.routes[BLOB_PATH] = Reply(body=DATA, gate_after=100 * 1024)
 
     async def main():
-        async with rig_factory() as rig:
+        async with stack_factory() as stack:
             try:
-                part = await asyncio.wait_for(rig.get(range_header="bytes=1000-1999"), 1.5)
+                part = await asyncio.wait_for(get(stack, range_header="bytes=1000-1999"), 1.5)
                 assert part.status == 206 and part.body == DATA[1000:2000]
             finally:
                 upstream_server.gate.set()
-                await rig.settle()
+                await settle(stack)
 
     run(main())
 
 
-def test_stored_blob_ranges_and_416(rig_factory, upstream_server):
+def test_stored_blob_ranges_and_416(stack_factory, upstream_server):
     upstream_server.routes[BLOB_PATH] = Reply(body=DATA)
 
     async def main():
-        async with rig_factory() as rig:
-            assert (await rig.get()).body == DATA
-            await rig.settle()
-            port = rig.server.inband_port
-            r = await http_request(port, rig.server.issue(Ticket(DIGEST, "HIT", "bytes=10-")))
+        async with stack_factory() as stack:
+            assert (await get(stack)).body == DATA
+            await settle(stack)
+            port = stack.server.inband_port
+            r = await http_request(port, stack.server.issue(Ticket(DIGEST, "HIT", "bytes=10-")))
             assert r.status == 206 and r.body == DATA[10:]
             assert r.headers["content-range"] == f"bytes 10-{SIZE - 1}/{SIZE}"
-            r = await http_request(port, rig.server.issue(Ticket(DIGEST, "HIT", "bytes=0-1,5-6")))
+            r = await http_request(port, stack.server.issue(Ticket(DIGEST, "HIT", "bytes=0-1,5-6")))
             assert r.status == 200 and r.body == DATA
-            r = await http_request(port, rig.server.issue(Ticket(DIGEST, "HIT", f"bytes={SIZE}-")))
+            r = await http_request(port, stack.server.issue(Ticket(DIGEST, "HIT", f"bytes={SIZE}-")))
             assert r.status == 416
             assert r.headers["content-range"] == f"bytes */{SIZE}"
             assert b'"errors"' in r.body
@@ -206,15 +214,15 @@ def test_stored_blob_ranges_and_416(rig_factory, upstream_server):
     run(main())
 
 
-def test_signed_fast_path_urls(rig_factory, upstream_server):
+def test_signed_fast_path_urls(stack_factory, upstream_server):
     upstream_server.routes[BLOB_PATH] = Reply(body=DATA)
 
     async def main():
-        async with rig_factory() as rig:
-            assert (await rig.get()).body == DATA
-            await rig.settle()
-            port = rig.server.inband_port
-            url = rig.signer.sign(DIGEST, "127.0.0.1")
+        async with stack_factory() as stack:
+            assert (await get(stack)).body == DATA
+            await settle(stack)
+            port = stack.server.inband_port
+            url = stack.server.signer.sign(DIGEST, "127.0.0.1")
             r = await http_request(port, url)
             assert (r.status, r.body, r.headers["x-cache"]) == (200, DATA, "HIT")
             r = await http_request(port, url, headers={"Range": "bytes=5-9"})
@@ -226,7 +234,7 @@ def test_signed_fast_path_urls(rig_factory, upstream_server):
             r = await http_request(port, "/_regcache/t/" + "0" * 32)
             assert r.status == 404 and b"BLOB_UNKNOWN" in r.body
             # a ticket is good for one request only
-            ticket = rig.server.issue(Ticket(DIGEST, "HIT"))
+            ticket = stack.server.issue(Ticket(DIGEST, "HIT"))
             assert (await http_request(port, ticket)).status == 200
             assert (await http_request(port, ticket)).status == 404
             r = await http_request(port, url, method="DELETE")
@@ -423,52 +431,52 @@ CORRUPT = DATA[:150_000] + bytes([DATA[150_000] ^ 0xFF]) + DATA[150_001:]
         pytest.param(Reply(body=DATA, length=SIZE, close_after=200 * 1024, gate_after=100 * 1024), id="short-body-then-close"),
     ],
 )
-def test_bad_upstream_body_ends_readers_short_and_stores_nothing(rig_factory, upstream_server, bad_reply):
+def test_bad_upstream_body_ends_readers_short_and_stores_nothing(stack_factory, upstream_server, bad_reply):
     upstream_server.routes[BLOB_PATH] = bad_reply
 
     async def main():
-        async with rig_factory() as rig:
-            readers = [asyncio.create_task(rig.get()) for _ in range(3)]
-            await rig.readers_connected(3)
+        async with stack_factory() as stack:
+            readers = [asyncio.create_task(get(stack)) for _ in range(3)]
+            await readers_connected(stack, 3)
             upstream_server.gate.set()
             for resp in await asyncio.gather(*readers):
                 assert resp.status == 200  # headers were out before the failure was known
                 assert resp.content_length == SIZE
                 assert len(resp.body) < SIZE, "a reader received a complete body of a bad blob"
                 assert len(resp.body) <= SIZE - HOLDBACK
-            await rig.settle()
-            assert not rig.store.has_blob(DIGEST)
-            assert rig.store.open_blob(DIGEST) is None
-            assert rig.staging() == []
+            await settle(stack)
+            assert not stack.services.store.has_blob(DIGEST)
+            assert stack.services.store.open_blob(DIGEST) is None
+            assert staging(stack) == []
 
             # the next attempt, with upstream healthy again, succeeds
             upstream_server.routes[BLOB_PATH] = Reply(body=DATA)
-            resp = await rig.get()
+            resp = await get(stack)
             assert resp.status == 200 and resp.body == DATA
-            await rig.settle()
-            assert rig.store.has_blob(DIGEST)
-            assert rig.staging() == []
+            await settle(stack)
+            assert stack.services.store.has_blob(DIGEST)
+            assert staging(stack) == []
 
     run(main())
     assert upstream_server.count("GET", BLOB_PATH) == 2
 
 
-def test_late_reader_after_failure_gets_no_bad_bytes(rig_factory, upstream_server):
+def test_late_reader_after_failure_gets_no_bad_bytes(stack_factory, upstream_server):
     upstream_server.routes[BLOB_PATH] = Reply(body=CORRUPT)
 
     async def main():
-        async with rig_factory() as rig:
-            fill = rig.fill_for()
-            await rig.settle()
+        async with stack_factory() as stack:
+            fill = fill_for(stack)
+            await settle(stack)
             assert fill.done and not fill.ok and "digest mismatch" in fill.failure
-            r = await http_request(rig.server.inband_port, rig.server.issue(Ticket(DIGEST, "MISS")))
+            r = await http_request(stack.server.inband_port, stack.server.issue(Ticket(DIGEST, "MISS")))
             assert r.status == 404 and b"BLOB_UNKNOWN" in r.body
-            assert rig.staging() == []
+            assert staging(stack) == []
 
     run(main())
 
 
-def test_small_blob_is_held_back_entirely_until_verified(rig_factory, upstream_server):
+def test_small_blob_is_held_back_entirely_until_verified(stack_factory, upstream_server):
     small = random_bytes(HOLDBACK // 2, seed=3)
     bad = bytes([small[0] ^ 1]) + small[1:]
     digest = sha256(small)
@@ -476,26 +484,26 @@ def test_small_blob_is_held_back_entirely_until_verified(rig_factory, upstream_s
     upstream_server.routes[path] = Reply(body=bad, gate_after=len(bad) - 1)
 
     async def main():
-        async with rig_factory() as rig:
-            reader = asyncio.create_task(rig.get(digest))
-            await rig.readers_connected(1)
+        async with stack_factory() as stack:
+            reader = asyncio.create_task(get(stack, digest))
+            await readers_connected(stack, 1)
             upstream_server.gate.set()
             resp = await reader
             assert resp.body == b""
-            await rig.settle(digest)
-            assert not rig.store.has_blob(digest)
+            await settle(stack, digest)
+            assert not stack.services.store.has_blob(digest)
 
     run(main())
 
 
 @pytest.mark.parametrize("good", [True, False], ids=["good", "corrupt"])
-def test_upstream_without_content_length(rig_factory, upstream_server, good):
+def test_upstream_without_content_length(stack_factory, upstream_server, good):
     upstream_server.routes[BLOB_PATH] = Reply(body=DATA if good else CORRUPT, length=-1, gate_after=100 * 1024)
 
     async def main():
-        async with rig_factory() as rig:
-            reader = asyncio.create_task(rig.get())
-            await rig.readers_connected(1)
+        async with stack_factory() as stack:
+            reader = asyncio.create_task(get(stack))
+            await readers_connected(stack, 1)
             upstream_server.gate.set()
             resp = await reader
             if good:
@@ -504,9 +512,9 @@ def test_upstream_without_content_length(rig_factory, upstream_server, good):
                 # the size was unknown, so the reader waited for the end: nothing of the bad blob went out
                 assert resp.status in (404, 502) and DATA[:100] not in resp.body
                 assert json.loads(resp.body)["errors"][0]["code"] == "BLOB_UNKNOWN"
-            await rig.settle()
-            assert rig.store.has_blob(DIGEST) is good
-            assert rig.staging() == []
+            await settle(stack)
+            assert stack.services.store.has_blob(DIGEST) is good
+            assert staging(stack) == []
 
     run(main())
 
@@ -514,18 +522,18 @@ def test_upstream_without_content_length(rig_factory, upstream_server, good):
 # --- upstream answers that are not a blob ----------------------------------------------------------
 
 
-def test_upstream_error_is_kept_for_relaying(rig_factory, upstream_server):
+def test_upstream_error_is_kept_for_relaying(stack_factory, upstream_server):
     upstream_server.routes[BLOB_PATH] = Reply(status=401, body=b'{"errors":[{"code":"UNAUTHORIZED"}]}', headers=[("WWW-Authenticate", 'Bearer realm="https://auth.example/token"')])
 
     async def main():
-        async with rig_factory() as rig:
-            fill = rig.fill_for()
+        async with stack_factory() as stack:
+            fill = fill_for(stack)
             await asyncio.wait_for(fill.headers_ready.wait(), 10)
             assert fill.status == 401 and not fill.ok
             assert b"UNAUTHORIZED" in fill.error_body
             assert ("WWW-Authenticate", 'Bearer realm="https://auth.example/token"') in fill.upstream_headers
-            await rig.settle()
-            assert rig.staging() == [] and not rig.store.has_blob(DIGEST)
+            await settle(stack)
+            assert staging(stack) == [] and not stack.services.store.has_blob(DIGEST)
 
     run(main())
 
@@ -539,26 +547,26 @@ def test_unreachable_upstream_is_502(tmp_path):
     s.close()  # nothing listens there now
 
     async def main():
-        async with Rig(str(tmp_path / "cache"), port) as rig:
-            fill = rig.fill_for()
+        async with blob_stack(str(tmp_path / "cache"), port) as stack:
+            fill = fill_for(stack)
             await asyncio.wait_for(fill.headers_ready.wait(), 10)
             assert fill.status == 502 and "unavailable" in fill.failure
 
     run(main())
 
 
-def test_redirect_to_another_host_drops_credentials(rig_factory, upstream_server):
+def test_redirect_to_another_host_drops_credentials(stack_factory, upstream_server):
     cdn_path = "/cdn/blob?X-Amz-Signature=abc"
     upstream_server.routes[BLOB_PATH] = Reply(status=307, headers=[("Location", f"http://localhost:{upstream_server.port}{cdn_path}")])
     upstream_server.routes["/cdn/blob"] = Reply(body=DATA)
 
     async def main():
-        async with rig_factory() as rig:
-            fill = rig.fill_for(headers=[("Authorization", "Bearer secret"), ("Cookie", "c=1"), ("Accept", "*/*")])
+        async with stack_factory() as stack:
+            fill = fill_for(stack, headers=[("Authorization", "Bearer secret"), ("Cookie", "c=1"), ("Accept", "*/*")])
             await asyncio.wait_for(fill.headers_ready.wait(), 10)
             assert fill.status == 200
-            await rig.settle()
-            assert rig.store.has_blob(DIGEST)
+            await settle(stack)
+            assert stack.services.store.has_blob(DIGEST)
 
     run(main())
     (registry_req,) = [h for m, p, h in upstream_server.requests if p == BLOB_PATH]
@@ -568,12 +576,12 @@ def test_redirect_to_another_host_drops_credentials(rig_factory, upstream_server
     assert cdn_req["accept"] == "*/*"
 
 
-def test_fill_with_unexpected_error_still_releases_waiters(rig_factory, upstream_server):
+def test_fill_with_unexpected_error_still_releases_waiters(stack_factory, upstream_server):
     upstream_server.routes[BLOB_PATH] = Reply(status=307, headers=[("Location", "http://127.0.0.1:notaport/blob")])
 
     async def main():
-        async with rig_factory() as rig:
-            fill = rig.fill_for()
+        async with stack_factory() as stack:
+            fill = fill_for(stack)
             await asyncio.wait_for(fill.headers_ready.wait(), 2)
             assert fill.status != 200 and fill.failure
 

@@ -248,3 +248,29 @@ def test_store_reopens_with_content(tmp_path):
         assert s.find_tag("docker.io", "library/alpine", "latest", {oci.OCI_INDEX}).digest == digest
     finally:
         s.close()
+
+
+# --- the schema stays inside the store: what others read and write goes through methods ------------
+
+
+def test_publicness_pins_and_counts_survive_a_reopen(tmp_path):
+    s = Store(str(tmp_path / "cache"))
+    assert s.get_public("quay.io", "org/a") == (None, 0.0)
+    s.set_public("quay.io", "org/a", True)
+    s.set_public("quay.io", "org/b", False, checked=5.0)
+    s.pin("quay.io", "org/a", "1")
+    digest = stage_and_commit(s, b"blob")
+    s.put_manifest(sha256(b"{}"), oci.OCI_MANIFEST, b"{}")
+    s.set_tag("quay.io", "org/a", "1", oci.OCI_MANIFEST, sha256(b"{}"))
+    s.close()
+    s = Store(str(tmp_path / "cache"))
+    assert s.get_public("quay.io", "org/a")[0] is True
+    assert s.get_public("quay.io", "org/b") == (False, 5.0)
+    assert list(s.iter_pins()) == [("quay.io", "org/a", "1")]
+    assert s.entry_counts() == {"blobs": 1, "manifests": 1, "tags": 1, "pins": 1}
+    rows = {(r.kind, r.digest) for r in s.content_rows()}
+    assert rows == {("blob", digest), ("manifest", sha256(b"{}"))}
+    assert s.unpin("quay.io", "org/a", "1") and list(s.iter_pins()) == []
+    s.set_tag_entries("quay.io", "org/a", "1", lambda value: value.clear())
+    assert s.tag_entries("quay.io", "org/a", "1") == []
+    s.close()

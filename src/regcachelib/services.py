@@ -1,0 +1,46 @@
+"""The one set of services the addons answer with, built whole on every configure.
+
+Nothing in it sees a flow. RegistryCache builds a new set when an option it depends on changes
+and hands the whole set to every child addon, so no part keeps using a store, an upstream
+client or a config the others have left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .access import Access
+from .blobs import BlobService, learn_from_download
+from .concurrency import Workers
+from .config import Config
+from .fill import Fills
+from .manifests import ManifestService
+from .store import Store
+from .upstream import Upstream
+
+
+@dataclass(frozen=True)
+class Services:
+    config: Config
+    store: Store
+    upstream: Upstream
+    access: Access
+    fills: Fills
+    blobs: BlobService
+    manifests: ManifestService
+
+
+def build_services(config: Config, store: Store, upstream: Upstream, workers: Workers,
+                   fastpath_port: Callable[[], int]) -> Services:
+    access = Access(upstream, store, config.auth_ttl, config.public_ttl, config.trust_clients_offline, workers)
+    fills = Fills(store, upstream, executor=workers.fills, on_found=learn_from_download(store))
+    return Services(
+        config=config,
+        store=store,
+        upstream=upstream,
+        access=access,
+        fills=fills,
+        blobs=BlobService(config, store, upstream, fills, access, workers, fastpath_port),
+        manifests=ManifestService(config, store, upstream, access, workers),
+    )
