@@ -98,6 +98,12 @@ def mark_public(rc: RegistryCache, registry: str, repo: str) -> None:
     rc.access.remember_public(registry, repo, True)
 
 
+def store_index_tag(rc: RegistryCache, registry: str, repo: str, tag: str, **set_tag_kw) -> None:
+    """MANIFEST (an OCI index) in the store, tagged registry/repo:tag."""
+    rc.store.put_manifest(MANIFEST_DIGEST, oci.OCI_INDEX, MANIFEST)
+    rc.store.set_tag(registry, repo, tag, oci.OCI_INDEX, MANIFEST_DIGEST, **set_tag_kw)
+
+
 # The local upstream answers for quay.io: flows to 127.0.0.1:<port> are cached as quay.io.
 # the local upstream is plain HTTP on a random port: configured as such, or it is never cached
 # and, being on loopback, the proxy may connect to it only by proxy_allow
@@ -261,8 +267,7 @@ def test_offline_tag_and_digest_hits(tmp_path):
     async def main():
         async with running_addon(tmp_path, offline=True) as (rc, _):
             mark_public(rc, "docker.io", "library/alpine")
-            rc.store.put_manifest(MANIFEST_DIGEST, oci.OCI_INDEX, MANIFEST)
-            rc.store.set_tag("docker.io", "library/alpine", "3.19", oci.OCI_INDEX, MANIFEST_DIGEST)
+            store_index_tag(rc, "docker.io", "library/alpine", "3.19")
             # docker.io's library/ normalisation: "alpine" and "library/alpine" are one repository
             for path in ("/v2/alpine/manifests/3.19", "/v2/library/alpine/manifests/3.19", f"/v2/alpine/manifests/{MANIFEST_DIGEST}"):
                 flow = make_flow("registry-1.docker.io", path, headers=[("Accept", oci.OCI_INDEX)])
@@ -276,34 +281,30 @@ def test_offline_tag_and_digest_hits(tmp_path):
     run(main())
 
 
-def test_offline_old_tag_is_served_stale(tmp_path):
+def offline_get_of_stored_tag(tmp_path, config: str = "", headers=(), **set_tag_kw) -> http.HTTPFlow:
+    """GET quay.io/org/img:v1 from the cache offline, with org/img known public and the tag stored
+    (MANIFEST, an OCI index)."""
     async def main():
-        async with running_addon(tmp_path, "tag_ttl: 1m\n", offline=True) as (rc, _):
+        async with running_addon(tmp_path, config, offline=True) as (rc, _):
             mark_public(rc, "quay.io", "org/img")
-            rc.store.put_manifest(MANIFEST_DIGEST, oci.OCI_INDEX, MANIFEST)
-            rc.store.set_tag("quay.io", "org/img", "v1", oci.OCI_INDEX, MANIFEST_DIGEST, now=time.time() - 3600)
-            flow = make_flow("quay.io", "/v2/org/img/manifests/v1")
-            await send(rc, flow)
-            assert flow.response.status_code == 200
-            assert flow.response.content == MANIFEST
-            assert flow.response.headers["x-cache"] == "STALE"
+            store_index_tag(rc, "quay.io", "org/img", "v1", **set_tag_kw)
+            return await send(rc, make_flow("quay.io", "/v2/org/img/manifests/v1", headers=headers))
 
-    run(main())
+    return run(main())
+
+
+def test_offline_old_tag_is_served_stale(tmp_path):
+    flow = offline_get_of_stored_tag(tmp_path, "tag_ttl: 1m\n", now=time.time() - 3600)
+    assert flow.response.status_code == 200
+    assert flow.response.content == MANIFEST
+    assert flow.response.headers["x-cache"] == "STALE"
 
 
 def test_offline_tag_never_answered_with_an_unaccepted_media_type(tmp_path):
-    async def main():
-        async with running_addon(tmp_path, offline=True) as (rc, _):
-            mark_public(rc, "quay.io", "org/img")
-            rc.store.put_manifest(MANIFEST_DIGEST, oci.OCI_INDEX, MANIFEST)
-            rc.store.set_tag("quay.io", "org/img", "v1", oci.OCI_INDEX, MANIFEST_DIGEST)
-            flow = make_flow("quay.io", "/v2/org/img/manifests/v1", headers=[("Accept", f"{oci.DOCKER_MANIFEST}, {oci.DOCKER_LIST}")])
-            await send(rc, flow)
-            assert flow.response.status_code == 404
-            assert error_code(flow) == "MANIFEST_UNKNOWN"
-            assert flow.response.content != MANIFEST
-
-    run(main())
+    flow = offline_get_of_stored_tag(tmp_path, headers=[("Accept", f"{oci.DOCKER_MANIFEST}, {oci.DOCKER_LIST}")])
+    assert flow.response.status_code == 404
+    assert error_code(flow) == "MANIFEST_UNKNOWN"
+    assert flow.response.content != MANIFEST
 
 
 def test_head_blob_hit(tmp_path):
@@ -332,8 +333,7 @@ def test_offline_private_repository_is_not_served(tmp_path):
     # Nothing says org/private is public, and offline nobody can check the client's credentials.
     async def main():
         async with running_addon(tmp_path, offline=True) as (rc, _):
-            rc.store.put_manifest(MANIFEST_DIGEST, oci.OCI_INDEX, MANIFEST)
-            rc.store.set_tag("quay.io", "org/private", "v1", oci.OCI_INDEX, MANIFEST_DIGEST)
+            store_index_tag(rc, "quay.io", "org/private", "v1")
             flow = make_flow("quay.io", "/v2/org/private/manifests/v1", headers=[("Authorization", "Bearer whatever")])
             await send(rc, flow)
             assert flow.response.status_code in (401, 403)
@@ -353,8 +353,7 @@ def test_fresh_tag_is_answered_from_the_store(tmp_path, upstream_server):
 
     async def main():
         async with running_addon(tmp_path, LOCAL_ALIAS) as (rc, _):
-            rc.store.put_manifest(MANIFEST_DIGEST, oci.OCI_INDEX, MANIFEST)
-            rc.store.set_tag("quay.io", "org/img", "v1", oci.OCI_INDEX, MANIFEST_DIGEST)
+            store_index_tag(rc, "quay.io", "org/img", "v1")
             flow = local_flow(upstream_server, path, headers=[("Accept", f"{oci.OCI_INDEX}, {oci.OCI_MANIFEST}")])
             await send(rc, flow)
             assert flow.response.status_code == 200
@@ -378,8 +377,7 @@ def test_tag_with_unaccepted_media_type_goes_upstream(tmp_path, upstream_server)
 
     async def main():
         async with running_addon(tmp_path, LOCAL_ALIAS) as (rc, _):
-            rc.store.put_manifest(MANIFEST_DIGEST, oci.OCI_INDEX, MANIFEST)
-            rc.store.set_tag("quay.io", "org/img", "v1", oci.OCI_INDEX, MANIFEST_DIGEST)
+            store_index_tag(rc, "quay.io", "org/img", "v1")
             flow = local_flow(upstream_server, path, headers=[("Accept", oci.DOCKER_MANIFEST)])
             await send(rc, flow)
             assert flow.response.status_code == 200
