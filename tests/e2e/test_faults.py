@@ -10,6 +10,7 @@ black-holes upstream, and a tc token bucket that makes a 30 MiB download take se
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import subprocess
@@ -48,6 +49,34 @@ def big_curl(world, rc, tmp_path: Path, name: str, token: str, **kw):
     return curl(world, rc, blob_url("library/big", digest), tmp_path / name, headers=[f"Authorization: Bearer {token}"], **kw)
 
 
+def big_layer_and_token(world) -> tuple[str, int, str]:
+    """The 30 MiB layer's digest and size, and a pull token for library/big that holds it."""
+    digest, size = big_layer(world)
+    return digest, size, pull_token(world, "library/big")
+
+
+@contextlib.contextmanager
+def big_download_under_way(world, rc, tmp_path: Path, name: str, token: str, **kw):
+    """curl fetching the 30 MiB layer through rc from a throttled upstream, yielded once its first
+    MiB has arrived: a fault made in the block hits a download in the middle; the throttle holds
+    until the block ends."""
+    with throttled_upstream(world):
+        c = big_curl(world, rc, tmp_path, name, token, **kw).start()
+        c.wait_received(1024 * 1024)
+        yield c
+
+
+def pull_big(world, rc, dest: Path, port: int = PROXY_PORT):
+    """skopeo copies docker.io/library/big:1 through rc to a dir: layout at dest."""
+    return skopeo_copy(world, "docker://registry-1.docker.io/library/big:1", dest, proxy_env(world, rc, port))
+
+
+def warm_small(world, rc, tmp_path: Path):
+    """docker.io/library/small:1 pulled through rc once, so that its tag and manifest are cached."""
+    out = skopeo_copy(world, "docker://registry-1.docker.io/library/small:1", tmp_path / "warm", proxy_env(world, rc))
+    assert out.returncode == 0, out.stderr
+
+
 @pytest.fixture
 def corrupt_big_layer(world):
     """Flip one byte in the middle of the 30 MiB layer's upstream file (same length); restored after."""
@@ -80,8 +109,7 @@ def corrupt_big_layer(world):
 def test_corrupt_upstream_blob_is_never_completed_nor_cached(world, regcache_factory, tmp_path, corrupt_big_layer):
     rc = regcache_factory(modes=[f"regular@{PROXY_PORT}", f"reverse:https://registry-1.docker.io@{MIRROR_PORT}"],
                           wait_ports=[PROXY_PORT, MIRROR_PORT, FASTPATH_PORT])
-    digest, size = big_layer(world)
-    token = pull_token(world, "library/big")
+    digest, size, token = big_layer_and_token(world)
     mirror_url = f"http://{world.router_client_ip}:{MIRROR_PORT}/v2/library/big/blobs/{digest}"
 
     attempts = [
@@ -110,7 +138,7 @@ def test_corrupt_upstream_blob_is_never_completed_nor_cached(world, regcache_fac
     assert not store_has_blob(rc.cache_dir, digest)
 
     # skopeo, a real client, fails too (and again nothing is cached)
-    out = skopeo_copy(world, "docker://registry-1.docker.io/library/big:1", tmp_path / "skopeo-bad", proxy_env(world, rc))
+    out = pull_big(world, rc, tmp_path / "skopeo-bad")
     assert out.returncode != 0
     assert not store_has_blob(rc.cache_dir, digest)
 
@@ -118,7 +146,7 @@ def test_corrupt_upstream_blob_is_never_completed_nor_cached(world, regcache_fac
     good = big_curl(world, rc, tmp_path, "good", token).run()
     assert good.exit_code == 0 and good.status == 200 and good.sha256() == digest, good.describe()
     assert good.headers.get("x-cache") == "MISS"
-    out = skopeo_copy(world, "docker://registry-1.docker.io/library/big:1", tmp_path / "skopeo-good", proxy_env(world, rc))
+    out = pull_big(world, rc, tmp_path / "skopeo-good")
     assert out.returncode == 0, out.stderr + rc.log_text()[-3000:]
     assert dir_manifest_digest(tmp_path / "skopeo-good") == world.image("docker.io/library/big:1").manifest_digest
     hit = big_curl(world, rc, tmp_path, "hit", token).run()
@@ -131,12 +159,9 @@ def test_corrupt_upstream_blob_is_never_completed_nor_cached(world, regcache_fac
 
 def test_upstream_closes_mid_blob(world, regcache_factory, tmp_path):
     rc = regcache_factory(config="upstream_backoff: 1s\n")
-    digest, size = big_layer(world)
-    token = pull_token(world, "library/big")
+    digest, size, token = big_layer_and_token(world)
 
-    with throttled_upstream(world):
-        c = big_curl(world, rc, tmp_path, "cut", token, http1=True).start()
-        c.wait_received(1024 * 1024)
+    with big_download_under_way(world, rc, tmp_path, "cut", token, http1=True) as c:
         world.stop_upstream()
         try:
             c.wait(60)
@@ -160,12 +185,9 @@ def test_upstream_closes_mid_blob(world, regcache_factory, tmp_path):
 def test_kill9_mid_fill_then_restart_on_same_dir(world, regcache_factory, tmp_path):
     cache = tmp_path / "cache"
     rc = regcache_factory(cache_dir=cache)
-    digest, size = big_layer(world)
-    token = pull_token(world, "library/big")
+    digest, size, token = big_layer_and_token(world)
 
-    with throttled_upstream(world):
-        c = big_curl(world, rc, tmp_path, "cut", token).start()
-        c.wait_received(1024 * 1024)
+    with big_download_under_way(world, rc, tmp_path, "cut", token) as c:
         rc.kill9()
         c.wait(30)
     assert c.exit_code != 0 and c.received() < size, c.describe()
@@ -180,7 +202,7 @@ def test_kill9_mid_fill_then_restart_on_same_dir(world, regcache_factory, tmp_pa
 
     again = big_curl(world, rc2, tmp_path, "again", token).run()
     assert again.exit_code == 0 and again.status == 200 and again.sha256() == digest, again.describe() + rc2.log_text()[-3000:]
-    out = skopeo_copy(world, "docker://registry-1.docker.io/library/big:1", tmp_path / "pull", proxy_env(world, rc2))
+    out = pull_big(world, rc2, tmp_path / "pull")
     assert out.returncode == 0, out.stderr
     assert dir_manifest_digest(tmp_path / "pull") == world.image("docker.io/library/big:1").manifest_digest
     assert store_has_blob(cache, digest)
@@ -207,9 +229,8 @@ def test_disk_full_passes_blobs_through_uncached_then_caches_after_growing(world
     rc = regcache_factory(cache_dir=small_tmpfs)
     image = world.image("docker.io/library/big:1")
     digest, size = big_layer(world)
-    env = proxy_env(world, rc)
 
-    out = skopeo_copy(world, "docker://registry-1.docker.io/library/big:1", tmp_path / "full", env)
+    out = pull_big(world, rc, tmp_path / "full")
     assert out.returncode == 0, out.stderr + rc.log_text()[-3000:]
     assert dir_manifest_digest(tmp_path / "full") == image.manifest_digest
     log = rc.log_text()
@@ -221,7 +242,7 @@ def test_disk_full_passes_blobs_through_uncached_then_caches_after_growing(world
 
     # the disk grows (same mount, live): the next pull caches the layer
     subprocess.run(["mount", "-o", "remount,size=400m", str(small_tmpfs)], check=True)
-    out = skopeo_copy(world, "docker://registry-1.docker.io/library/big:1", tmp_path / "roomy", env)
+    out = pull_big(world, rc, tmp_path / "roomy")
     assert out.returncode == 0, out.stderr + rc.log_text()[-3000:]
     assert store_has_blob(small_tmpfs, digest)
     token = pull_token(world, "library/big")
@@ -236,14 +257,11 @@ def test_disk_full_passes_blobs_through_uncached_then_caches_after_growing(world
 def test_two_processes_share_one_cache_dir(world, regcache_factory, tmp_path):
     cache = tmp_path / "shared"
     rc1 = regcache_factory(cache_dir=cache)
-    digest, size = big_layer(world)
-    token = pull_token(world, "library/big")
+    digest, size, token = big_layer_and_token(world)
 
     # the second process starts (and sweeps staging) while the first is mid-fill:
     # the first one's staging file is locked and must survive the sweep
-    with throttled_upstream(world):
-        c = big_curl(world, rc1, tmp_path, "first", token).start()
-        c.wait_received(1024 * 1024)
+    with big_download_under_way(world, rc1, tmp_path, "first", token) as c:
         assert len(staging_files(cache)) == 1
         rc2 = regcache_factory(cache_dir=cache, modes=["regular@8090"])
         assert "leftover staging" not in rc2.log_text()
@@ -300,8 +318,7 @@ def test_upstream_down_stale_tag_and_fast_oci_errors(world, regcache_factory, tm
     rc = regcache_factory(config="tag_ttl: 0s\n")
     env = proxy_env(world, rc)
     image = world.image("docker.io/library/small:1")
-    out = skopeo_copy(world, "docker://registry-1.docker.io/library/small:1", tmp_path / "warm", env)
-    assert out.returncode == 0, out.stderr
+    warm_small(world, rc, tmp_path)
 
     world.stop_upstream()
     try:
@@ -354,8 +371,7 @@ def test_dead_upstream_is_backed_off(world, regcache_factory, tmp_path, blackhol
     on, off = blackhole
     rc = regcache_factory(config="tag_ttl: 0s\nupstream_timeout: 3s\nupstream_backoff: 60s\n")
     image = world.image("docker.io/library/small:1")
-    out = skopeo_copy(world, "docker://registry-1.docker.io/library/small:1", tmp_path / "warm", proxy_env(world, rc))
-    assert out.returncode == 0, out.stderr
+    warm_small(world, rc, tmp_path)
 
     on()
     timings = []
