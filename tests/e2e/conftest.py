@@ -312,3 +312,24 @@ def mirror_registries_conf(path: Path, mirror: str, registries=("docker.io", "qu
         blocks.append(f'[[registry]]\nprefix = "{reg}"\nlocation = "{reg}"\n\n[[registry.mirror]]\nlocation = "{location}"\ninsecure = true\n')
     path.write_text("\n".join(blocks))
     return path
+
+
+@pytest.fixture
+def netns():
+    """A bare network namespace of its own (only lo), for tests that need no world; every
+    process left in it is killed and the namespace removed afterwards."""
+    import signal
+
+    name = f"rcns{os.getpid()}"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+    try:
+        yield name
+    finally:
+        for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        subprocess.run(["ip", "netns", "del", name])

@@ -30,22 +30,6 @@ ENTRYPOINT = DOCKER / "entrypoint.sh"
 VENV_BIN = Path(sys.executable).parent
 
 
-@pytest.fixture
-def netns():
-    name = f"rcdep{os.getpid()}"
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "pids", name], capture_output=True)
-        for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        subprocess.run(["ip", "netns", "del", name])
 
 
 def in_ns(ns: str, script: str, env: dict | None = None, check=True) -> subprocess.CompletedProcess:

@@ -30,21 +30,6 @@ DOCKERD = shutil.which("dockerd")
 DOCKER = shutil.which("docker")
 
 
-@pytest.fixture
-def netns():
-    name = f"rcop{os.getpid()}"
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-    try:
-        yield name
-    finally:
-        for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        subprocess.run(["ip", "netns", "del", name])
 
 
 class Dockerd:
