@@ -25,6 +25,7 @@ from mitmproxy.proxy import mode_specs
 from . import oci
 from .blobs import Follow, Hit, Relay, Uncached
 from .blobserver import FASTPATH_PREFIX, BlobServer, Signer, Ticket
+from .clients import ClientNetworks, ClientPolicy
 from .concurrency import Workers
 from .config import Config, ConfigError, load_config
 from .destinations import DestinationPolicy
@@ -226,10 +227,12 @@ class RegistryCache:
         self.signer = Signer(os.urandom(32))
         self.blobserver: BlobServer | None = None
         self._store: Store | None = None
+        self._client_networks = ClientNetworks()
         # statistics, /metrics and the status page: observes every flow's outcome
         self.monitor = Monitor(self)
         self.routing = Routing(self)
         self.addons = [
+            ClientPolicy(self),  # first: a client outside client_networks gets nothing at all
             Interception(),
             DestinationPolicy(self),  # no proxying into this host, checked before anything is fetched
             self.routing,
@@ -237,6 +240,20 @@ class RegistryCache:
             Manifests(),
             self.monitor,
         ]
+
+    @property
+    def client_networks(self) -> ClientNetworks:
+        """The allowlist of client networks in force (every listener asks it)."""
+        if self._client_networks.networks != tuple(self.config.client_networks):
+            self._client_networks = ClientNetworks(self.config.client_networks)
+        return self._client_networks
+
+    def client_allowed(self, peer: str | None, listener: str) -> bool:
+        allowlist = self.client_networks
+        if allowlist.allows(peer):
+            return True
+        allowlist.refused(peer, listener)
+        return False
 
     # The current services, by name (the status page, the tests).
     @property
@@ -347,6 +364,7 @@ class RegistryCache:
         if "keep_host_header" in ctx.options and not ctx.options.keep_host_header:
             ctx.options.update(keep_host_header=True)
         self.blobserver = BlobServer(self.services.store, self.services.fills, self.signer)
+        self.blobserver.client_allowed = lambda peer: self.client_allowed(peer, "fast path")
         self.monitor.use(self.services)  # the blob server counts the bytes it sends
         fast_port = self.config.fastpath_port if self.config.fastpath != "off" else None
         try:

@@ -29,6 +29,7 @@ import logging
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
@@ -218,6 +219,8 @@ class BlobServer:
         self.servers: list[asyncio.base_events.Server] = []
         self.inband_port = 0
         self.fastpath_port = 0
+        # who may use the fast-path port (the parent sets the client_networks check)
+        self.client_allowed: Callable[[str | None], bool] = lambda peer: True
         self.stats = None  # stats.Stats: counts body bytes sent (from a stored file or a download)
         self.max_fastpath_connections = max_fastpath_connections or fastpath_connection_cap()
         # open fast-path connections, the one waiting for a request the longest first
@@ -290,6 +293,10 @@ class BlobServer:
     # --- connection handling ---------------------------------------------------------
 
     async def _handle_fastpath(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        if not self.client_allowed(peer[0] if peer else None):
+            writer.close()  # outside client_networks: not even a slot
+            return
         conn = self._admit(writer)
         if conn is None:
             return

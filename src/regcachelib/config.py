@@ -88,6 +88,8 @@ class Config:
     # ranges are refused otherwise, so a registry cannot point regcache at the cache host's
     # own services or its LAN.
     redirect_allow: list = field(default_factory=list)
+    # Networks whose clients may use the cache at all (every listener); empty: everyone.
+    client_networks: list = field(default_factory=list)
     # the settings the file named: what the operator asked for, as opposed to a default
     explicit: set[str] = field(default_factory=set)
 
@@ -277,6 +279,7 @@ _KEYS = {
     "status_show_private": ("status_show_private", _bool),
     "proxy_allow": ("proxy_allow", _allowed_destinations),
     "redirect_allow": ("redirect_allow", _networks),
+    "client_networks": ("client_networks", _networks),
 }
 
 

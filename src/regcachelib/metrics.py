@@ -382,6 +382,11 @@ class Monitor:
             self.server = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        allowed = getattr(self.cache, "client_allowed", None)
+        if allowed is not None and not allowed(peer[0] if peer else None, "metrics listener"):
+            writer.close()
+            return
         try:
             try:
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
