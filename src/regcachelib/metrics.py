@@ -28,6 +28,7 @@ cull at 100% (which knows nothing of manifests) has to.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import html
 import json
 import logging
@@ -468,10 +469,15 @@ class Monitor:
                 shown = visible(fill.registry, fill.repo)
                 fills.append({"digest": str(fill.digest) if shown else None, "registry": fill.registry,
                               "repo": fill.repo if shown else PRIVATE, "written": fill.written, "size": fill.size})
+        upstream = cache.upstream
         return {
             "time": time.time(),
+            "version": regcache_version(),
+            "since": snap.since if snap is not None else None,  # what the page's "counting since" shows
             "uptime": time.time() - self.started,
             "directory": store.directory if store is not None else None,
+            # registry endpoints regcache is backing off after a failure: their misses answer 503
+            "upstream_backed_off": upstream.backed_off() if upstream is not None else [],
             "stats": snap.as_dict() if snap is not None else None,
             "store": summary,
             "recent_misses": misses,
@@ -480,6 +486,13 @@ class Monitor:
 
     def render_html(self) -> str:
         return render_status_page(self.status())
+
+
+def regcache_version() -> str:
+    try:
+        return importlib.metadata.version("regcache")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _short_ref(ref: str) -> str:
@@ -526,7 +539,12 @@ def render_status_page(status: dict) -> str:
         f"<td>{human(f['written'])} of {human(f['size'])}</td></tr>"
         for f in status.get("fills_in_flight") or []
     ) or '<tr><td colspan="3">none</td></tr>'
-    since = e(time.strftime('%Y-%m-%d %H:%M', time.localtime(stats.get('since') or status.get('time', 0))))
+    rows_down = "".join(
+        f"<tr><td>{e(d['scheme'])}://{e(d['host'])}:{e(str(d['port']))}"
+        f"{' at ' + e(d['address']) if d.get('address') else ''}</td><td>{e(str(d['retry_in']))} s</td></tr>"
+        for d in status.get("upstream_backed_off") or []
+    ) or '<tr><td colspan="2">every registry answered its last request</td></tr>'
+    since = e(time.strftime('%Y-%m-%d %H:%M', time.localtime(status.get('since') or status.get('time', 0))))
     entries = (f"{store.get('blobs', 0)} blobs · {store.get('manifests', 0)} manifests · "
                f"{store.get('tags', 0)} tags · {store.get('pins', 0)} pinned")
     return f"""<!doctype html>
@@ -541,7 +559,8 @@ td,th{{border-bottom:1px solid #ddd;padding:.3em .8em;text-align:left;white-spac
 .bar{{width:20em;height:1em;background:#eee;border-radius:3px}}
 .bar div{{height:100%;background:#4a8;border-radius:3px}}
 </style></head><body>
-<h1>regcache</h1><p class="sub">cache <code>{e(str(status.get('directory')))}</code> · counting since {since}</p>
+<h1>regcache</h1><p class="sub">cache <code>{e(str(status.get('directory')))}</code> · counting since {since} ·
+regcache {e(str(status.get('version')))}</p>
 <div class="cards">
 <div class="card" id="hit-ratio"><div>Hit ratio</div><div class="v">{_pct(stats.get('hit_ratio'))}</div>
 <div>{stats.get('hits', 0)} hits · {stats.get('misses', 0)} misses</div></div>
@@ -554,6 +573,8 @@ td,th{{border-bottom:1px solid #ddd;padding:.3em .8em;text-align:left;white-spac
 <h2>Registries</h2><table id="registries">
 <tr><th>registry</th><th>requests</th><th>hits</th><th>misses</th><th>hit ratio</th><th>from upstream</th></tr>
 {rows_reg}</table>
+<h2>Upstream health</h2><table id="upstream-health">
+<tr><th>backed off (a recent connection failed; misses answer 503 until)</th><th>retry in</th></tr>{rows_down}</table>
 <h2>Top images</h2><table id="top-images"><tr><th>image</th><th>pulls</th></tr>{rows_top}</table>{note_private}
 <h2>Recent misses</h2><table id="recent-misses">
 <tr><th>time</th><th>repository</th><th>kind</th><th>reference</th><th>size</th></tr>{rows_miss}</table>

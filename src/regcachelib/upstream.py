@@ -336,6 +336,14 @@ class Upstream:
                     for key in [k for k, until in self._down_until.items() if until <= now]:
                         del self._down_until[key]
 
+    def backed_off(self) -> list[dict]:
+        """The registry endpoints backed off right now, for the status page."""
+        now = time.monotonic()
+        with self._lock:
+            down = [(k, until) for k, until in self._down_until.items() if until > now]
+        return [{"scheme": scheme, "host": host, "port": port, "address": address,
+                 "retry_in": round(until - now, 1)} for (scheme, host, port, address), until in sorted(down)]
+
     def request(
         self,
         method: str,

@@ -446,3 +446,22 @@ def test_every_addon_method_named_like_a_hook_takes_that_hooks_arguments():
                             f"with ({', '.join(fields)}): {e}")
             checked.append(f"{type(addon).__name__}.{name}")
     assert "Monitor.configure" in checked and "Blobs.request" in checked and "Manifests.request" in checked
+
+
+def test_status_shows_version_since_and_backed_off_registries(tmp_path):
+    store = Store(str(tmp_path / "cache"))
+    up = Upstream(ssl.create_default_context(), timeout=2, backoff=30)
+    with pytest.raises(UpstreamUnavailable):
+        up.request("GET", Target("127.0.0.1", 1, "http"), "/v2/", [])  # nothing listens on port 1
+    cache = _fake_cache(store)
+    cache.upstream = up
+    monitor = Monitor(cache)
+    monitor.stats = Stats(store.tags)
+    monitor.stats.request("docker.io", "manifest", "HIT", "library/small", "GET", 1)
+    status = monitor.status()
+    assert status["version"] not in ("", None) and status["since"] == monitor.stats.snapshot().since
+    [down] = status["upstream_backed_off"]
+    assert (down["scheme"], down["host"], down["port"]) == ("http", "127.0.0.1", 1) and 0 < down["retry_in"] <= 30
+    page = render_status_page(status)
+    assert "Upstream health" in page and "http://127.0.0.1:1" in page and status["version"] in page
+    store.close()
