@@ -72,7 +72,10 @@ def create(certs_dir: str, organization: str | None = None) -> tuple[bool, str]:
 def cert_path(certs_dir: str) -> str:
     p = os.path.join(certs_dir, CERT_FILE)
     if not os.path.exists(p):
-        raise CAError(f"no CA in {certs_dir} (create it: regcache ca create --certs {certs_dir}; mitmdump also creates it on first start)")
+        raise CAError(
+            f"no CA in {certs_dir} (create it: regcache ca create --certs {certs_dir}; mitmdump also creates "
+            "it on first start)"
+        )
     return p
 
 
@@ -88,8 +91,15 @@ def info(certs_dir: str) -> CAInfo:
     except AttributeError:  # cryptography < 42
         nb, na = cert.not_valid_before, cert.not_valid_after
     fp = cert.fingerprint(hashes.SHA256()).hex().upper()
-    return CAInfo(p, cert.subject.rfc4514_string(), cert.issuer.rfc4514_string(), nb.isoformat(), na.isoformat(),
-                  ":".join(fp[i:i + 2] for i in range(0, len(fp), 2)), pem)
+    return CAInfo(
+        p,
+        cert.subject.rfc4514_string(),
+        cert.issuer.rfc4514_string(),
+        nb.isoformat(),
+        na.isoformat(),
+        ":".join(fp[i : i + 2] for i in range(0, len(fp), 2)),
+        pem,
+    )
 
 
 def key_mode_problem(certs_dir: str) -> str | None:
@@ -117,7 +127,10 @@ def install_system(certs_dir: str, root: str = "/", update: bool = True) -> list
     if update:
         exe = shutil.which("update-ca-certificates")
         if exe is None:
-            raise CAError(f"copied to {dest}, but update-ca-certificates is not installed (on RHEL-likes: copy to /etc/pki/ca-trust/source/anchors/ and run update-ca-trust)")
+            raise CAError(
+                f"copied to {dest}, but update-ca-certificates is not installed (on RHEL-likes: copy to "
+                "/etc/pki/ca-trust/source/anchors/ and run update-ca-trust)"
+            )
         r = subprocess.run([exe], capture_output=True, text=True)
         if r.returncode != 0:
             raise CAError(f"update-ca-certificates failed: {r.stderr.strip() or r.stdout.strip()}")

@@ -71,7 +71,7 @@ def parse_cache(text: str | None) -> Cache:
     text = text.strip()
     for prefix in ("http://", "https://"):
         if text.startswith(prefix):
-            text = text[len(prefix):]
+            text = text[len(prefix) :]
     text = text.rstrip("/")
     if text.startswith("["):  # [v6]:port
         host, _, rest = text[1:].partition("]")
@@ -102,7 +102,9 @@ def parse_docker_version(text: str) -> tuple[int, int]:
     """(major, minor) from "20.10", "24.0.7" or the whole `dockerd --version` line."""
     m = re.search(r"(?:^|[^\w.])v?(\d+)(?:\.(\d+))?", text)
     if not m:
-        raise ValueError(f"--docker-version: no version in {text!r} (e.g. 20.10, 24.0.7, or dockerd --version's output)")
+        raise ValueError(
+            f"--docker-version: no version in {text!r} (e.g. 20.10, 24.0.7, or dockerd --version's output)"
+        )
     return int(m.group(1)), int(m.group(2) or 0)
 
 
@@ -136,14 +138,18 @@ def docker(cache: Cache, proxies: bool = True, version: tuple[int, int] | None =
     )
     if with_proxies:
         hint += (
-            f"# proxies (dockerd {version[0]}.{version[1]} >= 23): every other registry goes through the cache's HTTPS proxy\n"
+            f"# proxies (dockerd {version[0]}.{version[1]} >= 23): every other registry goes through the "
+            "cache's HTTPS proxy\n"
             f"# ({proxy}); trust its CA: regcache ca install system (or: regcache ca install docker).\n"
         )
     elif proxies:
-        why = ("dockerd version unknown (no dockerd here; give --docker-version, e.g. $(ssh NODE dockerd --version))"
-               if version is None else f"dockerd {version[0]}.{version[1]} < 23 refuses daemon.json \"proxies\"")
+        why = (
+            "dockerd version unknown (no dockerd here; give --docker-version, e.g. $(ssh NODE dockerd --version))"
+            if version is None
+            else f'dockerd {version[0]}.{version[1]} < 23 refuses daemon.json "proxies"'
+        )
         hint += (
-            f"# no \"proxies\": {why}.\n"
+            f'# no "proxies": {why}.\n'
             f"# For every other registry use the systemd drop-in: regcache client-config systemd --cache {cache.host}\n"
         )
     return json.dumps(doc, indent=2) + "\n", hint
@@ -151,8 +157,8 @@ def docker(cache: Cache, proxies: bool = True, version: tuple[int, int] | None =
 
 def containerd(cache: Cache) -> tuple[str, str]:
     text = (
-        f'# /etc/containerd/certs.d/_default/hosts.toml: every registry through regcache\'s mirror\n'
-        f'# (containerd names the registry in ?ns=<registry>; regcache routes by it)\n'
+        f"# /etc/containerd/certs.d/_default/hosts.toml: every registry through regcache's mirror\n"
+        f"# (containerd names the registry in ?ns=<registry>; regcache routes by it)\n"
         f'[host."http://{cache.mirror}"]\n'
         f'  capabilities = ["pull", "resolve"]\n'
     )
@@ -170,7 +176,10 @@ def podman(cache: Cache, registries: list[str] | None = None) -> tuple[str, str]
     for reg in registries or MIRRORED:
         # Docker Hub is the mirror listener's own upstream; others are named by a path prefix.
         location = cache.mirror if reg == "docker.io" else f"{cache.mirror}/{reg}"
-        blocks.append(f'[[registry]]\nprefix = "{reg}"\nlocation = "{reg}"\n\n[[registry.mirror]]\nlocation = "{location}"\ninsecure = true\n')
+        blocks.append(
+            f'[[registry]]\nprefix = "{reg}"\nlocation = "{reg}"\n\n[[registry.mirror]]\nlocation = '
+            f'"{location}"\ninsecure = true\n'
+        )
     hint = "# write to /etc/containers/registries.conf.d/50-regcache.conf (podman, CRI-O, skopeo, buildah read it)\n"
     return "\n".join(blocks), hint
 
@@ -214,7 +223,11 @@ def iptables(cache: Cache, user: str = "regcache", iface: str | None = None, rem
         raise ValueError(f"--iface: {iface!r} is not an interface name")
     port = cache.port or cache.transparent_port
     rules = _iptables_rules(port, user, iface)
-    options = f"--user {shlex.quote(user)}" + (f" --iface {shlex.quote(iface)}" if iface else "") + (f" --transparent-port {port}" if port != TRANSPARENT_PORT else "")
+    options = (
+        f"--user {shlex.quote(user)}"
+        + (f" --iface {shlex.quote(iface)}" if iface else "")
+        + (f" --transparent-port {port}" if port != TRANSPARENT_PORT else "")
+    )
     lines = ["#!/bin/sh"]
     if remove:
         lines += [
@@ -222,7 +235,11 @@ def iptables(cache: Cache, user: str = "regcache", iface: str | None = None, rem
             "set -u",
             "for tool in iptables ip6tables; do",
             '    if ! { command -v "$tool" >/dev/null 2>&1 && "$tool" -t nat -S >/dev/null 2>&1; }; then continue; fi',
-            *[f'    while "$tool" -t nat -D {chain} {rule} 2>/dev/null; do :; done' for chain, rule in rules if chain != "REGCACHE"],
+            *[
+                f'    while "$tool" -t nat -D {chain} {rule} 2>/dev/null; do :; done'
+                for chain, rule in rules
+                if chain != "REGCACHE"
+            ],
             '    "$tool" -t nat -F REGCACHE 2>/dev/null && "$tool" -t nat -X REGCACHE 2>/dev/null',
             "done",
             "exit 0",
@@ -239,18 +256,19 @@ def iptables(cache: Cache, user: str = "regcache", iface: str | None = None, rem
     if not user.isdigit():  # a bare uid needs no user entry: the owner match compares numbers
         lines += [
             f"if ! id -u {q_user} >/dev/null 2>&1; then",
-            f"    echo \"no user {user} on this host: regcache must run as the user exempted here, or its own\" >&2",
-            "    echo \"upstream connections loop back into itself (create it, or give --user)\" >&2",
+            f'    echo "no user {user} on this host: regcache must run as the user exempted here, or its own" >&2',
+            '    echo "upstream connections loop back into itself (create it, or give --user)" >&2',
             "    exit 1",
             "fi",
         ]
     lines += [
         "add() {  # add TOOL CHAIN RULE...: append the rule to the nat table unless it is there",
-        '    tool=$1; shift',
+        "    tool=$1; shift",
         '    "$tool" -t nat -C "$@" 2>/dev/null || "$tool" -t nat -A "$@"',
         "}",
         "for tool in iptables ip6tables; do",
-        '    if [ "$tool" = ip6tables ] && ! { command -v ip6tables >/dev/null 2>&1 && ip6tables -t nat -S >/dev/null 2>&1; }; then',
+        '    if [ "$tool" = ip6tables ] && ! '
+        '{ command -v ip6tables >/dev/null 2>&1 && ip6tables -t nat -S >/dev/null 2>&1; }; then',
         '        echo "ip6tables: no IPv6 NAT on this host; IPv6 connections to port 443 are not redirected" >&2',
         "        continue",
         "    fi",
@@ -261,7 +279,8 @@ def iptables(cache: Cache, user: str = "regcache", iface: str | None = None, rem
     hint = (
         "# run as root on the host where regcache runs (IPv4 and IPv6); running it again adds nothing.\n"
         f"# undo: regcache client-config iptables {options} --remove | sudo sh\n"
-        "# clients must trust regcache's CA (regcache ca install system). docker/entrypoint-transparent.sh does all this.\n"
+        "# clients must trust regcache's CA (regcache ca install system). docker/entrypoint-transparent.sh "
+        "does all this.\n"
     )
     return "\n".join(lines) + "\n", hint
 

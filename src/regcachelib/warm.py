@@ -35,7 +35,9 @@ def registry_error_text(body: bytes) -> str:
     try:
         errors = json.loads(body).get("errors")
         if isinstance(errors, list):
-            text = "; ".join(": ".join(str(e[k]) for k in ("code", "message") if isinstance(e, dict) and e.get(k)) for e in errors)
+            text = "; ".join(
+                ": ".join(str(e[k]) for k in ("code", "message") if isinstance(e, dict) and e.get(k)) for e in errors
+            )
     except (ValueError, AttributeError):
         pass
     if not text:
@@ -55,8 +57,13 @@ class RegistryClient:
     go there with ?ns=<registry> (the way containerd names the registry to a mirror).
     """
 
-    def __init__(self, upstream: Upstream, registry: str, mirror: tuple[str, int] | None = None,
-                 credentials: tuple[str, str] | None = None):
+    def __init__(
+        self,
+        upstream: Upstream,
+        registry: str,
+        mirror: tuple[str, int] | None = None,
+        credentials: tuple[str, str] | None = None,
+    ):
         self.upstream = upstream
         self.registry = registry
         self.mirror = mirror
@@ -85,8 +92,9 @@ class RegistryClient:
         resp.close()
         token = self._token(repo, challenge)
         if token is None:
-            raise WarmError(f"{self.registry}/{repo}: 401 Unauthorized and no anonymous token "
-                            f"({challenge or 'no challenge'})")
+            raise WarmError(
+                f"{self.registry}/{repo}: 401 Unauthorized and no anonymous token " f"({challenge or 'no challenge'})"
+            )
         self._tokens[repo] = token
         return self.upstream.request(method, self.target, self.path(path), [*headers, ("Authorization", token)])
 
@@ -100,8 +108,10 @@ class RegistryClient:
         try:
             if resp.status != 200:
                 body = resp.read_all(64 * 1024) if resp.status != 304 else b""
-                raise WarmError(f"{self.registry}/{repo}:{reference}: manifest: upstream answered "
-                                f"{resp.status}{registry_error_text(body)}")
+                raise WarmError(
+                    f"{self.registry}/{repo}:{reference}: manifest: upstream answered "
+                    f"{resp.status}{registry_error_text(body)}"
+                )
             body = resp.read_all(oci.MAX_MANIFEST_BYTES)
             media_type = oci.manifest_media_type(body, resp.header("content-type"))
             claimed = resp.header("docker-content-digest")
@@ -113,8 +123,9 @@ class RegistryClient:
                 raise WarmError(f"{self.registry}/{repo}@{reference}: manifest does not match its digest")
             digest = reference
         elif claimed and claimed.startswith("sha256:") and claimed != digest:
-            raise WarmError(f"{self.registry}/{repo}:{reference}: manifest hashes to {digest}, "
-                            f"upstream claims {claimed}")
+            raise WarmError(
+                f"{self.registry}/{repo}:{reference}: manifest hashes to {digest}, " f"upstream claims {claimed}"
+            )
         return digest, media_type, body
 
 
@@ -161,8 +172,17 @@ def images_from_misses(path: str) -> list[str]:
 class Warmer:
     """Pulls images into a store (direct) or through a running cache (mirror)."""
 
-    def __init__(self, upstream: Upstream, store: Store | None, platforms: list[str],
-                 mirror: tuple[str, int] | None = None, jobs: int = 4, stats=None, progress=None, credentials=None):
+    def __init__(
+        self,
+        upstream: Upstream,
+        store: Store | None,
+        platforms: list[str],
+        mirror: tuple[str, int] | None = None,
+        jobs: int = 4,
+        stats=None,
+        progress=None,
+        credentials=None,
+    ):
         self.upstream = upstream
         self.store = store
         self.platforms = platforms or ["linux/amd64"]
@@ -276,19 +296,36 @@ class Warmer:
             # fetched anonymously: the repository is public, as the proxy's own probe would find
             # (an offline cache serves only repositories it knows to be public)
             self.store.set_public(ref.registry, ref.repo, True)
-        self.store.log_miss({"registry": ref.registry, "repo": ref.repo, "reference": tag or digest, "digest": digest,
-                             "kind": "manifest", "media_type": media_type, "size": len(body), "outcome": "WARM"})
+        self.store.log_miss(
+            {
+                "registry": ref.registry,
+                "repo": ref.repo,
+                "reference": tag or digest,
+                "digest": digest,
+                "kind": "manifest",
+                "media_type": media_type,
+                "size": len(body),
+                "outcome": "WARM",
+            }
+        )
 
-    async def _fill_blobs(self, fills: Fills, client: RegistryClient, ref: ImageRef,
-                          todo: dict[str, int | None]) -> None:
+    async def _fill_blobs(
+        self, fills: Fills, client: RegistryClient, ref: ImageRef, todo: dict[str, int | None]
+    ) -> None:
         sem = asyncio.Semaphore(self.jobs)
 
         async def one(d: str):
             async with sem:
                 for attempt in (1, 2):
                     digest = oci.parse_digest(d)
-                    fill = fills.start(digest, ref.registry, ref.repo, client.target, f"/v2/{ref.repo}/blobs/{d}",
-                                       client.auth_headers(ref.repo))
+                    fill = fills.start(
+                        digest,
+                        ref.registry,
+                        ref.repo,
+                        client.target,
+                        f"/v2/{ref.repo}/blobs/{d}",
+                        client.auth_headers(ref.repo),
+                    )
                     before = 0
                     while not fill.done:
                         await fill.wait_for_change()
@@ -299,7 +336,8 @@ class Warmer:
                     if fill.status == 401 and attempt == 1:
                         # token expired (or none yet): get one, then retry once
                         resp = await asyncio.get_running_loop().run_in_executor(
-                            None, client.request, "HEAD", ref.repo, f"/v2/{ref.repo}/blobs/{d}")
+                            None, client.request, "HEAD", ref.repo, f"/v2/{ref.repo}/blobs/{d}"
+                        )
                         resp.close()
                         continue
                     if not fill.ok:
@@ -308,9 +346,18 @@ class Warmer:
                         raise WarmError(f"{ref}: blob {d}: cache disk full")
                     self.report.blobs_fetched += 1
                     self.report.bytes_fetched += fill.written
-                    self.store.log_miss({"registry": ref.registry, "repo": ref.repo, "reference": d, "digest": d,
-                                         "kind": "blob", "media_type": fill.content_type, "size": fill.written,
-                                         "outcome": "WARM"})
+                    self.store.log_miss(
+                        {
+                            "registry": ref.registry,
+                            "repo": ref.repo,
+                            "reference": d,
+                            "digest": d,
+                            "kind": "blob",
+                            "media_type": fill.content_type,
+                            "size": fill.written,
+                            "outcome": "WARM",
+                        }
+                    )
                     return
 
         results = await asyncio.gather(*(one(d) for d in todo), return_exceptions=True)
