@@ -291,6 +291,10 @@ def _reusable(conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) 
         # Nothing left on the wire (a HEAD, a body read to its Content-Length by read1):
         # read() only marks the response complete.
         resp.read()
+    if not resp.chunked and resp.length != 0:
+        # read()/read1() also mark a response closed when the server ended it early (a body
+        # shorter than its Content-Length): that connection is done for.
+        return False
     return resp.isclosed() and not resp.will_close and conn.sock is not None
 
 

@@ -154,3 +154,14 @@ def test_http_1_0_server_gets_a_connection_per_request(client):
         assert plain.connections == 3
     finally:
         plain.close()
+
+
+def test_a_body_cut_short_by_the_server_is_not_pooled(server, client):
+    server.routes["/v2/r/blobs/short"] = Reply(200, b"s" * 100_000, close_after=1000)
+    resp = client.request("GET", target(server), "/v2/r/blobs/short", [])
+    got = b""
+    while chunk := resp.read1(65536):
+        got += chunk
+    resp.close()
+    assert got == b"s" * 1000
+    assert client._pool._idle == {}
