@@ -165,3 +165,14 @@ def test_a_body_cut_short_by_the_server_is_not_pooled(server, client):
     resp.close()
     assert got == b"s" * 1000
     assert client._pool._idle == {}
+
+
+def test_the_exchange_deadline_covers_a_reused_socket_and_lets_go_of_it_on_release(server, client):
+    fetch(client, "GET", target(server), "/v2/r/manifests/1", [])
+    resp = client.request("GET", target(server), "/v2/r/manifests/1", [])
+    assert server.connections == 1  # reused
+    deadline = resp._deadline
+    assert resp._sock in deadline._socks  # a stuck upstream is cut off at the deadline on this socket too
+    resp.read_all(1 << 20)
+    resp.close()
+    assert deadline._socks == []  # expiring later must not shut down the pooled connection
