@@ -557,7 +557,11 @@ class Upstream:
             if follow_redirects and resp.status in REDIRECTS and location:
                 # Drained, the registry's connection can serve the next request; the next hop
                 # (a CDN) is another pool key.
-                resp.read(64 * 1024)
+                try:
+                    resp.read(64 * 1024)
+                except (OSError, http.client.HTTPException) as e:
+                    conn.close()
+                    raise UpstreamUnavailable(f"{host}: redirect body: {e.__class__.__name__}: {e}") from e
                 deadline.detach(sock)
                 self._pool.release(pool_key, conn, resp)
                 url = urljoin(url, location)
