@@ -197,8 +197,11 @@ class Fill:
                 if self.stats is not None:
                     self.stats.upstream_bytes(self.registry, written)
                 log.debug("fill of %s done (%d bytes)", self.digest, written)
+            except BaseException:
+                resp.discard()  # a body not read to its end never goes back to the pool
+                raise
             finally:
-                resp.close()
+                resp.close()  # back to the pool when the body was read to its end
         except FillFailed as e:
             log.warning("blob %s from %s/%s not cached: %s", self.digest, self.registry, self.repo, e)
             self._publish(failure=str(e), done=True)

@@ -78,6 +78,11 @@ class Deadline:
         with self._lock:
             self._socks = []
 
+    def detach(self, sock: socket.socket | None) -> None:
+        """sock no longer belongs to this exchange (it went back to the pool)."""
+        with self._lock:
+            self._socks = [s for s in self._socks if s is not sock]
+
     def __lt__(self, other: "Deadline") -> bool:
         return self.at < other.at
 
@@ -209,6 +214,8 @@ class UpstreamResponse:
     _resp: http.client.HTTPResponse | None = field(default=None, repr=False)
     _sock: socket.socket | None = field(default=None, repr=False)
     _deadline: Deadline | None = field(default=None, repr=False)
+    _pool: "_Pool | None" = field(default=None, repr=False)
+    _pool_key: tuple | None = field(default=None, repr=False)
 
     def end_deadline(self) -> None:
         """The exchange's total deadline no longer applies (a long body with per-read timeouts)."""
@@ -258,10 +265,105 @@ class UpstreamResponse:
         return data
 
     def close(self) -> None:
+        """Done with this response: its connection goes back to the pool when the body was
+        read to its end and the server keeps it open; otherwise it is closed."""
         self.end_deadline()
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self._pool is not None and self._pool_key is not None and self._resp is not None:
+            self._pool.release(self._pool_key, conn, self._resp)
+        else:
+            conn.close()
+
+    def discard(self) -> None:
+        """Abandon the body (a failed fill, a client gone): the connection is closed, never reused."""
+        self.end_deadline()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+def _reusable(conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> bool:
+    """Whether conn may carry another request: its response was read to the very end and
+    neither side asked to close. A body left unread would be taken for the next response."""
+    if not resp.isclosed() and (resp._method == "HEAD" or (not resp.chunked and resp.length == 0)):
+        # Nothing left on the wire (a HEAD, a body read to its Content-Length by read1):
+        # read() only marks the response complete.
+        resp.read()
+    if not resp.chunked and resp.length != 0:
+        # read()/read1() also mark a response closed when the server ended it early (a body
+        # shorter than its Content-Length): that connection is done for.
+        return False
+    return resp.isclosed() and not resp.will_close and conn.sock is not None
+
+
+class _Pool:
+    """Idle keep-alive connections per endpoint: a cold pull of many small layers reuses a
+    handful of TCP+TLS connections instead of opening one per request.
+
+    Keyed by everything that decided how a connection was made (scheme, host, port, fixed
+    address, whether redirect_allow checked the address, TLS context). HTTP/1.1 keeps no
+    authentication state on a connection -- credentials travel in each request's headers --
+    so one pooled connection may serve requests made with different clients' credentials.
+    """
+
+    def __init__(self, per_key: int = 4, idle_timeout: float = 30.0):
+        self.per_key = per_key
+        self.idle_timeout = idle_timeout
+        self._idle: dict[tuple, list[tuple[float, http.client.HTTPConnection]]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: tuple) -> http.client.HTTPConnection | None:
+        """The most recently used live idle connection for key, or None."""
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                if not idle:
+                    return None
+                since, conn = idle.pop()
+                if not idle:
+                    del self._idle[key]
+            if time.monotonic() - since <= self.idle_timeout and _quiet(conn.sock):
+                return conn
+            conn.close()
+
+    def release(self, key: tuple, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse) -> None:
+        try:
+            reusable = _reusable(conn, resp)
+        except (OSError, http.client.HTTPException):
+            reusable = False
+        if reusable:
+            with self._lock:
+                idle = self._idle.setdefault(key, [])
+                if len(idle) < self.per_key:
+                    idle.append((time.monotonic(), conn))
+                    return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, {}
+        for conns in idle.values():
+            for _, conn in conns:
+                conn.close()
+
+
+def _quiet(sock: socket.socket | None) -> bool:
+    """An idle connection has nothing to read; readable means the server closed it (EOF) or
+    sent something no request asked for: either way it cannot carry another request."""
+    if sock is None or sock.fileno() < 0:
+        return False
+    try:
+        return not select.select([sock], [], [], 0)[0]
+    except (OSError, ValueError):
+        return False
+
+
+# Failures of a pooled connection the server had already closed, before any response byte:
+# the request never reached it and is sent once more on a fresh connection.
+_STALE = (ConnectionError, http.client.RemoteDisconnected, ssl.SSLEOFError, ssl.SSLZeroReturnError)
+_IDEMPOTENT = frozenset({"GET", "HEAD"})
 
 
 class _Connection(http.client.HTTPSConnection):
@@ -284,6 +386,9 @@ class _Connection(http.client.HTTPSConnection):
             sock = _connect_allowed(self._address or self.host, self.port, self.timeout, self._redirect_allow)
         self._deadline.attach(sock)  # the TLS handshake is inside the deadline too
         self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+        # wrap_socket took over the descriptor (sock is detached now): the deadline must shut
+        # down the TLS socket for the rest of the exchange.
+        self._deadline.attach(self.sock)
 
 
 class _PlainConnection(http.client.HTTPConnection):
@@ -316,6 +421,11 @@ class Upstream:
         # registry host -> hosts it redirected us to that then asked for a Bearer token
         # (registry.k8s.io -> *-docker.pkg.dev): the client's token was issued for them.
         self._challenge_hosts: dict[str, set[str]] = {}
+        self._pool = _Pool()
+
+    def close(self) -> None:
+        """Close the idle pooled connections."""
+        self._pool.close()
 
     # A dead upstream should not make every request wait for a connect timeout. The back-off
     # is kept per endpoint (scheme, host, port, address), for a registry's own endpoint only:
@@ -403,32 +513,46 @@ class Upstream:
                 send_headers = [(k, v) for k, v in send_headers if k.lower() not in ("authorization", "cookie")]
             netloc = host if port in (80, 443) else f"{host}:{port}"
             send_headers.append(("Host", netloc))
-            if parts.scheme == "https":
-                allow = self.redirect_allow if checked else None
-                conn: http.client.HTTPConnection = _Connection(
-                    host, port, address, self.ssl_context, self.timeout, deadline, allow
-                )
-            else:
-                conn = _PlainConnection(address or host, port, self.timeout, deadline)
+            allow = self.redirect_allow if checked and parts.scheme == "https" else None
+            pool_key = (parts.scheme, host, port, address, allow is not None, id(self.ssl_context))
             req_path = parts.path + ("?" + parts.query if parts.query else "")
-            try:
-                conn.putrequest(method, req_path or "/", skip_host=True, skip_accept_encoding=True)
-                for k, v in send_headers:
-                    conn.putheader(k, v)
-                conn.endheaders()
-                sock = conn.sock  # getresponse() drops it from a connection that will close
-                resp = conn.getresponse()
-            except RedirectRefused as e:
-                conn.close()
-                log.warning("not following %s's redirect: %s", origin_host, e)
-                raise
-            except (OSError, http.client.HTTPException, ssl.SSLError) as e:
-                conn.close()
-                if endpoint:
-                    self._mark(endpoint, False)
-                if deadline.expired:
-                    raise UpstreamUnavailable(f"{host}: no answer within {self.timeout:g}s") from e
-                raise UpstreamUnavailable(f"{host}: {e.__class__.__name__}: {e}") from e
+            conn = self._pool.take(pool_key) if method in _IDEMPOTENT else None
+            while True:
+                reused = conn is not None
+                if conn is None:
+                    if parts.scheme == "https":
+                        conn = _Connection(host, port, address, self.ssl_context, self.timeout, deadline, allow)
+                    else:
+                        conn = _PlainConnection(address or host, port, self.timeout, deadline)
+                else:
+                    # A reused socket is inside this exchange's deadline like a new one.
+                    conn._deadline = deadline
+                    deadline.attach(conn.sock)
+                try:
+                    conn.putrequest(method, req_path or "/", skip_host=True, skip_accept_encoding=True)
+                    for k, v in send_headers:
+                        conn.putheader(k, v)
+                    conn.endheaders()
+                    sock = conn.sock  # getresponse() drops it from a connection that will close
+                    resp = conn.getresponse()
+                    break
+                except RedirectRefused as e:
+                    conn.close()
+                    log.warning("not following %s's redirect: %s", origin_host, e)
+                    raise
+                except (OSError, http.client.HTTPException, ssl.SSLError) as e:
+                    deadline.detach(conn.sock)
+                    conn.close()
+                    if reused and isinstance(e, _STALE) and not deadline.expired:
+                        # The server closed the idle connection; the request never reached it.
+                        log.debug("%s: pooled connection closed by the server (%s); reconnecting", host, e)
+                        conn = None
+                        continue
+                    if endpoint:
+                        self._mark(endpoint, False)
+                    if deadline.expired:
+                        raise UpstreamUnavailable(f"{host}: no answer within {self.timeout:g}s") from e
+                    raise UpstreamUnavailable(f"{host}: {e.__class__.__name__}: {e}") from e
             if endpoint:
                 self._mark(endpoint, True)
             challenged = parse_bearer_challenge(resp.getheader("www-authenticate"))
@@ -439,8 +563,15 @@ class Upstream:
                     self._challenge_hosts.setdefault(origin_host, set()).add(host)
             location = resp.getheader("location")
             if follow_redirects and resp.status in REDIRECTS and location:
-                resp.read(64 * 1024)
-                conn.close()
+                # Drained, the registry's connection can serve the next request; the next hop
+                # (a CDN) is another pool key.
+                try:
+                    resp.read(64 * 1024)
+                except (OSError, http.client.HTTPException) as e:
+                    conn.close()
+                    raise UpstreamUnavailable(f"{host}: redirect body: {e.__class__.__name__}: {e}") from e
+                deadline.detach(sock)
+                self._pool.release(pool_key, conn, resp)
                 url = urljoin(url, location)
                 # The original destination address only applies to the registry's own name.
                 if urlsplit(url).hostname != target.host:
@@ -448,7 +579,8 @@ class Upstream:
                 if resp.status == 303:
                     method = "GET"
                 continue
-            return UpstreamResponse(resp.status, resp.reason, resp.getheaders(), url, conn, resp, sock)
+            return UpstreamResponse(resp.status, resp.reason, resp.getheaders(), url, conn, resp, sock,
+                                    _pool=self._pool, _pool_key=pool_key)
         raise UpstreamUnavailable(f"too many redirects from {target.host}")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -50,17 +51,34 @@ class Reply:
 
 
 class LocalUpstream:
-    """A threaded http.server that counts what it is asked."""
+    """A threaded http.server that counts what it is asked.
 
-    def __init__(self) -> None:
+    keep_alive: answer HTTP/1.1 and keep connections open between requests (else HTTP/1.0,
+    one request per connection); `connections` counts the TCP connections accepted.
+    """
+
+    def __init__(self, keep_alive: bool = False) -> None:
         self.routes: dict[str, Reply] = {}
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.lock = threading.Lock()
         self.gate = threading.Event()
+        self.connections = 0
+        self.open_sockets: set = set()
         upstream = self
 
         class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.0"
+            protocol_version = "HTTP/1.1" if keep_alive else "HTTP/1.0"
+
+            def setup(self):
+                super().setup()
+                with upstream.lock:
+                    upstream.connections += 1
+                    upstream.open_sockets.add(self.connection)
+
+            def finish(self):
+                with upstream.lock:
+                    upstream.open_sockets.discard(self.connection)
+                super().finish()
 
             def log_message(self, *args):  # quiet
                 pass
@@ -97,7 +115,8 @@ class LocalUpstream:
                         self.wfile.write(body)
                 except OSError:
                     pass
-                self.close_connection = True
+                if not keep_alive or reply.close_after is not None or length < 0:
+                    self.close_connection = True
 
             def do_GET(self):
                 self._answer("GET")
@@ -115,7 +134,18 @@ class LocalUpstream:
         with self.lock:
             return sum(1 for m, p, _ in self.requests if m == method and p.split("?", 1)[0] == path)
 
+    def drop_connections(self) -> None:
+        """Close every open connection, as a server does with idle keep-alive connections."""
+        with self.lock:
+            socks = list(self.open_sockets)
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def close(self) -> None:
+        self.drop_connections()
         self.gate.set()
         self.server.shutdown()
         self.server.server_close()

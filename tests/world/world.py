@@ -613,7 +613,8 @@ class World:
             "    log_format world escape=json '{\"time\":$msec,\"host\":\"$host\",\"method\":\"$request_method\","
             "\"path\":\"$request_uri\",\"status\":$status,\"bytes\":$body_bytes_sent,\"range\":\"$http_range\","
             "\"auth\":$has_auth,\"ua\":\"$http_user_agent\",\"request_time\":$request_time,"
-            "\"location\":\"$sent_http_location\",\"proto\":\"$server_protocol\"}';\n"
+            "\"location\":\"$sent_http_location\",\"proto\":\"$server_protocol\","
+            "\"conn\":\"$pid-$connection\",\"conn_requests\":$connection_requests}';\n"
             "    access_log off;\n"
             + "".join(servers)
             + "}\n"
@@ -774,7 +775,9 @@ class World:
         """Requests that reached upstream ``host`` (nginx access log), oldest first.
 
         Each entry: method, path (with query), status, plus host, bytes, range,
-        auth (Authorization header present), ua, time, request_time, location."""
+        auth (Authorization header present), ua, time, request_time, location, conn (the
+        TCP connection it came on: unique per nginx worker pid and connection serial),
+        conn_requests (how many requests that connection has carried so far)."""
         host = self._canon(host)
         if host not in HOSTS:
             raise KeyError(host)
