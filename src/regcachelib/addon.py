@@ -344,7 +344,10 @@ class RegistryCache:
         )
         upstream = Upstream(ssl_context, self.config.upstream_timeout, self.config.upstream_backoff,
                             self.config.redirect_allow, observe=self.monitor.observe_upstream)
+        previous = self.services.upstream if self.services is not None else None
         self.services = build_services(self.config, self._store, upstream, self.workers, self._fastpath_port)
+        if previous is not None:
+            previous.close()  # its idle keep-alive connections; exchanges under way finish on their own
         if self.blobserver is not None:
             # blob bodies must come from the store the addon now answers from
             self.blobserver.use(self.services.store, self.services.fills)
@@ -390,6 +393,8 @@ class RegistryCache:
         if self.blobserver:
             await self.blobserver.stop()
         self.workers.shutdown()
+        if self.services is not None:
+            self.services.upstream.close()
         if self._store:
             self._store.close()
 
