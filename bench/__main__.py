@@ -577,6 +577,7 @@ def main(argv=None) -> int:
                     help="sections to run (comma list of hits, misses, concurrency, skopeo, scale; default all)")
     ap.add_argument("--scale-sizes", default=list(scale.SIZES), type=lambda v: [int(x) for x in v.split(",")],
                     help="store sizes (blobs) of section 7, the first is the baseline (default 1000,10000,100000)")
+    ap.add_argument("--scale-rounds", type=int, default=3, help="section 7: rounds over every store size, interleaved (median is reported; default 3)")
     ap.add_argument("--scale-results", default=str(Path(__file__).resolve().parent / "SCALE.md"), help="where section 7 is written (default bench/SCALE.md)")
     ap.add_argument("--src", help="run regcache from this source tree's src/ instead (to try a patch)")
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"), help="where to write the report (default bench/RESULTS.md)")

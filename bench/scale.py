@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -132,68 +133,96 @@ def cli(bench, directory: Path, *argv: str) -> tuple[float, subprocess.Completed
     return secs, r
 
 
-def measure_size(bench, n: int) -> dict:
+HITS = (("blob HEAD", "HEAD", "blob"), ("blob GET (256 B, in-band)", "GET", "blob"), ("manifest GET by tag", "GET", "tag"))
+CLI = (("regcache stats", ("stats",)), ("regcache ls", ("ls",)), ("regcache ls -a", ("ls", "-a")),
+       ("regcache verify --help", ("verify", "--help")),
+       ("regcache gc --dry-run (10 % of the store)", ("gc", "--dry-run")),
+       ("regcache gc (removes 10 % of the store)", ("gc",)))
+
+
+def build_size(bench, n: int) -> dict:
     work = bench.work / "scale"
     work.mkdir(parents=True, exist_ok=True)
     directory = work / f"cache-{n}"
     bench.say(f"7. building a store of {n:,} blobs, {n // MANIFEST_SHARE:,} manifests and tags")
     info = build(bench, directory, n)
     bench.say(f"  built in {info['seconds']:.1f} s ({info['counts']}; {info['bytes'] / 2**20:.1f} MiB on disk)")
-    fig: dict = {"build": info["seconds"], "counts": info["counts"], "disk": info["bytes"]}
-    paths = {}
+    fig: dict = {"dir": directory, "build": info["seconds"], "counts": info["counts"], "disk": info["bytes"],
+                 "volume": info["volume"], "paths": {}, "rounds": []}
     for kind in ("blob", "tag"):
-        paths[kind] = work / f"{kind}-paths-{n}.json"
-        paths[kind].write_text(json.dumps(info[f"{kind}_paths"]))
-    bench.settle()
-
-    t0 = time.monotonic()
-    rc = infra.RegcacheProc(bench.world, work / f"rc-{n}", directory, CONFIG).start((infra.PROXY_PORT, infra.MIRROR_PORT))
-    fig["start"] = time.monotonic() - t0
-    bench.say(f"  mitmdump listening after {fig['start']:.2f} s")
-    try:
-        bench.upstream_log.mark()
-        for label, method, kind in (("blob HEAD", "HEAD", "blob"), ("blob GET (256 B, in-band)", "GET", "blob"),
-                                    ("manifest GET by tag", "GET", "tag")):
-            lat = loadgen(bench, method, paths[kind], 1, LAT_SECONDS)
-            rate = loadgen(bench, method, paths[kind], RATE_CONNS, RATE_SECONDS)
-            for res in (lat, rate):
-                if set(res["statuses"]) != {"200"} or res["errors"]:
-                    raise RuntimeError(f"{label} on the {n:,}-blob store: statuses {res['statuses']}, errors {res['first_errors']}")
-            fig[label] = {"p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"], "rps": rate["rps"], "rate_p99_ms": rate["p99_ms"],
-                          "requests": lat["requests"] + rate["requests"]}
-            bench.say(f"  {label}: p50 {lat['p50_ms']:.2f} ms (1 conn), {rate['rps']:,.0f} req/s ({RATE_CONNS} conns)")
-        fig["upstream"] = len(bench.upstream_log.since(expect=0, settle=0.5))
-        fig["rss"] = rc.hwm_mib()
-    finally:
-        rc.stop()
-    bench.settle()
-
-    volume = info["volume"]
-    keep = int(volume * 0.9)
-    for label, argv in (("regcache stats", ("stats",)), ("regcache ls", ("ls",)), ("regcache ls -a", ("ls", "-a")),
-                        ("regcache verify --help", ("verify", "--help")),
-                        ("regcache gc --dry-run (10 % of the store)", ("gc", "--dry-run", "--max-size", f"{keep}B")),
-                        ("regcache gc (removes 10 % of the store)", ("gc", "--max-size", f"{keep}B"))):
-        secs, r = cli(bench, directory, *argv)
-        fig[label] = secs
-        bench.say(f"  {label}: {secs:.2f} s")
-    after = json.loads(cli(bench, directory, "stats", "--json")[1].stdout)
-    fig["after_gc"] = after.get("store", after)
-    shutil.rmtree(directory, ignore_errors=True)
-    for p in paths.values():
-        p.unlink(missing_ok=True)
+        fig["paths"][kind] = work / f"{kind}-paths-{n}.json"
+        fig["paths"][kind].write_text(json.dumps(info[f"{kind}_paths"]))
     return fig
 
 
+def hit_round(bench, n: int, fig: dict, r: int) -> None:
+    """One fresh mitmdump on the store: its start time, then latency and rate of each hit."""
+    bench.settle()
+    t0 = time.monotonic()
+    rc = infra.RegcacheProc(bench.world, bench.work / "scale" / f"rc-{n}-{r}", fig["dir"], CONFIG).start((infra.PROXY_PORT, infra.MIRROR_PORT))
+    got: dict = {"start": time.monotonic() - t0}
+    bench.say(f"7. round {r + 1}, {n:,} blobs: mitmdump listening after {got['start']:.2f} s")
+    try:
+        bench.upstream_log.mark()
+        for label, method, kind in HITS:
+            lat = loadgen(bench, method, fig["paths"][kind], 1, LAT_SECONDS)
+            rate = loadgen(bench, method, fig["paths"][kind], RATE_CONNS, RATE_SECONDS)
+            for res in (lat, rate):
+                if set(res["statuses"]) != {"200"} or res["errors"]:
+                    raise RuntimeError(f"{label} on the {n:,}-blob store: statuses {res['statuses']}, errors {res['first_errors']}")
+            got[label] = {"p50_ms": lat["p50_ms"], "p99_ms": lat["p99_ms"], "rps": rate["rps"], "rate_p99_ms": rate["p99_ms"]}
+            bench.say(f"  {label}: p50 {lat['p50_ms']:.2f} ms (1 conn), {rate['rps']:,.0f} req/s ({RATE_CONNS} conns)")
+        got["upstream"] = len(bench.upstream_log.since(expect=0, settle=0.5))
+        got["rss"] = rc.hwm_mib()
+    finally:
+        rc.stop()
+    fig["rounds"].append(got)
+
+
+def cli_times(bench, n: int, fig: dict) -> None:
+    bench.settle()
+    keep = int(fig["volume"] * 0.9)
+    for label, argv in CLI:
+        if argv[0] == "gc":
+            argv = (*argv, "--max-size", f"{keep}B")
+        secs, _ = cli(bench, fig["dir"], *argv)
+        fig[label] = secs
+        bench.say(f"7. {n:,} blobs: {label}: {secs:.2f} s")
+    after = json.loads(cli(bench, fig["dir"], "stats", "--json")[1].stdout)
+    fig["after_gc"] = after.get("store", after)
+
+
+def median_round(fig: dict) -> None:
+    """Each figure of a store: the median over its rounds (rounds interleave the sizes)."""
+    rounds = fig["rounds"]
+    fig["start"] = statistics.median(g["start"] for g in rounds)
+    fig["upstream"] = sum(g["upstream"] for g in rounds)
+    fig["rss"] = max(g["rss"] for g in rounds)
+    for label, _, _ in HITS:
+        fig[label] = {k: statistics.median(g[label][k] for g in rounds) for k in rounds[0][label]}
+        fig[label]["runs"] = [g[label]["rps"] for g in rounds]
+
+
 def scenario_scale(bench) -> None:
-    figs = {}
-    for n in bench.args.scale_sizes:
-        figs[n] = measure_size(bench, n)
-    bench.raw["scale"] = figs
+    figs = {n: build_size(bench, n) for n in bench.args.scale_sizes}
+    try:
+        for r in range(bench.args.scale_rounds):
+            # interleaved (1k, 10k, 100k, 1k, ...): the shared machine's load spreads over every size
+            for n, fig in figs.items():
+                hit_round(bench, n, fig, r)
+        for n, fig in figs.items():
+            median_round(fig)
+            cli_times(bench, n, fig)
+    finally:
+        for fig in figs.values():
+            shutil.rmtree(fig["dir"], ignore_errors=True)
+            for p in fig["paths"].values():
+                p.unlink(missing_ok=True)
+    bench.raw["scale"] = {n: {k: v for k, v in fig.items() if k not in ("dir", "paths")} for n, fig in figs.items()}
     sizes = list(figs)
     base = sizes[0]
 
-    def rows(name, unit, get, target="", ok=None, lower_is_better=True, note=None):
+    def rows(name, unit, get, target="", ok=None, note=None):
         ref = get(figs[base])
         for n in sizes:
             value = get(figs[n])
@@ -214,11 +243,10 @@ def scenario_scale(bench) -> None:
              note=lambda n: f"p99 {figs[n][label]['p99_ms']:.2f} ms")
         rows(f"{label}: request rate, {RATE_CONNS} connections", "req/s", lambda f: f[label]["rps"], f">= {TARGET_HIT:.1f}x",
              lambda v, r, n: None if n == base else r >= TARGET_HIT,
-             note=lambda n: f"p99 {figs[n][label]['rate_p99_ms']:.1f} ms")
+             note=lambda n: f"p99 {figs[n][label]['rate_p99_ms']:.1f} ms; rounds: {', '.join(f'{v:,.0f}' for v in figs[n][label]['runs'])} req/s")
     rows("upstream requests during all the hits", "requests", lambda f: f["upstream"], "== 0", lambda v, r, n: v == 0)
     rows("peak RSS of mitmdump (VmHWM)", "MiB", lambda f: f["rss"])
-    for label in ("regcache stats", "regcache ls", "regcache ls -a", "regcache verify --help",
-                  "regcache gc --dry-run (10 % of the store)", "regcache gc (removes 10 % of the store)"):
+    for label, _ in CLI:
         target = "" if label == "regcache ls -a" else f"< {TARGET_CLI_S:.0f} s"
         note = None
         if label.startswith("regcache gc ("):
@@ -238,6 +266,9 @@ DETAILS = [
     f"- Load: `bench/loadgen.py` (asyncio, HTTP/1.1 keep-alive) in the client ns, each request for a path picked at",
     f"  random from every blob / tag of the store. Latency: 1 connection for {LAT_SECONDS:g} s, median (p99 in the notes).",
     f"  Rate: {RATE_CONNS} connections for {RATE_SECONDS:g} s. Upstream requests: the upstream nginx access logs during all hits.",
+    "- Every store is built first; then `--scale-rounds` rounds (default 3) each start a fresh mitmdump on every store in",
+    "  turn (1k, 10k, 100k, 1k, …) and take all hit figures and the start time: the shared machine's load spreads",
+    "  over every size. Each figure is the median over the rounds (the rates of each round are in the notes).",
     "- CLI: wall time of `regcache --dir DIR …` (a new Python process each, imports included) after mitmdump stopped;",
     "  gc removes 10 % of the store's volume (`--max-size` 90 % of it), the dry run first.",
 ]
