@@ -9,8 +9,10 @@ the CNCF distribution pull-through proxy in front of the same upstream:
   3. 20 concurrent curl clients on one uncached 100 MiB blob: upstream GETs and wall time
   4. peak RSS (VmHWM) of regcache, a fresh process per scenario
   5. warm skopeo copy of multi-layer images, and the upstream requests of a warm pull
+  7. (--only scale) costs as the store grows: 1k/10k/100k-blob stores, hit latency and rate,
+     mitmdump start, regcache stats/ls/gc/verify --help (bench/scale.py; written to bench/SCALE.md)
 
-prints a table with PASS/MISS per target and writes bench/RESULTS.md. Needs root (network
+prints a table with PASS/MISS per target and writes bench/RESULTS.md (section 7: bench/SCALE.md). Needs root (network
 namespaces). See bench/README.md.
 """
 
@@ -36,7 +38,7 @@ if str(ROOT) not in sys.path:
 from tests.world import DEFAULT_SPECS, ImageSpec, LayerSpec, World  # noqa: E402
 from tests.world.images import KiB, MiB  # noqa: E402
 
-from . import infra  # noqa: E402
+from . import infra, scale  # noqa: E402
 from .infra import GiB, UPSTREAM, Blob, DistProxy, Profile, RefNginx, RegcacheProc  # noqa: E402
 from .report import Row, machine_info, profile_markdown, rows_json, text_table, targets_summary, write_results  # noqa: E402
 
@@ -70,7 +72,8 @@ SECTION_CONC = f"3. {CONCURRENCY} concurrent clients, one uncached 100 MiB blob 
 SECTION_RSS = "4. peak RSS of regcache (VmHWM of mitmdump, fresh process per scenario)"
 SECTION_SKOPEO = "5. warm skopeo copy (median wall time; reference: distribution proxy) and warm-pull upstream requests"
 SECTION_NOISE = "6. the machine is shared: CPU other processes took during each section (share of all cores)"
-SECTION_SHORT = {"1": "hits", "2": "misses", "3": "concurrency", "5": "skopeo"}
+SECTION_SCALE = scale.SECTION_SCALE
+SECTION_SHORT = {"1": "hits", "2": "misses", "3": "concurrency", "5": "skopeo", "7": "scale"}
 UPSTREAM_HOSTS = ("quay.io", "registry-1.docker.io", "auth.docker.io", "production.cloudflare.docker.com", "gcr.io", "registry.k8s.io", "ghcr.io")
 
 
@@ -151,26 +154,29 @@ class Bench:
     # ------------------------------------------------------------------ scenarios
 
     def run(self) -> int:
-        self.say("blobs (generated once under bench/out/)")
-        self.big = infra.make_blob("blob-1g", GiB, log=self.say)
-        self.mid = infra.make_blob("blob-100m", 100 * MiB, log=self.say)
+        big_blobs = bool(self.args.only - {"scale"})  # section 7 builds its own stores
+        if big_blobs:
+            self.say("blobs (generated once under bench/out/)")
+            self.big = infra.make_blob("blob-1g", GiB, log=self.say)
+            self.mid = infra.make_blob("blob-100m", 100 * MiB, log=self.say)
         self.say("world up")
         with World(specs=DEFAULT_SPECS + (BENCH_IMAGE,)) as world:
             self.world = world
             self.work = world.workdir / "bench"
             self.work.mkdir(parents=True, exist_ok=True)
             self.say(f"  world {world.prefix} up in {world.timings['total']:.1f}s")
-            for blob in (self.big, self.mid):
+            for blob in (self.big, self.mid) if big_blobs else ():
                 secs = infra.push_blob(world, blob)
                 self.say(f"  pushed {blob.name} {blob.digest[:19]}… to {UPSTREAM}/{infra.BLOB_REPO} (OCI monolithic upload) in {secs:.1f}s")
             self.upstream_log = infra.UpstreamLog(world, hosts=UPSTREAM_HOSTS)
-            self.ref = RefNginx(world, self.work).start()
+            self.ref = RefNginx(world, self.work).start() if big_blobs else None
             try:
                 for section, fn in (
                     (SECTION_MISS, self.scenario_miss),
                     (SECTION_HIT, self.scenario_hits),
                     (SECTION_CONC, self.scenario_concurrency),
                     (SECTION_SKOPEO, self.scenario_skopeo),
+                    (SECTION_SCALE, lambda: scale.scenario_scale(self)),
                 ):
                     if SECTION_SHORT[section.split(".", 1)[0]] not in self.args.only:
                         continue
@@ -181,7 +187,8 @@ class Bench:
                         other, share = self.meter.foreign(since)
                         self.noise.append((section, other, share, time.monotonic() - since[0]))
             finally:
-                self.ref.stop()
+                if self.ref:
+                    self.ref.stop()
                 if self.hit_cache:
                     shutil.rmtree(self.hit_cache, ignore_errors=True)
         return 0
@@ -566,7 +573,12 @@ def main(argv=None) -> int:
     ap.add_argument("--miss-rounds", type=int, default=2, help="cold 1 GiB fetches per cache, interleaved (median is reported; default 2)")
     ap.add_argument("--skopeo-repeat", type=int, default=5, help="warm skopeo copies per image (default 5)")
     ap.add_argument("--profile", choices=("auto", "all", "none"), default="auto", help="py-spy profiles: for missed targets (auto), also for some met ones (all), never")
-    ap.add_argument("--only", default="hits,misses,concurrency,skopeo", type=lambda v: set(v.split(",")), help="sections to run (comma list of hits, misses, concurrency, skopeo; default all)")
+    ap.add_argument("--only", default="hits,misses,concurrency,skopeo,scale", type=lambda v: set(v.split(",")),
+                    help="sections to run (comma list of hits, misses, concurrency, skopeo, scale; default all)")
+    ap.add_argument("--scale-sizes", default=list(scale.SIZES), type=lambda v: [int(x) for x in v.split(",")],
+                    help="store sizes (blobs) of section 7, the first is the baseline (default 1000,10000,100000)")
+    ap.add_argument("--scale-rounds", type=int, default=3, help="section 7: rounds over every store size, interleaved (median is reported; default 3)")
+    ap.add_argument("--scale-results", default=str(Path(__file__).resolve().parent / "SCALE.md"), help="where section 7 is written (default bench/SCALE.md)")
     ap.add_argument("--src", help="run regcache from this source tree's src/ instead (to try a patch)")
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"), help="where to write the report (default bench/RESULTS.md)")
     args = ap.parse_args(argv)
@@ -610,7 +622,17 @@ def main(argv=None) -> int:
     details = list(DETAILS)
     if args.src:
         details.insert(0, f"- regcache source: `{args.src}` (PYTHONPATH), not the installed tree.")
-    out = write_results(bench.rows, machine, command, started, elapsed, details, bench.profiles, Path(args.results))
+    # Section 7 has its own file: `--only scale` must not wipe the other sections' figures in RESULTS.md.
+    scale_rows = [r for r in bench.rows if r.section == SECTION_SCALE or r.name.startswith("during section 7 ")]
+    main_rows = [r for r in bench.rows if r not in scale_rows]
+    written = []
+    if args.only - {"scale"}:
+        written.append(write_results(main_rows, machine, command, started, elapsed, details, bench.profiles, Path(args.results)))
+    if "scale" in args.only:
+        scale_details = ([details[0]] if args.src else []) + scale.DETAILS + [d for d in DETAILS if d.startswith("- Section 6")]
+        written.append(write_results(scale_rows, machine, command, started, elapsed, scale_details, [], Path(args.scale_results),
+                                     title="regcache benchmark results: costs as the store grows (issue 12, item 4)"))
+    out = " and ".join(str(p) for p in written)
     infra.OUT.mkdir(parents=True, exist_ok=True)
     raw = infra.OUT / f"results-{bench.run_id}.json"
     raw.write_text(json.dumps({"command": command, "machine": machine, "rows": rows_json(bench.rows), "raw": bench.raw}, indent=1, default=str))

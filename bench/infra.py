@@ -168,8 +168,9 @@ class RegcacheProc:
         self.pid = 0
         self._cpu0 = (0.0, 0.0)
 
-    def start(self) -> "RegcacheProc":
-        self.rc.start([PROXY_PORT, MIRROR_PORT, FASTPATH_PORT])
+    def start(self, ports=(PROXY_PORT, MIRROR_PORT, FASTPATH_PORT)) -> "RegcacheProc":
+        """Start mitmdump and wait until each of ``ports`` accepts a connection."""
+        self.rc.start(list(ports))
         # `ip netns exec` execs the command: the Popen pid is mitmdump itself
         self.pid = self.rc.proc.pid
         cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes()

@@ -53,6 +53,10 @@ def fmt(value, unit: str) -> str:
         return f"{value:.0f} %"
     if unit == "requests":
         return f"{value:g} requests"
+    if unit == "ms":
+        return f"{value:.2f} ms"
+    if unit == "req/s":
+        return f"{value:,.0f} req/s"
     if unit == "GETs":
         return f"{int(value)} {unit}"
     return f"{value} {unit}"
@@ -172,10 +176,11 @@ def write_results(
     details: list[str],
     profiles: list[str],
     path: Path = RESULTS,
+    title: str = "regcache benchmark results",
 ) -> Path:
     analysis = existing_analysis(path) or "_No analysis written yet: run it, read the profiles below, write here what limits each missed target._"
     parts = [
-        "# regcache benchmark results",
+        f"# {title}",
         "",
         "Written by `python -m bench` (issue 4); everything outside the marked analysis block is",
         "regenerated on every run. Throughput is in MB/s = 10^6 bytes/s.",
