@@ -60,15 +60,22 @@ class RenamingDisk(diskcache.Disk):
 def restrict_to_owner(directory: str) -> None:
     """The cache dir holds private images: owner only (0700 dirs, 0600 files), whatever the umask.
 
-    Files created later are unreachable by others through the 0700 directory; regcache's own
-    files are also created 0600.
+    The directory itself and the files regcache keeps at its top (the SQLite indexes, the miss
+    log) are tightened here; everything deeper is unreachable by others through the 0700
+    directories above it, and what regcache creates there is 0600/0700 anyway. No walk over
+    the whole tree: with 100k blobs that alone took ~2 s on every start and every command.
     """
-    for root, dirs, files in os.walk(directory):
-        for name in dirs:
-            _chmod(os.path.join(root, name), 0o700)
-        for name in files:
-            _chmod(os.path.join(root, name), 0o600)
     _chmod(directory, 0o700)
+    for sub in ("content", "tags", "staging"):
+        path = os.path.join(directory, sub)
+        _chmod(path, 0o700)
+        try:
+            names = [n for n in os.listdir(path) if os.path.isfile(os.path.join(path, n))]
+        except OSError:
+            continue
+        for name in names:  # cache.db and its -wal/-shm companions
+            _chmod(os.path.join(path, name), 0o600)
+    _chmod(os.path.join(directory, "misses.jsonl"), 0o600)
 
 
 def _makedirs_owner_only(path: str) -> None:
@@ -248,10 +255,26 @@ class Store:
         modes = dict(self.content._sql("SELECT mode, COUNT(*) FROM Cache GROUP BY mode").fetchall())
         counts = {"blobs": int(modes.get(diskcache.core.MODE_BINARY, 0)),
                   "manifests": int(modes.get(diskcache.core.MODE_PICKLE, 0)), "tags": 0, "pins": 0}
-        for key in self.tags.iterkeys():
-            if isinstance(key, tuple) and key and key[0] in ("tag", "pin"):
-                counts[key[0] + "s"] += 1
+        for key in self._tag_keys(("tag", "pin")):
+            counts[key[0] + "s"] += 1
         return counts
+
+    def _tag_keys(self, kinds: tuple[str, ...]) -> list[tuple]:
+        """Keys of the tags db whose first element is one of kinds, in one query.
+
+        diskcache's iterkeys() pages 100 keys at a time with a query SQLite cannot answer from
+        its index: quadratic, ~10 s for 140k keys, where one SELECT takes a quarter second.
+        """
+        disk = self.tags._disk
+        keys = []
+        for db_key, raw in self.tags._sql("SELECT key, raw FROM Cache").fetchall():
+            try:
+                key = disk.get(db_key, raw)
+            except Exception:  # noqa: BLE001 - an unreadable key is not ours
+                continue
+            if isinstance(key, tuple) and key and key[0] in kinds:
+                keys.append(key)
+        return keys
 
     # --- blobs -----------------------------------------------------------------
 
@@ -390,9 +413,8 @@ class Store:
                 self.tags.delete(key)
 
     def iter_tags(self):
-        for key in self.tags.iterkeys():
-            if isinstance(key, tuple) and key[0] == "tag":
-                yield key[1:], self.tags.get(key) or {}
+        for key in self._tag_keys(("tag",)):
+            yield key[1:], self.tags.get(key) or {}
 
     # --- repository membership ---------------------------------------------------------
     # Upstream serves a digest only under a repository that holds it; so does regcache. A
@@ -433,17 +455,19 @@ class Store:
 
     def iter_members(self):
         """(registry, repo, digest) for every membership entry."""
-        for key in self.tags.iterkeys():
-            if isinstance(key, tuple) and key[0] == "member":
-                yield key[1:]
+        for key in self._tag_keys(("member",)):
+            yield key[1:]
 
     def forget_members(self, digests) -> int:
         """Drop membership of digests no longer stored (gc, verify's quarantine)."""
         gone = set(digests)
+        if not gone:
+            return 0
         removed = 0
-        for registry, repo, digest in list(self.iter_members()):
-            if digest in gone and self.tags.delete(member_key(registry, repo, digest)):
-                removed += 1
+        with self.tags.transact():
+            for registry, repo, digest in list(self.iter_members()):
+                if digest in gone and self.tags.delete(member_key(registry, repo, digest)):
+                    removed += 1
         return removed
 
     # --- publicness and pins ----------------------------------------------------------
@@ -466,8 +490,8 @@ class Store:
 
     def iter_pins(self):
         """(registry, repo, reference) of every pin."""
-        for key in self.tags.iterkeys():
-            if isinstance(key, tuple) and len(key) == 4 and key[0] == "pin":
+        for key in self._tag_keys(("pin",)):
+            if len(key) == 4:
                 yield key[1:]
 
     # --- miss log ----------------------------------------------------------------------
