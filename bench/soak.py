@@ -807,7 +807,16 @@ class Soak:
         config = f"fastpath_port: {FASTPATH_PORT}\n" + self.args.regcache_config.replace("\\n", "\n").strip() + "\n"
         self.config_text = config
         self.rc = infra.RegcacheProc(world, self.work / "regcache", config=config, mirror_of="registry-1.docker.io",
-                                     options={"regcache_metrics": METRICS}).start()
+                                     options={"regcache_metrics": METRICS})
+        if self.args.memwatch:
+            # bench/memwatch.py beside the addon: tracemalloc + gc type counts every 30 s to a file
+            OUT.mkdir(parents=True, exist_ok=True)
+            self.memwatch_out = OUT / f"soak-{self.run_id}-memwatch.txt"
+            self.rc.rc.argv[1:1] = ["-s", str(BENCH / "memwatch.py")]
+            self.rc.rc.env = {"MEMWATCH_OUT": str(self.memwatch_out), "MEMWATCH_EVERY": str(self.args.memwatch),
+                           "MEMWATCH_FRAMES": str(self.args.memwatch_frames)}
+            self.say(f"  memwatch: {self.memwatch_out}")
+        self.rc.start()
         self.cleanups.append(self.rc.stop)
         # written once: client_bundle() rewrites the file, which a client reading it at that moment sees half-written
         self.bundle = self.rc.client_bundle()
@@ -1192,6 +1201,12 @@ def main(argv=None) -> int:
                     help=f"regcache_config lines besides the fast-path port, \\n between lines (default "
                     f"{DEFAULT_CONFIG!r}: short TTLs, so normal pulls keep asking upstream while the load runs)")
     ap.add_argument("--src", help="run regcache from this source tree's src/ (default: this tree's)")
+    ap.add_argument("--memwatch", type=float, default=0, metavar="SECONDS",
+                    help="load bench/memwatch.py into mitmdump: tracemalloc, malloc and gc type counts every "
+                    "SECONDS s to bench/out/soak-<time>-memwatch.txt (default 0: off; slows mitmdump)")
+    ap.add_argument("--memwatch-frames", type=int, default=25,
+                    help="tracemalloc frames for --memwatch (default 25; 0: no tracemalloc, only RSS by mapping, "
+                    "malloc and gc counts)")
     ap.add_argument("--report", default=str(BENCH / "SOAK.md"),
                     help="where to write the report (default bench/SOAK.md)")
     ap.add_argument("--worker", choices=("hostile", "trickle"), help=argparse.SUPPRESS)
