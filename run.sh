@@ -42,6 +42,9 @@ fi
 if ! option_is_set confdir "$@" && [ ! -f "$HERE/certs/mitmproxy-ca.pem" ]; then
     "$VENV/bin/regcache" ca create --certs "$HERE/certs" --organization "${REGCACHE_CA_ORGANIZATION:-regcache}" >&2
 fi
+# glibc otherwise keeps freed per-request buffers (64-256 KiB) in its heap and RSS creeps up
+# under steady load; a fixed mmap threshold hands them back (see bench/memwatch.py).
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-65536}
 exec "$VENV/bin/mitmdump" -s "$HERE/addons/regcache.py" \
     --mode regular@8080 \
     --mode reverse:https://registry-1.docker.io@5000 \
