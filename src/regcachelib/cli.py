@@ -175,7 +175,7 @@ def note(args, text: str) -> None:
 
 def cmd_stats(args) -> int:
     store = open_store(args)
-    stats = Stats(store.tags)
+    stats = Stats(store.counters)
     if args.reset:
         n = stats.reset()
         say(args, f"statistics reset ({n} counters removed)")
@@ -383,7 +383,7 @@ def cmd_warm(args) -> int:
         mirror = (cache.host, cache.port or clientconfig.MIRROR_PORT)
     else:
         store = open_store(args, must_exist=False)
-        stats = Stats(store.tags)
+        stats = Stats(store.counters)
     credentials = None
     if args.username:
         password = os.environ.get("REGCACHE_PASSWORD")
@@ -502,7 +502,7 @@ def cmd_gc(args) -> int:
     if not any(store_summary(store)[kind] for kind in ("blobs", "manifests", "tags")):
         say(args, f"nothing to do: the store at {store.directory} is empty, nothing cached yet (limit {human(limit)})")
         return 0
-    stats = Stats(store.tags)
+    stats = Stats(store.counters)
     result = inventory.gc(store, limit, dry_run=args.dry_run, stats=stats)
     verb = "would remove" if args.dry_run else "removed"
     if not result.removed_manifests and not result.removed_blobs:
@@ -581,7 +581,7 @@ def cmd_verify(args) -> int:
     bar = progress_for(args, "verifying", total)
     try:
         result = inventory.verify(
-            store, quarantine=not args.no_quarantine, stats=Stats(store.tags), progress=bar.advance
+            store, quarantine=not args.no_quarantine, stats=Stats(store.counters), progress=bar.advance
         )
     finally:
         bar.close()

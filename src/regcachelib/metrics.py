@@ -196,10 +196,10 @@ class Monitor:
 
     def use(self, services) -> None:
         """The services RegistryCache answers with now: count into their store."""
-        if self.stats is None or self.stats.cache is not services.store.tags:
+        if self.stats is None or self.stats.cache is not services.store.counters:
             if self.stats is not None:
                 self.stats.stop()
-            self.stats = Stats(services.store.tags)
+            self.stats = Stats(services.store.counters)
             if self._running:
                 self.stats.start()
         services.fills.stats = self.stats

@@ -1,8 +1,7 @@
 """Persisted counters: what the cache answered, how many bytes it saved.
 
-The counters live in the cache directory's tags/ diskcache (so they travel with the cache
-dir and survive restarts) under keys ("stats", name, *labels), each row tagged "stats" so
-they can be read back with one query. Increments are buffered in memory (the event loop
+The counters live in the store (`store.Counters`: rows (name, *labels) in the cache dir's
+tags db, so they travel with the cache dir and survive restarts). Increments are buffered in memory (the event loop
 only touches a dict) and written with diskcache's atomic `incr` by `flush()`: from a
 background thread once a second in the proxy, at the end of a command in the CLI. Several
 processes on one cache directory add up correctly.
@@ -24,12 +23,10 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from .store import tagged_rows
+from .store import Counters
 
 log = logging.getLogger(__name__)
 
-TAG = "stats"
-PREFIX = "stats"
 
 # Bounds on client-chosen label values (rows in the store, series in /metrics).
 MAX_REGISTRIES = 100
@@ -160,9 +157,9 @@ class Snapshot:
 
 
 class Stats:
-    """Buffered, process-safe counters in a diskcache Cache (the store's tags cache)."""
+    """Buffered, process-safe counters over the store's Counters."""
 
-    def __init__(self, cache, flush_interval: float = 1.0, max_registries: int = MAX_REGISTRIES,
+    def __init__(self, cache: Counters, flush_interval: float = 1.0, max_registries: int = MAX_REGISTRIES,
                  max_repos: int = MAX_REPOS_PER_REGISTRY):
         self.cache = cache
         self.flush_interval = flush_interval
@@ -183,7 +180,7 @@ class Stats:
     def add(self, *key, n: int = 1) -> None:
         if n:
             with self._lock:
-                self._pending[(PREFIX, *key)] += n
+                self._pending[key] += n
 
     def _labels(self, registry: str, repo: str | None = None) -> tuple[str, str | None]:
         """The names a count goes under: its own while within the bounds, else OTHER.
@@ -206,7 +203,7 @@ class Stats:
     def _load_named(self) -> dict[str, set[str]]:
         named: dict[str, set[str]] = {}
         for key in self._rows():
-            name, labels = key[1], key[2:]
+            name, labels = key[0], key[1:]
             if name in ("requests", "upstream_bytes", "pulls") and labels and labels[0] != OTHER:
                 repos = named.setdefault(labels[0], set())
                 if name == "pulls" and len(labels) == 2 and labels[1] != OTHER:
@@ -221,29 +218,29 @@ class Stats:
             # only a pull makes a row of its own per repository, so only a pull takes a place
             registry, repo = self._labels(registry, repo if pulled else None)
             p = self._pending
-            p[(PREFIX, "requests", registry, kind, outcome)] += 1
+            p[("requests", registry, kind, outcome)] += 1
             if pulled:
-                p[(PREFIX, "pulls", registry, repo)] += 1
+                p[("pulls", registry, repo)] += 1
             if kind == "manifest" and method == "GET" and size:
                 cls = outcome_class(outcome)
                 if cls == "hit":
-                    p[(PREFIX, "bytes", "served")] += size
-                    p[(PREFIX, "bytes", "cache")] += size
+                    p[("bytes", "served")] += size
+                    p[("bytes", "cache")] += size
                 elif cls == "miss":
-                    p[(PREFIX, "bytes", "served")] += size
-                    p[(PREFIX, "upstream_bytes", registry)] += size
+                    p[("bytes", "served")] += size
+                    p[("upstream_bytes", registry)] += size
 
     def served_bytes(self, n: int, from_store: bool) -> None:
         """Blob body bytes sent to a client (from a stored file, or following a download)."""
         with self._lock:
-            self._pending[(PREFIX, "bytes", "served")] += n
+            self._pending[("bytes", "served")] += n
             if from_store:
-                self._pending[(PREFIX, "bytes", "cache")] += n
+                self._pending[("bytes", "cache")] += n
 
     def upstream_bytes(self, registry: str, n: int) -> None:
         with self._lock:
             registry, _ = self._labels(registry)
-            self._pending[(PREFIX, "upstream_bytes", registry)] += n
+            self._pending[("upstream_bytes", registry)] += n
 
     # --- persisting --------------------------------------------------------------------------
 
@@ -254,13 +251,13 @@ class Stats:
             return
         with self._flush_lock:
             try:
-                self.cache.add((PREFIX, "since"), time.time(), tag=TAG)
+                self.cache.ensure(("since",), time.time())
                 with self.cache.transact():
                     for key, n in pending.items():
                         if key not in self._known:
                             key = self._admit(key)
                             # add() keeps an existing row; the tag lets snapshot() find it
-                            self.cache.add(key, 0, tag=TAG)
+                            self.cache.ensure(key, 0)
                             self._known.add(key)
                         self.cache.incr(key, n)
             except Exception as e:  # noqa: BLE001 - counting must never break serving
@@ -271,26 +268,26 @@ class Stats:
     def _admit(self, key: tuple) -> tuple:
         """The row a counter new to this process goes to, within the bounds summed over every
         process on this cache (inside flush's transaction, so two processes cannot both take
-        the last place). Index rows: (PREFIX, _INDEX, "registry", name) marks a registry
-        counted by name, (PREFIX, _INDEX, "registries") and (PREFIX, _INDEX, "repos", registry)
+        the last place). Index rows: (_INDEX, "registry", name) marks a registry
+        counted by name, (_INDEX, "registries") and (_INDEX, "repos", registry)
         count them."""
-        name, labels = key[1], key[2:]
+        name, labels = key[0], key[1:]
         if name not in ("requests", "upstream_bytes", "pulls") or not labels or labels[0] == OTHER:
             return key
         registry = labels[0]
-        marker = (PREFIX, _INDEX, "registry", registry)
+        marker = (_INDEX, "registry", registry)
         if marker not in self.cache:
-            tally = (PREFIX, _INDEX, "registries")
+            tally = (_INDEX, "registries")
             if self.cache.get(tally, 0) >= self.max_registries:
-                return (PREFIX, name, OTHER, *((OTHER,) if name == "pulls" else labels[1:]))
-            self.cache.add(tally, 0, tag=TAG)
+                return (name, OTHER, *((OTHER,) if name == "pulls" else labels[1:]))
+            self.cache.ensure(tally, 0)
             self.cache.incr(tally)
-            self.cache.set(marker, 1, tag=TAG)
+            self.cache.set(marker, 1)
         if name == "pulls" and labels[1] != OTHER and key not in self.cache:
-            tally = (PREFIX, _INDEX, "repos", registry)
+            tally = (_INDEX, "repos", registry)
             if self.cache.get(tally, 0) >= self.max_repos:
-                return (PREFIX, name, registry, OTHER)
-            self.cache.add(tally, 0, tag=TAG)
+                return (name, registry, OTHER)
+            self.cache.ensure(tally, 0)
             self.cache.incr(tally)
         return key
 
@@ -318,15 +315,11 @@ class Stats:
 
     def _rows(self) -> dict[tuple, float]:
         """Every persisted counter (index rows included)."""
-        out: dict[tuple, float] = {}
-        for key, value in tagged_rows(self.cache, TAG):
-            if isinstance(key, tuple) and len(key) > 1 and key[0] == PREFIX and isinstance(value, (int, float)):
-                out[key] = value
-        return out
+        return self.cache.rows()
 
     def values(self) -> dict[tuple, float]:
         """Every persisted counter plus what is still buffered here."""
-        out = {key: value for key, value in self._rows().items() if key[1] != _INDEX}
+        out = {key: value for key, value in self._rows().items() if key[0] != _INDEX}
         with self._lock:
             for key, n in self._pending.items():
                 out[key] = out.get(key, 0) + n
@@ -337,7 +330,7 @@ class Stats:
         values = self.values()
         snap.raw = values
         for key, value in values.items():
-            name, labels = key[1], key[2:]
+            name, labels = key[0], key[1:]
             value = int(value) if name != "since" else value
             if name == "since":
                 snap.since = value
@@ -376,4 +369,4 @@ class Stats:
             self._pending.clear()
             self._named = None
         self._known.clear()
-        return self.cache.evict(TAG)
+        return self.cache.clear()

@@ -181,6 +181,59 @@ def count_tagged_rows(cache: diskcache.Cache, tag: str) -> int:
     return cache._sql("SELECT COUNT(*) FROM Cache WHERE tag = ?", (tag,)).fetchone()[0]
 
 
+COUNTER_PREFIX = "stats"  # key prefix and diskcache tag of the counter rows in the tags db
+
+
+class Counters:
+    """The store's persisted counters (stats.Stats counts into them): rows `(name, *labels) ->
+    number` kept in the tags db under the "stats" prefix and tag, so they travel with the cache
+    dir, survive restarts and several processes add up (diskcache's atomic incr). Callers name
+    rows by (name, *labels); the key layout is this class's."""
+
+    def __init__(self, cache: diskcache.Cache):
+        self._cache = cache
+
+    def _key(self, row: tuple) -> tuple:
+        return (COUNTER_PREFIX, *row)
+
+    def transact(self):
+        return self._cache.transact()
+
+    def ensure(self, row: tuple, initial: float = 0) -> None:
+        """Create the row with initial unless it exists (add keeps an existing row)."""
+        self._cache.add(self._key(row), initial, tag=COUNTER_PREFIX)
+
+    def incr(self, row: tuple, n: int = 1) -> None:
+        self._cache.incr(self._key(row), n)
+
+    def get(self, row: tuple, default=0):
+        return self._cache.get(self._key(row), default)
+
+    def set(self, row: tuple, value) -> None:
+        self._cache.set(self._key(row), value, tag=COUNTER_PREFIX)
+
+    def __contains__(self, row: tuple) -> bool:
+        return self._key(row) in self._cache
+
+    def rows(self) -> dict[tuple, float]:
+        """Every counter row, in one query."""
+        out: dict[tuple, float] = {}
+        for key, value in tagged_rows(self._cache, COUNTER_PREFIX):
+            if isinstance(key, tuple) and len(key) > 1 and key[0] == COUNTER_PREFIX and isinstance(value, (int, float)):
+                out[key[1:]] = value
+        return out
+
+    def count(self) -> int:
+        return count_tagged_rows(self._cache, COUNTER_PREFIX)
+
+    def clear(self) -> int:
+        """Remove every counter row; how many went."""
+        return self._cache.evict(COUNTER_PREFIX)
+
+    def close(self) -> None:
+        self._cache.close()
+
+
 # Present once the membership index covers every tag (cache dirs from before it existed get
 # it derived from their tags and manifests when first opened).
 MEMBERSHIP_SCHEMA = ("schema", "membership")
@@ -204,6 +257,7 @@ class Store:
         )
         self.tags = diskcache.Cache(os.path.join(self.directory, "tags"), eviction_policy="none", size_limit=2**62)
         self.miss_log_path = os.path.join(self.directory, "misses.jsonl")
+        self.counters = Counters(self.tags)
         restrict_to_owner(self.directory)
         if MEMBERSHIP_SCHEMA not in self.tags:
             self._derive_membership()

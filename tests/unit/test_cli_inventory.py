@@ -152,7 +152,7 @@ def test_gc_never_removes_a_pinned_image_or_what_a_retained_manifest_references(
     idx = put_index(store, "quay.io", "org/multi", "1", [(arm, 100, "linux/arm64"), ("sha256:" + "9" * 64, 100, "linux/amd64")])
     orphan = stage_and_commit(store, random_bytes(80_000, 7))
     inventory.pin(store, parse_image("quay.io/org/a:1"))
-    stats = Stats(store.tags)
+    stats = Stats(store.counters)
     result = inventory.gc(store, 0, stats=stats)  # evict everything evictable
     assert store.get_manifest(a) is not None and all(store.has_blob(d) for d in a_blobs)
     for gone in (b, arm, idx):
@@ -221,7 +221,7 @@ def test_verify_quarantines_a_flipped_byte_and_a_bad_manifest(store):
         f.write(bytes([b[0] ^ 0xFF]))
     bogus = "sha256:" + "7" * 64
     store.put_manifest(bogus, oci.OCI_MANIFEST, b'{"not":"matching"}')
-    stats = Stats(store.tags)
+    stats = Stats(store.counters)
     result = inventory.verify(store, stats=stats)
     assert {(k, d) for k, d, _r in result.bad} == {("blob", blobs[1]), ("manifest", bogus)}
     assert not store.has_blob(blobs[1]) and store.get_manifest(bogus) is None

@@ -387,7 +387,7 @@ def test_warm_fetches_the_chosen_platform_with_anonymous_tokens(tmp_path, token_
 
     index, children = _multi(token_registry)
     store = Store(str(tmp_path / "cache"))
-    stats = Stats(store.tags)
+    stats = Stats(store.counters)
     registry = f"127.0.0.1:{token_registry.port}"
     w = Warmer(Upstream(ssl.create_default_context(), timeout=10, backoff=0), store, ["linux/arm64"], stats=stats)
     # the registry is "127.0.0.1:port", which the client would reach with TLS: plain HTTP here

@@ -20,7 +20,7 @@ from regcachelib.blobserver import BlobServer, Signer, Ticket
 from regcachelib.fill import Fills
 from regcachelib.metrics import Monitor, parse_listen, render_status_page
 from regcachelib.stats import OTHER, PRIVATE, Stats
-from regcachelib.store import Store
+from regcachelib.store import Counters, Store
 from regcachelib.upstream import Target, Upstream, UpstreamUnavailable
 
 from .helpers import Reply, http_request, random_bytes, sha256, stage_and_commit, wait_until
@@ -32,7 +32,7 @@ def run(coro):
 
 def _count_in_process(directory: str, n: int) -> None:
     cache = diskcache.Cache(directory)
-    stats = Stats(cache)
+    stats = Stats(Counters(cache))
     for _ in range(n):
         stats.request("quay.io", "blob", "HIT")
         stats.served_bytes(10, from_store=True)
@@ -50,13 +50,13 @@ def test_counters_add_up_across_processes(tmp_path):
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    snap = Stats(diskcache.Cache(directory)).snapshot()
+    snap = Stats(Counters(diskcache.Cache(directory))).snapshot()
     assert snap.registries["quay.io"].hits == 600
     assert snap.served_bytes == snap.cache_bytes == 6000
 
 
 def test_snapshot_semantics(tmp_path):
-    stats = Stats(diskcache.Cache(str(tmp_path / "t")))
+    stats = Stats(Counters(diskcache.Cache(str(tmp_path / "t"))))
     stats.request("docker.io", "manifest", "MISS", "library/a", "GET", 500)  # fetched and served
     stats.request("docker.io", "manifest", "HIT", "library/a", "GET", 500)  # served from the store
     stats.request("docker.io", "manifest", "HIT", "library/a", "HEAD", 0)
@@ -92,7 +92,7 @@ def test_fill_and_blobserver_hooks_count_upstream_and_served_bytes(tmp_path, ups
 
     async def main():
         store = Store(str(tmp_path / "cache"))
-        stats = Stats(store.tags)
+        stats = Stats(store.counters)
         fills = Fills(store, Upstream(ssl.create_default_context(), timeout=5, backoff=0))
         fills.stats = stats
         server = BlobServer(store, fills, Signer(os.urandom(32)))
@@ -145,7 +145,7 @@ def test_monitor_is_loaded_with_the_addon_and_counts_its_log(tmp_path, monkeypat
             tctx.configure(cache, regcache_dir=str(tmp_path / "cache"))
             assert tctx.options.regcache_metrics == ""
             monitor = cache.monitor
-            assert monitor.stats is not None and monitor.stats.cache is cache.store.tags
+            assert monitor.stats is not None and monitor.stats.cache is cache.store.counters
             assert cache.fills.stats is monitor.stats
             assert cache.upstream.observe == monitor.observe_upstream
             route = oci.parse_route("quay.io", "/v2/org/x/manifests/1")
@@ -179,7 +179,7 @@ def test_endpoint_serves_metrics_status_page_json_and_health(tmp_path):
     store.log_miss({"registry": "docker.io", "repo": "library/small", "reference": "1", "kind": "manifest", "size": 900, "outcome": "MISS"})
     monitor = Monitor(_fake_cache(store))
     monitor.cache.access.remember_public("docker.io", "library/small", True)
-    monitor.stats = Stats(store.tags)
+    monitor.stats = Stats(store.counters)
     monitor.stats.request("docker.io", "manifest", "MISS", "library/small", "GET", 900)
     for _ in range(3):
         monitor.stats.request("docker.io", "manifest", "HIT", "library/small", "GET", 900)
@@ -244,7 +244,7 @@ def test_size_limit_gc_runs_above_ninety_percent(tmp_path):
     new, _ = put_image(store, "quay.io", "org/new", "1", [random_bytes(300_000, 6)])
     store.get_manifest(new)
     monitor = Monitor(_fake_cache(store))
-    monitor.stats = Stats(store.tags)
+    monitor.stats = Stats(store.counters)
     assert run(monitor.gc_if_needed()) is None  # far below the limit
     # 90% of the limit is passed: evict down to 80%, oldest image first
     store.content.reset("size_limit", int(store.content.volume() / 0.95))
@@ -266,7 +266,7 @@ def _private_and_public_traffic(store) -> Monitor:
     download of each in progress."""
     monitor = Monitor(_fake_cache(store))
     monitor.cache.access.remember_public("docker.io", "library/small", True)
-    monitor.stats = Stats(store.tags)
+    monitor.stats = Stats(store.counters)
     for repo in ("library/small", "private/secret"):
         monitor.stats.request("docker.io", "manifest", "MISS", repo, "GET", 900)
         monitor.stats.request("docker.io", "manifest", "HIT", repo, "GET", 900)
@@ -338,16 +338,14 @@ def test_status_show_private_config_key():
 # --- bounded state keyed by client-chosen names (issue 10 3d) ---------------------------------
 
 
-def _stats_rows(cache) -> int:
-    from regcachelib.store import count_tagged_rows
-
-    return count_tagged_rows(cache, "stats")
+def _stats_rows(store) -> int:
+    return store.counters.count()
 
 
 def test_junk_repositories_and_registries_keep_rows_and_series_bounded(tmp_path):
     store = Store(str(tmp_path / "cache"))
     monitor = Monitor(_fake_cache(store, show_private=True))
-    monitor.stats = stats = Stats(store.tags, max_registries=20, max_repos=50)
+    monitor.stats = stats = Stats(store.counters, max_registries=20, max_repos=50)
     for i in range(5000):
         stats.request("docker.io", "manifest", "MISS", f"junk/r{i}", "GET", 10)
         stats.request("docker.io", "blob", "MISS", f"junk/r{i}", "GET", None)
@@ -364,14 +362,14 @@ def test_junk_repositories_and_registries_keep_rows_and_series_bounded(tmp_path)
     assert len(hub) == 51 and snap.pulls[("docker.io", OTHER)] == 5000 - 50  # every pull counted
     assert len(snap.registries) == 21 and snap.registries[OTHER].hits == 300 - 19
     assert snap.upstream_bytes == 5000 * 10 + 300 * 5
-    rows = _stats_rows(store.tags)
+    rows = _stats_rows(store)
     assert rows < 300, rows
     # a restarted process keeps to the same bounds
-    again = Stats(store.tags, max_registries=20, max_repos=50)
+    again = Stats(store.counters, max_registries=20, max_repos=50)
     for i in range(5000, 5100):
         again.request("docker.io", "manifest", "MISS", f"junk/r{i}", "GET", 10)
     again.flush()
-    assert _stats_rows(store.tags) == rows
+    assert _stats_rows(store) == rows
     text = generate_latest(monitor.registry).decode()
     series = [line for line in text.splitlines() if line and not line.startswith("#")]
     assert len(series) < 150, len(series)
@@ -388,7 +386,7 @@ def test_junk_repositories_and_registries_keep_rows_and_series_bounded(tmp_path)
 
 def _admit_in_process(directory: str, first: int) -> None:
     cache = diskcache.Cache(directory)
-    stats = Stats(cache, max_registries=5, max_repos=10)
+    stats = Stats(Counters(cache), max_registries=5, max_repos=10)
     for i in range(first, first + 30):
         stats.request("docker.io", "manifest", "MISS", f"junk/p{i}", "GET", 1)
         stats.request(f"r{i}.example.com", "manifest", "MISS", "x/y", "GET", 1)
@@ -406,7 +404,7 @@ def test_bounds_hold_across_processes_on_one_cache(tmp_path):
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
-    snap = Stats(diskcache.Cache(directory)).snapshot()
+    snap = Stats(Counters(diskcache.Cache(directory))).snapshot()
     assert len([repo for reg, repo in snap.pulls if reg == "docker.io" and repo != OTHER]) == 10
     assert len([reg for reg in snap.registries if reg != OTHER]) == 5
     assert sum(snap.pulls.values()) == 2 * 90
@@ -456,7 +454,7 @@ def test_status_shows_version_since_and_backed_off_registries(tmp_path):
     cache = _fake_cache(store)
     cache.upstream = up
     monitor = Monitor(cache)
-    monitor.stats = Stats(store.tags)
+    monitor.stats = Stats(store.counters)
     monitor.stats.request("docker.io", "manifest", "HIT", "library/small", "GET", 1)
     status = monitor.status()
     assert status["version"] not in ("", None) and status["since"] == monitor.stats.snapshot().since
