@@ -12,5 +12,7 @@ fi
 [ -n "$PY" ] || { echo "no Python with mitmproxy + regcache found: ./test.sh sets up .venv, or set PYTHON" >&2; exit 2; }
 # py-spy profiles missed targets; install it into the same environment if it is missing
 [ -x "$(dirname "$PY")/py-spy" ] || command -v py-spy >/dev/null || "$PY" -m pip install -q --disable-pip-version-check py-spy || echo "py-spy unavailable: profiles are skipped" >&2
-export BENCH_COMMAND="bench/run.sh${*:+ $*}"
-exec "$PY" -m bench "$@"
+# BENCH_MODULE: bench (the suite) or bench.soak (bench/soak.sh)
+MODULE=${BENCH_MODULE:-bench}
+export BENCH_COMMAND="${BENCH_COMMAND_NAME:-bench/run.sh}${*:+ $*}"
+exec "$PY" -m "$MODULE" "$@"
