@@ -97,15 +97,20 @@ def answering(flow: http.HTTPFlow, req: RegistryRequest):
         pass_through(flow, req, req.forward_credentials, req.offline)
 
 
-class Blobs:
+class _ServiceChild:
+    """A child addon that answers from the service set RegistryCache hands it on configure."""
+
+    services: Services | None = None
+
+    def use(self, services: Services) -> None:
+        self.services = services
+
+
+class Blobs(_ServiceChild):
     """Child addon of RegistryCache: a blob request gets BlobService's answer."""
 
     def __init__(self, cache) -> None:
         self.cache = cache  # the parent: its blob server and fast-path signer live as long as it
-        self.services: Services | None = None
-
-    def use(self, services: Services) -> None:
-        self.services = services
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
@@ -180,15 +185,9 @@ def _local_address_for(flow: http.HTTPFlow) -> str:
         return s.getsockname()[0]
 
 
-class Manifests:
+class Manifests(_ServiceChild):
     """Child addon of RegistryCache: a manifest request (or the /v2/ ping) gets
     ManifestService's answer."""
-
-    def __init__(self) -> None:
-        self.services: Services | None = None
-
-    def use(self, services: Services) -> None:
-        self.services = services
 
     async def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:

@@ -447,7 +447,10 @@ class Store:
             value = dict(self.tags.get(key) or {})
             value[media_type] = (digest, now if now is not None else time.time())
             self.tags.set(key, value)
-        # The tag's repository holds its manifest (and what the manifest references).
+        # The tag's repository holds its manifest (and what the manifest references). Already
+        # known on every revalidation, and whoever stores a manifest learns it right then.
+        if self.holds(registry, repo, digest):
+            return
         manifest = self.get_manifest(digest)
         if manifest is not None:
             self.learn_manifest(registry, repo, digest, manifest.body)
