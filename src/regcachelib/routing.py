@@ -8,6 +8,7 @@ regcache does not cache (pushes, tag lists, another endpoint of a registry) thro
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -28,6 +29,26 @@ _PREFIXED = re.compile(r"^/v2/(?P<registry>[^/]+\.[^/]+|[^/]+:\d+|localhost)/(?P
 # flow.metadata key: the Host a client sent to a mirror listener (mitmproxy rewrites the header).
 CLIENT_HOST = "regcache.client_host"
 TLS_SCHEMES = ("https", "tls", "http3", "quic", "dtls")
+# Host names are client-chosen: what is remembered about them is bounded.
+MAX_HOSTS = 4096
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_route(registry: str, path: str) -> oci.Route | None:
+    # Pure, and asked again for every pull of the same image: parsed once per path.
+    # (A malformed path raises every time: exceptions are not cached.)
+    return oci.parse_route(registry, path)
+
+
+@dataclass(frozen=True)
+class _HostFacts:
+    """What the config says about a host name, worked out once (the registries list is
+    matched pattern by pattern)."""
+
+    listed: bool  # a registry by the list and aliases alone
+    registry_host: bool  # intercepted as a registry (intercept_all widens this one)
+    registry: str  # its canonical registry name
+    plain_http: bool  # its own endpoint is plain HTTP
 
 
 @dataclass(frozen=True)
@@ -88,9 +109,22 @@ class Routing:
     def __init__(self, cache) -> None:
         self.cache = cache  # the parent: it knows the blob server's fast-path URLs
         self.config = Config()
+        self._hosts: dict[str, _HostFacts] = {}
 
     def use(self, services) -> None:
         self.config = services.config
+        self._hosts = {}  # facts of the config in force only
+
+    def _facts(self, host: str) -> _HostFacts:
+        facts = self._hosts.get(host)
+        if facts is None:
+            config = self.config
+            facts = _HostFacts(config.is_listed_registry(host), config.is_registry_host(host),
+                               config.registry_for_host(host), config.is_plain_http(host))
+            if len(self._hosts) >= MAX_HOSTS:
+                self._hosts = {}
+            self._hosts[host] = facts
+        return facts
 
     def request(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
@@ -118,7 +152,7 @@ class Routing:
         route = None
         if not ping:
             try:
-                route = oci.parse_route(ident.registry, ident.path)
+                route = _parse_route(ident.registry, ident.path)
             except oci.RegistryError as e:
                 answer_error(flow, e)
                 log.warning("rejected %s %s%s: %s", flow.request.method, ident.registry,
@@ -158,13 +192,14 @@ class Routing:
         host = flow.request.pretty_host
         if isinstance(mode, mode_specs.TransparentMode):
             host = flow.client_conn.sni or host
-        if not host or not self.config.is_registry_host(host):
+        facts = self._facts(host) if host else None
+        if facts is None or not facts.registry_host:
             return None
         transparent = isinstance(mode, mode_specs.TransparentMode)
         address = flow.server_conn.address[0] if transparent and flow.server_conn.address else None
         target = Target(host.lower(), flow.request.port, flow.request.scheme, address)
-        own_endpoint = (target.scheme, target.port) == ("https", 443) or self.config.is_plain_http(host)
-        return Identity(self.config.registry_for_host(host), target, path, cacheable=own_endpoint)
+        own_endpoint = (target.scheme, target.port) == ("https", 443) or facts.plain_http
+        return Identity(facts.registry, target, path, cacheable=own_endpoint)
 
     def _identify_on_mirror(self, flow: http.HTTPFlow, mode: mode_specs.ReverseMode, path: str) -> Identity:
         """The registry is, in order: ?ns= (containerd), a path prefix (/v2/quay.io/...), a Host
@@ -174,20 +209,22 @@ class Routing:
         no registry is the cache's own name or address (the cache cannot know every name it
         is reached by), so the request is the listener's own upstream's.
         """
-        default = self.config.registry_for_host(mode.address[0])
+        default = self._facts(mode.address[0]).registry
         # The registry the client's /v2/ ping (never prefixed) went to: its token is for that one.
         base = self._registry_named_by_host(flow) or default
         registry, forward_credentials = base, True
-        ns = flow.request.query.get("ns")
+        ns = flow.request.query.get("ns") if "?" in flow.request.path else None
         if ns is not None:
-            if not self.config.is_listed_registry(ns):
+            facts = self._facts(ns)
+            if not facts.listed:
                 message = f"{ns[:100]!r} is not a registry this cache serves"
                 raise oci.RegistryError.of("NAME_UNKNOWN", message, {"ns": ns[:256]})
-            registry = self.config.registry_for_host(ns)
+            registry = facts.registry
         else:
             m = _PREFIXED.match(path)
-            if m and self.config.is_listed_registry(m.group("registry")):
-                registry = self.config.registry_for_host(m.group("registry"))
+            facts = self._facts(m.group("registry")) if m else None
+            if facts is not None and facts.listed:
+                registry = facts.registry
                 path = "/v2/" + m.group("rest")
                 forward_credentials = registry == base
         if registry == default:
@@ -211,6 +248,8 @@ class Routing:
                 pass
         names.append(flow.client_conn.sni)
         for name in names:
-            if name and self.config.is_listed_registry(name):
-                return self.config.registry_for_host(name)
+            if name:
+                facts = self._facts(name)
+                if facts.listed:
+                    return facts.registry
         return None

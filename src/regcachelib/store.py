@@ -18,6 +18,7 @@ import fcntl
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -41,7 +42,37 @@ class StagedFile:
         raise RuntimeError("StagedFile is moved, not read")
 
 
-class RenamingDisk(diskcache.Disk):
+class KeyMemoDisk(diskcache.Disk):
+    """diskcache Disk that converts each tuple key to its database form once.
+
+    diskcache pickles a tuple key and runs pickletools.optimize over it on every lookup: about
+    half of what a cache hit cost regcache. The database form of a key never changes, so it is
+    kept (bounded: keys are client-chosen names), byte for byte what diskcache computes.
+    """
+
+    MEMO_MAX = 65536
+
+    def __init__(self, directory, **kwargs):
+        super().__init__(directory, **kwargs)
+        self._memo: dict = {}
+
+    def put(self, key):
+        if type(key) is not tuple:
+            return super().put(key)
+        try:
+            return self._memo[key]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable part: not memoised
+            return super().put(key)
+        converted = super().put(key)
+        if len(self._memo) >= self.MEMO_MAX:
+            self._memo.clear()
+        self._memo[key] = converted
+        return converted
+
+
+class RenamingDisk(KeyMemoDisk):
     """diskcache Disk that moves a StagedFile into the cache instead of copying it.
 
     Copying a verified 1 GiB blob costs ~2 s here; a rename on the same filesystem is free.
@@ -255,7 +286,13 @@ class Store:
             # Keep manifests and small values inside SQLite; blobs always arrive as files.
             disk_min_file_size=64 * 1024,
         )
-        self.tags = diskcache.Cache(os.path.join(self.directory, "tags"), eviction_policy="none", size_limit=2**62)
+        self.tags = diskcache.Cache(os.path.join(self.directory, "tags"), disk=KeyMemoDisk, eviction_policy="none",
+                                    size_limit=2**62)
+        # rowid -> when it was read: uses of content not yet written to its access_time (below)
+        self._touched: dict[int, float] = {}
+        self._touch_lock = threading.Lock()
+        self._toucher: threading.Thread | None = None
+        self._closing = threading.Event()
         self.miss_log_path = os.path.join(self.directory, "misses.jsonl")
         self.counters = Counters(self.tags)
         restrict_to_owner(self.directory)
@@ -263,8 +300,70 @@ class Store:
             self._derive_membership()
 
     def close(self) -> None:
+        self._closing.set()
+        toucher, self._toucher = self._toucher, None
+        if toucher is not None and toucher is not threading.current_thread():
+            toucher.join(5)
+        self.flush_touches()
         self.content.close()
         self.tags.close()
+
+    # --- uses of content: the LRU order, written behind ----------------------------------
+    # diskcache's "least-recently-used" get writes the row's access_time in a transaction on
+    # every read: a SQLite write (and its lock) on every cache hit, on the event loop, waiting
+    # behind any other writer of the cache dir (a `regcache gc` holds it for seconds). Reads
+    # here are plain SELECTs; the uses they make are written every TOUCH_INTERVAL seconds by a
+    # thread of their own, and before anything reads the order (eviction, gc, ls).
+
+    TOUCH_INTERVAL = 1.0
+
+    def _read_content(self, key: tuple, read: bool = False, use: bool = True):
+        """A content entry's value (an open file with read=True), or None; counts as a use
+        unless use is False (regcache's own bookkeeping reads)."""
+        cache = self.content
+        db_key, raw = cache._disk.put(key)
+        rows = cache._sql("SELECT rowid, mode, filename, value FROM Cache WHERE key = ? AND raw = ?"
+                          " AND (expire_time IS NULL OR expire_time > ?)", (db_key, raw, time.time())).fetchall()
+        if not rows:
+            return None
+        rowid, mode, filename, value = rows[0]
+        try:
+            result = cache._disk.fetch(mode, filename, value, read)
+        except OSError:  # removed between the SELECT and the open
+            return None
+        if use:
+            self._touch(rowid)
+        return result
+
+    def _touch(self, rowid: int) -> None:
+        self._touched[rowid] = time.time()
+        if self._toucher is None and not self._closing.is_set():
+            with self._touch_lock:
+                if self._toucher is None:
+                    self._toucher = threading.Thread(target=self._write_touches, name="regcache-store-lru",
+                                                     daemon=True)
+                    self._toucher.start()
+
+    def _write_touches(self) -> None:
+        while not self._closing.wait(self.TOUCH_INTERVAL):
+            self.flush_touches()
+
+    def flush_touches(self) -> None:
+        """Write the uses read since the last flush into the content index's access times."""
+        with self._touch_lock:
+            touched, self._touched = self._touched, {}
+        if not touched:
+            return
+        try:
+            with self.content.transact():
+                self.content._con.executemany(
+                    "UPDATE Cache SET access_time = ? WHERE rowid = ? AND access_time < ?",
+                    [(when, rowid, when) for rowid, when in touched.items()])
+        except Exception as e:  # noqa: BLE001 - a busy or closed index: kept for the next flush
+            log.debug("could not record %d content uses yet: %s", len(touched), e)
+            with self._touch_lock:
+                for rowid, when in touched.items():
+                    self._touched[rowid] = max(when, self._touched.get(rowid, 0.0))
 
     def set_size_limit(self, size_limit: int) -> None:
         self.content.reset("size_limit", size_limit)
@@ -280,6 +379,7 @@ class Store:
 
     def content_rows(self):
         """Every blob and manifest entry (ContentRow), without counting as a use."""
+        self.flush_touches()  # the access times as of now
         cache = self.content
         rows = cache._sql("SELECT key, raw, size, access_time, store_time, mode, filename, value FROM Cache").fetchall()
         for db_key, raw, size, atime, stime, mode, filename, value in rows:
@@ -337,17 +437,22 @@ class Store:
 
         An open file stays readable even if the blob is evicted meanwhile (POSIX unlink).
         """
-        try:
-            return self.content.get(blob_key(digest), read=True)
-        except OSError:
-            return None
+        return self._read_content(blob_key(digest), read=True)
 
     def blob_size(self, digest: str) -> int | None:
-        f = self.open_blob(digest)
-        if f is None:
+        """A stored blob's size (counts as a use, as serving it would), or None."""
+        cache = self.content
+        db_key, raw = cache._disk.put(blob_key(digest))
+        rows = cache._sql("SELECT rowid, filename FROM Cache WHERE key = ? AND raw = ?"
+                          " AND (expire_time IS NULL OR expire_time > ?)", (db_key, raw, time.time())).fetchall()
+        if not rows or not rows[0][1]:
             return None
-        with f:
-            return os.fstat(f.fileno()).st_size
+        try:
+            size = os.stat(os.path.join(cache.directory, rows[0][1])).st_size  # the file, not the index's word
+        except OSError:
+            return None
+        self._touch(rows[0][0])
+        return size
 
     def has_room(self, size: int | None, reserve: int = 64 * 1024 * 1024) -> bool:
         """Whether a blob of this size fits on the cache filesystem with some room to spare."""
@@ -384,6 +489,7 @@ class Store:
         """
         evicted = 0
         cache = self.content
+        self.flush_touches()  # evict by the uses as of now
         while cache.volume() > cache.size_limit:
             # diskcache keeps access_time per row ("least-recently-used" updates it on get)
             rows = cache._sql("SELECT key, raw FROM Cache ORDER BY access_time LIMIT ?", (len(protect) + 1,)).fetchall()
@@ -421,8 +527,9 @@ class Store:
         self.content.set(manifest_key(digest), (media_type, body))
         self.evict_to_limit(protect={manifest_key(digest)})
 
-    def get_manifest(self, digest: str) -> Manifest | None:
-        value = self.content.get(manifest_key(digest))
+    def get_manifest(self, digest: str, use: bool = True) -> Manifest | None:
+        """A stored manifest; use=False: without counting as a use (bookkeeping reads)."""
+        value = self._read_content(manifest_key(digest), use=use)
         if value is None:
             return None
         media_type, body = value
@@ -451,7 +558,7 @@ class Store:
         # known on every revalidation, and whoever stores a manifest learns it right then.
         if self.holds(registry, repo, digest):
             return
-        manifest = self.get_manifest(digest)
+        manifest = self.get_manifest(digest, use=False)
         if manifest is not None:
             self.learn_manifest(registry, repo, digest, manifest.body)
         else:
@@ -500,7 +607,7 @@ class Store:
                     continue
                 seen.add(digest)
                 self.add_members(registry, repo, [digest])
-                manifest = self.get_manifest(digest)
+                manifest = self.get_manifest(digest, use=False)
                 if manifest is not None:
                     refs = oci.referenced_digests(manifest.body)
                     self.add_members(registry, repo, refs)
