@@ -264,6 +264,9 @@ class Monitor:
         )
         self.record(req.registry, route.kind, "ERROR" if flow.error else outcome.outcome, route.name, req.method,
                     outcome.size)
+        if route.kind == oci.BLOB and outcome.size and req.method == "GET" and not flow.error and self.stats:
+            # a small blob answered inline (the blob server counts the bytes it sends itself)
+            self.stats.served_bytes(outcome.size, from_store=True)
 
     def record(self, registry: str, kind: str, outcome: str, repo: str, method: str, size: int | None) -> None:
         """One answered request."""

@@ -425,6 +425,43 @@ def test_blob_miss_then_hit_through_the_blob_server(tmp_path, upstream_server):
     assert upstream_server.count("GET", path) == 1
 
 
+def test_small_blob_hit_is_answered_inline_and_counted(tmp_path, upstream_server):
+    """A small stored blob is answered from the request hook itself (no loopback hop through
+    the blob server); a Range request and a large blob still stream from the blob server."""
+    from mitmproxy.proxy.layers.http import HttpResponseHook
+
+    small = random_bytes(addon_module.INLINE_BLOB_MAX, seed=7)
+
+    async def main():
+        async with running_addon(tmp_path, LOCAL_ALIAS) as (rc, tctx):
+            digests = [stage_and_commit(rc.store, data) for data in (small, BLOB)]
+            rc.store.add_members("quay.io", "org/img", digests)
+            mark_public(rc, "quay.io", "org/img")
+            flow = local_flow(upstream_server, f"/v2/org/img/blobs/{digests[0]}")
+            await send(rc, flow)
+            assert flow.response.status_code == 200 and flow.response.content == small
+            assert flow.response.headers["x-cache"] == "HIT"
+            assert flow.response.headers["docker-content-digest"] == digests[0]
+            assert flow.response.headers["content-type"] == "application/octet-stream"
+            assert flow.response.headers["content-length"] == str(len(small))
+            assert not flow.metadata.get("regcache.blobserver")
+            await tctx.master.addons.invoke_addon(rc, HttpResponseHook(flow))
+            snap = rc.monitor.stats.snapshot()
+            assert (snap.served_bytes, snap.cache_bytes) == (len(small), len(small))
+            assert snap.registries["quay.io"].outcomes[("blob", "HIT")] == 1
+
+            ranged = local_flow(upstream_server, f"/v2/org/img/blobs/{digests[0]}", headers=[("Range", "bytes=0-9")])
+            large = local_flow(upstream_server, f"/v2/org/img/blobs/{digests[1]}")
+            for routed_flow in (ranged, large):
+                await send(rc, routed_flow)
+                assert routed_flow.response is None and routed_flow.metadata.get("regcache.blobserver")
+            resp = await http_request(ranged.request.port, ranged.request.path)
+            assert resp.status == 206 and resp.body == small[:10]
+
+    run(main())
+    assert upstream_server.requests == []
+
+
 def test_blob_upstream_401_is_relayed(tmp_path, upstream_server):
     path = f"/v2/org/img/blobs/{BLOB_DIGEST}"
     challenge = 'Bearer realm="https://auth.example/token",service="quay.io"'
