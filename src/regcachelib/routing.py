@@ -110,6 +110,7 @@ class Routing:
         self.cache = cache  # the parent: it knows the blob server's fast-path URLs
         self.config = Config()
         self._hosts: dict[str, _HostFacts] = {}
+        self._authorities: dict[str, str | None] = {}  # Host header -> its host
 
     def use(self, services) -> None:
         self.config = services.config
@@ -239,17 +240,27 @@ class Routing:
     def _registry_named_by_host(self, flow: http.HTTPFlow) -> str | None:
         """The registry a mirror client named by Host (or SNI): the hosts file or DNS of the
         client pointed that registry's name at the cache. None for any other name."""
-        host_header = flow.metadata.get(CLIENT_HOST, flow.request.host_header)
-        names = []
-        if host_header:
-            try:
-                names.append(url.parse_authority(host_header, check=False)[0])
-            except ValueError:
-                pass
-        names.append(flow.client_conn.sni)
-        for name in names:
+        host_header = flow.metadata.get(CLIENT_HOST)
+        if host_header is None:
+            host_header = flow.request.host_header
+        for name in (self._host_named_by(host_header) if host_header else None, flow.client_conn.sni):
             if name:
                 facts = self._facts(name)
                 if facts.listed:
                     return facts.registry
         return None
+
+    def _host_named_by(self, host_header: str) -> str | None:
+        """The host of a Host header (without its port), parsed once per distinct header."""
+        try:
+            return self._authorities[host_header]
+        except KeyError:
+            pass
+        try:
+            name = url.parse_authority(host_header, check=False)[0]
+        except ValueError:
+            name = None
+        if len(self._authorities) >= MAX_HOSTS:
+            self._authorities = {}
+        self._authorities[host_header] = name
+        return name
