@@ -355,6 +355,8 @@ class Store:
         if not touched:
             return
         try:
+            # A row deleted meanwhile updates nothing, or a row stored since under its rowid,
+            # which is as recent; access times only ever move forward.
             with self.content.transact():
                 self.content._con.executemany(
                     "UPDATE Cache SET access_time = ? WHERE rowid = ? AND access_time < ?",
