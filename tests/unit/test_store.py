@@ -78,6 +78,45 @@ def test_size_limit_evicts_least_recently_used(tmp_path):
         store.close()
 
 
+def test_reads_never_wait_for_a_writer_and_their_uses_are_written_behind(tmp_path):
+    """A hit's reads (manifest, blob, blob size) are SELECTs only: another process holding the
+    index's write lock (a gc, a commit) does not hold them up; the uses reach access_time once
+    it is free, and the LRU order counts them."""
+    import sqlite3
+    import threading
+    import time
+
+    store = Store(str(tmp_path / "cache"))
+    try:
+        blob = stage_and_commit(store, random_bytes(100_000, seed=3))
+        store.put_manifest(sha256(b"m"), oci.OCI_MANIFEST, b"m")
+        writer = sqlite3.connect(os.path.join(store.content.directory, "cache.db"), isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")
+        read_at = time.time()
+        answers = []
+
+        def hit():
+            f = store.open_blob(blob)
+            with f:
+                answers.append((f.read(), store.blob_size(blob), store.get_manifest(sha256(b"m")).body))
+
+        reader = threading.Thread(target=hit, daemon=True)
+        reader.start()
+        reader.join(5)
+        try:
+            assert not reader.is_alive(), "a read waited for the index's writer"
+            assert answers == [(random_bytes(100_000, seed=3), 100_000, b"m")]
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()
+        deadline = time.monotonic() + 5
+        while store.content._sql("SELECT COUNT(*) FROM Cache WHERE access_time >= ?", (read_at,)).fetchone()[0] < 2:
+            assert time.monotonic() < deadline, "the uses were never written"
+            time.sleep(0.05)
+    finally:
+        store.close()
+
+
 def test_size_limit_keeps_volume_bounded(tmp_path):
     store = Store(str(tmp_path / "cache"))
     try:
