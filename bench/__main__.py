@@ -394,8 +394,12 @@ class Bench:
         self.row(SECTION_HIT, "regcache in-band, HTTP/2 to the client (`http2=true`, mitmproxy's default)", h2, "MB/s", ratio(h2, ref_tls), note=note_h2 + (f"; {cpu_h2:.2f} CPU s per GiB" if cpu_h2 else ""))
         self.row(SECTION_HIT, "regcache in-band, HTTP/1.1 to the client (same process, interleaved)", h1, "MB/s", ratio(h1, ref_tls), note=note_h1 + (f"; {cpu_h1:.2f} CPU s per GiB" if cpu_h1 else "") + (f"; {ratio(h1, ref_tls11):.2f}x nginx TLS HTTP/1.1" if h1 and ref_tls11 else ""))
         h1_vs_h2 = ratio(h1, h2)
-        self.row(SECTION_HIT, "regcache in-band HTTP/1.1 ÷ HTTP/2 (why TLS clients get HTTP/1.1 by default)", h1_vs_h2, "x", h1_vs_h2, f">= {TARGET_H1_VS_H2:.1f}x", judge(h1_vs_h2, TARGET_H1_VS_H2),
-                 f"CPU per GiB HTTP/1.1 ÷ HTTP/2: {ratio(cpu_h1, cpu_h2):.2f}x" if cpu_h1 and cpu_h2 else "")
+        self.row(SECTION_HIT, "regcache in-band HTTP/1.1 ÷ HTTP/2, throughput (why TLS clients get HTTP/1.1 by default)", h1_vs_h2, "x", h1_vs_h2,
+                 f">= {TARGET_H1_VS_H2:.1f}x", judge(h1_vs_h2, TARGET_H1_VS_H2), "ratio of the two rows above")
+        cpu_ratio = ratio(cpu_h1, cpu_h2)
+        self.row(SECTION_HIT, "regcache in-band HTTP/1.1 ÷ HTTP/2, mitmdump CPU per GiB (less is better)", cpu_ratio, "x", cpu_ratio,
+                 f"<= {TARGET_H1_VS_H2:.1f}x", cpu_ratio is not None and cpu_ratio <= TARGET_H1_VS_H2,
+                 "the in-band path is bound by mitmproxy's one event-loop thread: its CPU per GiB is what a quiet machine's throughput follows")
         self.maybe_profile(self.args.profile == "all", "in-band hit, 1 GiB, HTTPS_PROXY, HTTP/2 (http2=true)", rc.pid, lambda: infra.curl(world, blob_url, tls, env=env), rc)
         self.rss("1 GiB hits, in-band HTTP/2 and HTTP/1.1 (`http2=true`)", rc.hwm_mib())
         rc.stop()
@@ -594,10 +598,13 @@ DETAILS = [
     "  (the e2e `Regcache` helper), fast path on :5080, in the router ns; a fresh process per scenario.",
     "- Hits: `curl -o /dev/null -w %{speed_download}` in the client ns, median of `--repeat` runs (nginx TLS:",
     "  `--repeat` runs before and as many after regcache's fast-path runs, median of all). Fast path:",
-    "  the signed `http://10.77.2.1:5080/_regcache/blobs/…` URL from the mirror's 307. In-band:",
-    "  `HTTPS_PROXY=http://10.77.2.1:8080 curl https://quay.io/v2/…` (mitmproxy terminates TLS; curl offers",
-    "  HTTP/2 and gets it, as from nginx). nginx (1 GiB file from bench/out/, 2 workers, `sendfile on`)",
-    "  runs in the router ns too, on 10.77.2.1:8443 (TLS, `http2`) and :8088 (plain).",
+    "  the signed `http://10.77.2.1:5080/_regcache/blobs/…` URL from the mirror's 307, fetched in turn with",
+    "  nginx's plain-HTTP URL of the same bytes (nginx, regcache, nginx, regcache…), each fetch's server CPU",
+    "  (nginx master + workers; mitmdump) read from /proc around it. In-band: `HTTPS_PROXY=http://10.77.2.1:8080",
+    "  curl https://quay.io/v2/…` (mitmproxy terminates TLS; curl offers HTTP/2, regcache's default gives",
+    "  HTTP/1.1); HTTP/1.1 vs HTTP/2: one regcache with `--set http2=true`, `curl` and `curl --http1.1` in turn.",
+    "  nginx (1 GiB file from bench/out/, 2 workers, `sendfile on`) runs in the router ns too, on",
+    "  10.77.2.1:8443 (TLS, `http2`) and :8088 (plain).",
     "- Misses: cold 1 GiB fetches (fresh cache / fresh storage each), `--miss-rounds` rounds of distribution",
     "  proxy, regcache fast path, regcache in-band, interleaved; median MB/s = size / curl's `time_total` (the",
     "  mirror's 307 hop included). The distribution proxy is `docker-registry serve` with",
