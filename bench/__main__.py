@@ -61,6 +61,8 @@ SKOPEO_IMAGES = ("quay.io/org/s2:1", "quay.io/bench/app:1")
 
 TARGET_FAST = 2.0
 TARGET_INBAND = 0.25
+TARGET_FAST_VS_PLAIN = 0.9  # the fast path is one sendfile loop, as nginx's plain HTTP is (issue 12)
+TARGET_H1_VS_H2 = 1.0  # the default HTTP version to TLS clients must be the faster one
 TARGET_MISS = 1.0
 TARGET_RSS_MIB = 150.0
 CONCURRENCY = 20
@@ -123,6 +125,31 @@ class Bench:
         speeds = [f.speed / 1e6 for f in fetches]
         note = f"median of {n}: {', '.join(f'{s:,.0f}' for s in speeds)}; HTTP/{fetches[0].http_version}"
         return statistics.median(speeds), note, fetches
+
+    def interleave(self, runs, n: int) -> list[tuple[float | None, str, float | None]]:
+        """``n`` rounds of each (label, url, args, env, cpu) in turn, A B A B...: one shared-machine
+        moment hits all alike. Per run: (median MB/s, note, median server CPU seconds per GiB),
+        the CPU read from ``cpu()`` (cumulative seconds of the server) around each fetch."""
+        fetches: dict[str, list] = {label: [] for label, *_ in runs}
+        cpus: dict[str, list[float]] = {label: [] for label, *_ in runs}
+        for _ in range(n):
+            for label, url, args, env, cpu in runs:
+                c0 = cpu()
+                f = infra.curl(self.world, url, args, env)
+                fetches[label].append(f)
+                if f.ok(self.big.size):
+                    cpus[label].append((cpu() - c0) * GiB / f.size)
+        out = []
+        for label, *_ in runs:
+            self.raw.setdefault("fetches", {})[label] = [f.__dict__ for f in fetches[label]]
+            bad = [f for f in fetches[label] if not f.ok(self.big.size)]
+            if bad:
+                out.append((None, f"FAILED: {bad[0].code} {bad[0].size} bytes {bad[0].error[:200]}", None))
+                continue
+            speeds = [f.speed / 1e6 for f in fetches[label]]
+            note = f"median of {n}, interleaved: {', '.join(f'{v:,.0f}' for v in speeds)}; HTTP/{fetches[label][0].http_version}"
+            out.append((statistics.median(speeds), note, statistics.median(cpus[label])))
+        return out
 
     def maybe_profile(self, missed: bool, title: str, pid: int, action, rc: RegcacheProc | None = None) -> None:
         """Run ``action`` once more under py-spy if the target was missed (or --profile all)."""
@@ -293,17 +320,22 @@ class Bench:
         self.say(f"1. hits of the 1 GiB blob, {n} runs each: nginx")
         before = [infra.curl(world, tls_url, ca) for _ in range(n)]
         ref_tls11, note11, _ = self.repeat_curl("nginx-tls-h1", tls_url, big, n, ["--http1.1", *ca])
-        plain, note_plain, _ = self.repeat_curl("nginx-plain", self.ref.url(False, big.path.name), big, n)
 
         mirror_url = f"http://{world.router_client_ip}:{infra.MIRROR_PORT}{big.api_path()}"
-        self.say("1. fast-path hits: signed URL from the mirror's 307, then plain HTTP")
+        self.say("1. fast-path hits, interleaved with nginx plain HTTP: signed URL from the mirror's 307")
         rc = self.fresh_regcache("rc-hit-fast", self.hit_cache)
         status, location, xcache = infra.redirect_url(world, mirror_url)
-        fast = fast_note = None
+        plain_url = self.ref.url(False, big.path.name)
         if status == 307 and "/_regcache/blobs/" in location:
-            fast, fast_note, _ = self.repeat_curl("rc-fast", location, big, n)
+            # nginx plain and the fast path take turns (A, B, A, B...): both are one sendfile loop
+            # over the same bytes, so what the shared machine does meanwhile hits both alike
+            ab = self.interleave([("nginx-plain", plain_url, (), None, self.ref.cpu),
+                                  ("rc-fast", location, (), None, lambda: rc.cpu()[0])], n)
+            (plain, note_plain, plain_cpu), (fast, fast_note, fast_cpu) = ab
             fast_note += f"; 307 X-Cache: {xcache}"
         else:
+            plain, note_plain, _ = self.repeat_curl("nginx-plain", plain_url, big, n)
+            plain_cpu = fast_cpu = fast = None
             fast_note = f"no fast-path 307 (got {status} {location[:80]})"
         fast_hwm = rc.hwm_mib()
         fast_action = (lambda: infra.curl(world, location)) if fast is not None else None
@@ -322,33 +354,55 @@ class Bench:
         self.row(SECTION_HIT, "nginx TLS, HTTP/1.1", ref_tls11, "MB/s", ratio(ref_tls11, ref_tls), note=note11)
         self.row(SECTION_HIT, "nginx plain HTTP, sendfile", plain, "MB/s", ratio(plain, ref_tls), note=note_plain)
         r = self.row(SECTION_HIT, "regcache fast path (plain HTTP signed URL, sendfile)", fast, "MB/s", ratio(fast, ref_tls), f">= {TARGET_FAST:.1f}x", judge(ratio(fast, ref_tls), TARGET_FAST), fast_note)
+        fast_vs_plain = ratio(fast, plain)
+        r_plain = self.row(SECTION_HIT, "regcache fast path ÷ nginx plain HTTP sendfile (same bytes, interleaved)", fast_vs_plain, "x", fast_vs_plain,
+                 f">= {TARGET_FAST_VS_PLAIN:.1f}x", judge(fast_vs_plain, TARGET_FAST_VS_PLAIN), "throughput ratio of the two rows above")
+        if fast_cpu is not None and plain_cpu is not None:
+            self.row(SECTION_HIT, "server CPU per GiB: regcache fast path (nginx plain HTTP = 1.00x)", fast_cpu, "CPU s", ratio(fast_cpu, plain_cpu),
+                     note=f"nginx plain: {plain_cpu:.2f} CPU s per GiB (master + workers); both median per fetch, the same runs")
         if fast_action:
-            self.maybe_profile(not r.ok, "fast-path hit, 1 GiB", fast_rc.pid, fast_action, fast_rc)
+            self.maybe_profile(not (r.ok and r_plain.ok), "fast-path hit, 1 GiB", fast_rc.pid, fast_action, fast_rc)
         fast_rc.stop()
         self.rss("1 GiB hits, fast path", fast_hwm)
 
-        self.say("1. in-band hits: HTTPS_PROXY, TLS through mitmproxy")
+        self.say("1. in-band hits: HTTPS_PROXY, TLS through mitmproxy (default: HTTP/1.1 to TLS clients)")
         rc = self.fresh_regcache("rc-hit-inband", self.hit_cache)
         env, tls = rc.proxy_env(), rc.curl_tls()
         blob_url = f"https://{UPSTREAM}{big.api_path()}"
-        inband, note, _ = self.repeat_curl("rc-inband", blob_url, big, n, tls, env=env)
+        inband, note, fetches = self.repeat_curl("rc-inband", blob_url, big, n, tls, env=env)
         cpu = rc.cpu()
         note += f"; regcache CPU {cpu[0] / n:.1f} s per GiB (event loop {cpu[1] / n:.1f} s)"
-        inband11, note11b, _ = self.repeat_curl("rc-inband-h1", blob_url, big, n, ["--http1.1", *tls], env=env)
         status, location, _ = infra.redirect_url(world, mirror_url)
         viaproxy = None
         if status == 307:
             proxy = f"http://{world.router_client_ip}:{infra.PROXY_PORT}"
             viaproxy, note_vp, _ = self.repeat_curl("rc-inband-plain", location, big, n, ["--proxy", proxy])
         inband_hwm = rc.hwm_mib()
-        r = self.row(SECTION_HIT, "regcache in-band (HTTPS_PROXY, TLS through mitmproxy)", inband, "MB/s", ratio(inband, ref_tls), f">= {TARGET_INBAND:.2f}x", judge(ratio(inband, ref_tls), TARGET_INBAND), note)
-        self.row(SECTION_HIT, "regcache in-band, client forced to HTTP/1.1", inband11, "MB/s", ratio(inband11, ref_tls), note=note11b + (f"; {ratio(inband11, ref_tls11):.2f}x nginx TLS HTTP/1.1" if inband11 and ref_tls11 else ""))
+        r = self.row(SECTION_HIT, "regcache in-band (HTTPS_PROXY, TLS through mitmproxy), default config", inband, "MB/s", ratio(inband, ref_tls), f">= {TARGET_INBAND:.2f}x", judge(ratio(inband, ref_tls), TARGET_INBAND), note)
         if status == 307:
             self.row(SECTION_HIT, "regcache in-band, fast-path URL through the proxy (plain HTTP)", viaproxy, "MB/s", ratio(viaproxy, ref_tls), note=note_vp)
-        self.maybe_profile(not r.ok, "in-band hit, 1 GiB, HTTPS_PROXY (HTTP/2 to the client)", rc.pid, lambda: infra.curl(world, blob_url, tls, env=env), rc)
-        self.maybe_profile(self.args.profile == "all", "in-band hit, 1 GiB, HTTPS_PROXY, HTTP/1.1", rc.pid, lambda: infra.curl(world, blob_url, ["--http1.1", *tls], env=env), rc)
+        self.maybe_profile(not r.ok, f"in-band hit, 1 GiB, HTTPS_PROXY (HTTP/{fetches[0].http_version if fetches else '?'} to the client)", rc.pid, lambda: infra.curl(world, blob_url, tls, env=env), rc)
         rc.stop()
-        self.rss("1 GiB hits, in-band (TLS HTTP/2, TLS HTTP/1.1, plain)", inband_hwm)
+        self.rss("1 GiB hits, in-band (TLS, plain)", inband_hwm)
+
+        self.say("1. in-band hits, HTTP/1.1 vs HTTP/2 to the client, interleaved (one regcache with `--set http2=true`)")
+        rc = RegcacheProc(world, self.work / "rc-hit-h2", self.hit_cache, options={"http2": "true"}).start()
+        env, tls = rc.proxy_env(), rc.curl_tls()
+        cpu = lambda: rc.cpu()[0]  # noqa: E731
+        (h2, note_h2, cpu_h2), (h1, note_h1, cpu_h1) = self.interleave(
+            [("rc-inband-h2", blob_url, tls, env, cpu), ("rc-inband-h1", blob_url, ["--http1.1", *tls], env, cpu)], n)
+        self.row(SECTION_HIT, "regcache in-band, HTTP/2 to the client (`http2=true`, mitmproxy's default)", h2, "MB/s", ratio(h2, ref_tls), note=note_h2 + (f"; {cpu_h2:.2f} CPU s per GiB" if cpu_h2 else ""))
+        self.row(SECTION_HIT, "regcache in-band, HTTP/1.1 to the client (same process, interleaved)", h1, "MB/s", ratio(h1, ref_tls), note=note_h1 + (f"; {cpu_h1:.2f} CPU s per GiB" if cpu_h1 else "") + (f"; {ratio(h1, ref_tls11):.2f}x nginx TLS HTTP/1.1" if h1 and ref_tls11 else ""))
+        h1_vs_h2 = ratio(h1, h2)
+        self.row(SECTION_HIT, "regcache in-band HTTP/1.1 ÷ HTTP/2, throughput (why TLS clients get HTTP/1.1 by default)", h1_vs_h2, "x", h1_vs_h2,
+                 f">= {TARGET_H1_VS_H2:.1f}x", judge(h1_vs_h2, TARGET_H1_VS_H2), "ratio of the two rows above")
+        cpu_ratio = ratio(cpu_h1, cpu_h2)
+        self.row(SECTION_HIT, "regcache in-band HTTP/1.1 ÷ HTTP/2, mitmdump CPU per GiB (less is better)", cpu_ratio, "x", cpu_ratio,
+                 f"<= {TARGET_H1_VS_H2:.1f}x", cpu_ratio is not None and cpu_ratio <= TARGET_H1_VS_H2,
+                 "the in-band path is bound by mitmproxy's one event-loop thread: its CPU per GiB is what a quiet machine's throughput follows")
+        self.maybe_profile(self.args.profile == "all", "in-band hit, 1 GiB, HTTPS_PROXY, HTTP/2 (http2=true)", rc.pid, lambda: infra.curl(world, blob_url, tls, env=env), rc)
+        self.rss("1 GiB hits, in-band HTTP/2 and HTTP/1.1 (`http2=true`)", rc.hwm_mib())
+        rc.stop()
 
         self.say("1. HTTPS_PROXY clients with `fastpath: always` (307 to the fast path instead of in-band)")
         try:
@@ -544,10 +598,13 @@ DETAILS = [
     "  (the e2e `Regcache` helper), fast path on :5080, in the router ns; a fresh process per scenario.",
     "- Hits: `curl -o /dev/null -w %{speed_download}` in the client ns, median of `--repeat` runs (nginx TLS:",
     "  `--repeat` runs before and as many after regcache's fast-path runs, median of all). Fast path:",
-    "  the signed `http://10.77.2.1:5080/_regcache/blobs/…` URL from the mirror's 307. In-band:",
-    "  `HTTPS_PROXY=http://10.77.2.1:8080 curl https://quay.io/v2/…` (mitmproxy terminates TLS; curl offers",
-    "  HTTP/2 and gets it, as from nginx). nginx (1 GiB file from bench/out/, 2 workers, `sendfile on`)",
-    "  runs in the router ns too, on 10.77.2.1:8443 (TLS, `http2`) and :8088 (plain).",
+    "  the signed `http://10.77.2.1:5080/_regcache/blobs/…` URL from the mirror's 307, fetched in turn with",
+    "  nginx's plain-HTTP URL of the same bytes (nginx, regcache, nginx, regcache…), each fetch's server CPU",
+    "  (nginx master + workers; mitmdump) read from /proc around it. In-band: `HTTPS_PROXY=http://10.77.2.1:8080",
+    "  curl https://quay.io/v2/…` (mitmproxy terminates TLS; curl offers HTTP/2, regcache's default gives",
+    "  HTTP/1.1); HTTP/1.1 vs HTTP/2: one regcache with `--set http2=true`, `curl` and `curl --http1.1` in turn.",
+    "  nginx (1 GiB file from bench/out/, 2 workers, `sendfile on`) runs in the router ns too, on",
+    "  10.77.2.1:8443 (TLS, `http2`) and :8088 (plain).",
     "- Misses: cold 1 GiB fetches (fresh cache / fresh storage each), `--miss-rounds` rounds of distribution",
     "  proxy, regcache fast path, regcache in-band, interleaved; median MB/s = size / curl's `time_total` (the",
     "  mirror's 307 hop included). The distribution proxy is `docker-registry serve` with",

@@ -144,6 +144,21 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return stat(f"/proc/{pid}/stat"), stat(f"/proc/{pid}/task/{pid}/stat")
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """user+system CPU seconds of a process and its live children (nginx: master + workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text.rsplit(")", 1)[1].split()
+        if stat.parent.name == str(pid) or fields[1] == str(pid):  # fields[1]: ppid
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 # --------------------------------------------------------------------------- regcache
 
 
@@ -249,6 +264,10 @@ class RefNginx:
         log.close()
         wait_listening(self.world, [NGINX_TLS_PORT, NGINX_PLAIN_PORT], self.proc, self.dir / "error.log")
         return self
+
+    def cpu(self) -> float:
+        """CPU seconds nginx (master and workers) has used so far."""
+        return tree_cpu_seconds(self.proc.pid)
 
     def url(self, tls: bool, name: str) -> str:
         if tls:

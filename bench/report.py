@@ -59,6 +59,10 @@ def fmt(value, unit: str) -> str:
         return f"{value:,.0f} req/s"
     if unit == "GETs":
         return f"{int(value)} {unit}"
+    if unit == "x":
+        return f"{value:.2f}x"
+    if unit == "CPU s":
+        return f"{value:.2f} CPU s"
     return f"{value} {unit}"
 
 

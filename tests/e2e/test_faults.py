@@ -107,8 +107,9 @@ def corrupt_big_layer(world):
 
 
 def test_corrupt_upstream_blob_is_never_completed_nor_cached(world, regcache_factory, tmp_path, corrupt_big_layer):
+    # http2=true: regcache offers TLS clients HTTP/1.1 only by default; an operator may offer h2
     rc = regcache_factory(modes=[f"regular@{PROXY_PORT}", f"reverse:https://registry-1.docker.io@{MIRROR_PORT}"],
-                          wait_ports=[PROXY_PORT, MIRROR_PORT, FASTPATH_PORT])
+                          wait_ports=[PROXY_PORT, MIRROR_PORT, FASTPATH_PORT], options={"http2": "true"})
     digest, size, token = big_layer_and_token(world)
     mirror_url = f"http://{world.router_client_ip}:{MIRROR_PORT}/v2/library/big/blobs/{digest}"
 

@@ -611,3 +611,86 @@ def test_token_travels_to_the_host_a_registry_delegates_its_challenge_to(upstrea
     delegated = [h for m, p, h in upstream_server.requests if p == "/delegate/v2/img/manifests/1"]
     assert "authorization" not in delegated[0]
     assert delegated[1]["authorization"] == "Bearer pkg-token"
+
+
+# --- small stored bodies go out with their head; a file shorter than promised ends short ----------
+
+
+async def keep_alive_gets(port: int, paths: list[str], headers: str = "") -> list[tuple[int, dict, bytes]]:
+    """GETs one after another on one kept-alive connection, each body read by its Content-Length."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answers = []
+    try:
+        for path in paths:
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}\r\n".encode())
+            head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode("latin-1").split("\r\n")
+            fields = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:] if line)}
+            body = await asyncio.wait_for(reader.readexactly(int(fields["content-length"])), 10)
+            answers.append((int(head[0].split()[1]), fields, body))
+        # nothing more than the promised bytes came: the next read waits (or sees the close)
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(reader.read(1), 0.2)
+    finally:
+        writer.close()
+    return answers
+
+
+@pytest.mark.parametrize("size", [0, 10, blobserver.SMALL_BODY, blobserver.SMALL_BODY + 1])
+def test_stored_blobs_small_and_not_share_a_kept_alive_connection(tmp_path, size):
+    body = random_bytes(size, seed=size)
+
+    async def main():
+        async with FastPath(str(tmp_path / "cache"), 8) as fp:
+            path, f = fp.store.new_staging_file(sha256(body))
+            with f:
+                f.write(body)
+            fp.store.commit_blob(sha256(body), path, len(body))
+            url = fp.signer.sign(sha256(body), "127.0.0.1")
+            data_url = fp.signer.sign(DIGEST, "127.0.0.1")
+            answers = await keep_alive_gets(fp.port, [url, data_url, url])
+            assert [(s, b) for s, _, b in answers] == [(200, body), (200, DATA), (200, body)]
+            assert answers[0][1]["docker-content-digest"] == sha256(body)
+            if size > 2:
+                (status, fields, part), = await keep_alive_gets(fp.port, [url], f"Range: bytes=1-{size - 2}\r\n")
+                assert (status, part, fields["content-range"]) == (206, body[1:-1], f"bytes 1-{size - 2}/{size}")
+            head = await http_request(fp.port, url, method="HEAD")
+            assert (head.status, head.headers["content-length"]) == (200, str(size))
+
+    run(main())
+
+
+@pytest.mark.parametrize("size", [1000, 1024 * 1024])
+def test_a_file_shorter_than_its_length_ends_the_response_short(tmp_path, monkeypatch, caplog, size):
+    """Were a stored file cut short after its size was read, the response ends short (small:
+    no head at all) and the connection closes: no hang, no spinning on a file at its end."""
+    body = random_bytes(size, seed=3)
+
+    class LongerStat:
+        def __init__(self, st):
+            self.st_size = st.st_size + 4096
+
+    class OsWithLongerFiles:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def fstat(fd):
+            return LongerStat(os.fstat(fd))
+
+    async def main():
+        async with FastPath(str(tmp_path / "cache"), 8) as fp:
+            path, f = fp.store.new_staging_file(sha256(body))
+            with f:
+                f.write(body)
+            fp.store.commit_blob(sha256(body), path, len(body))
+            monkeypatch.setattr(blobserver, "os", OsWithLongerFiles())
+            request = http_request(fp.port, fp.signer.sign(sha256(body), "127.0.0.1"))
+            if size <= blobserver.SMALL_BODY:
+                with pytest.raises(asyncio.IncompleteReadError):  # closed without a head
+                    await asyncio.wait_for(request, 10)
+            else:
+                r = await asyncio.wait_for(request, 10)
+                assert r.status == 200 and r.headers["content-length"] == str(size + 4096) and r.body == body
+            assert "file ends at" in caplog.text
+
+    run(main())
