@@ -143,10 +143,14 @@ class Blobs(_ServiceChild):
     def _serve(self, flow: http.HTTPFlow, req: RegistryRequest, cache_status: str, fastpath: bool) -> None:
         digest = str(req.digest)
         blobserver = self.cache.blobserver
+        signer = self.cache.signer
+        if fastpath and not req.direct and signer.sent_back(req.client):
+            fastpath = False  # this proxied client's redirects reach the fast path through another proxy
         if fastpath:
             host = self.services.config.fastpath_host or _local_address_for(flow)
             netloc = f"[{host}]" if ":" in host else host
-            signed = self.cache.signer.sign(digest, req.client)  # good for this client only
+            # good for this client only; a proxied client's URL knows its way back to the proxy
+            signed = signer.sign(digest, req.client, way_back=None if req.direct else flow.request.url)
             location = f"http://{netloc}:{blobserver.fastpath_port}{signed}"
             answer(flow, 307, b"", [("Location", location), ("Docker-Content-Digest", digest)], cache_status)
             record(flow, cache_status, None, "fastpath")

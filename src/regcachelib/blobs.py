@@ -166,6 +166,7 @@ class BlobService:
         if not self.config.fastpath_private and not self.access.known_public(req.registry, req.repository)[0]:
             return False
         # auto and always alike, HTTPS_PROXY clients included: skopeo, podman, containerd and dockerd
-        # follow the redirect, straight to :5080 (cache host in NO_PROXY) or back through
-        # HTTP_PROXY to us, where Blobs serves it in-band (tests/e2e/test_fastpath_clients.py)
+        # follow the redirect straight to :5080 (NO_PROXY names the cache host, or no HTTP_PROXY),
+        # or back through an HTTP_PROXY that is us (served in-band), or through another proxy,
+        # whence the blob server sends it back to the https URL (tests/e2e/test_fastpath_clients.py)
         return True

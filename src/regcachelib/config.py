@@ -69,8 +69,8 @@ class Config:
     upstream_timeout: float = 30.0
     upstream_backoff: float = 15.0
     # auto (= always): blob GETs of every client, HTTPS_PROXY ones included, get a 307 to the fast
-    # path; a proxied client goes there directly when NO_PROXY names the cache host, else the
-    # redirect comes back through its HTTP_PROXY and is served in-band. off: never
+    # path; a proxied client goes there directly unless its HTTP_PROXY takes the redirect, which
+    # then comes back to us (served in-band) or, through another proxy, is sent back in-band. off: never
     fastpath: str = "auto"
     # true: also repositories not known to be public; their bytes would leave TLS, so not by default
     fastpath_private: bool = False

@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import subprocess
+import time
 
 import pytest
 
@@ -42,7 +44,9 @@ CLIENTS = {
     "containerd": ("containerd", "ctr"),
     "dockerd": ("dockerd", "docker", "containerd", "nsenter", "unshare"),
 }
-WAYS = ("NO_PROXY-direct", "HTTP_PROXY-back-through-proxy")
+# NO_PROXY names the cache host; only HTTPS_PROXY is set (plain http goes direct); HTTP_PROXY is regcache too
+WAYS = ("NO_PROXY-direct", "HTTPS_PROXY-only", "HTTP_PROXY-back-through-proxy")
+DIRECT_WAYS = ("NO_PROXY-direct", "HTTPS_PROXY-only")
 
 
 class FastPathCounter:
@@ -74,7 +78,7 @@ def proxy_env(world, rc, way: str) -> dict:
     env = {"HTTPS_PROXY": proxy, "SSL_CERT_FILE": str(rc.client_bundle())}
     if way == "NO_PROXY-direct":
         env["NO_PROXY"] = world.router_client_ip
-    else:
+    elif way == "HTTP_PROXY-back-through-proxy":
         env["HTTP_PROXY"] = proxy
     return env
 
@@ -135,8 +139,8 @@ def test_https_proxy_client_takes_the_fast_path_by_default(world, regcache_facto
         assert re.search(rf"GET blob registry=docker.io repo=library/small digest={digest} outcome=HIT via=fastpath",
                          log), f"{client}: {digest} not redirected to the fast path:\n{log[-3000:]}"
         came_back = f"fast-path URL for {digest} came back through the proxy from {world.client_ip}; served in-band"
-        assert (came_back in log) == (way != "NO_PROXY-direct"), f"{client} {way}: {digest}:\n{log[-3000:]}"
-    if way == "NO_PROXY-direct":
+        assert (came_back in log) == (way not in DIRECT_WAYS), f"{client} {way}: {digest}:\n{log[-3000:]}"
+    if way in DIRECT_WAYS:
         assert sent_in_hits >= blob_bytes, f"{client}: only {sent_in_hits} bytes from :{FASTPATH_PORT}, blobs {blob_bytes}"
     else:
         assert sent_in_all == 0, f"{client}: a redirect that came back through the proxy went to :{FASTPATH_PORT}"
@@ -194,3 +198,56 @@ def test_redirect_back_through_the_proxy_is_bound_to_the_client(world, regcache_
     assert f"came back through the proxy from {world.client_ip}" in rc.log_text()
     assert f"refused fast-path request from {world.router_client_ip} through the proxy" in rc.log_text()
 
+
+
+OTHER_PROXY_PORT = 3128
+
+
+@pytest.fixture
+def other_http_proxy(world, tmp_path):
+    """A plain HTTP proxy that is not regcache (tinyproxy on the router, so what it forwards
+    reaches the fast path from the router's address, not the client's): the client's HTTP_PROXY."""
+    if shutil.which("tinyproxy") is None:
+        pytest.skip("tinyproxy is not installed (./test.sh installs it)")
+    conf = tmp_path / "tinyproxy.conf"
+    conf.write_text(f"Port {OTHER_PROXY_PORT}\nListen {world.router_client_ip}\nTimeout 60\nAllow {world.client_ip}\n"
+                    f"LogLevel Info\nLogFile \"{tmp_path}/tinyproxy.log\"\nMaxClients 20\n")
+    proc = world.popen(world.ns_router, ["tinyproxy", "-d", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 10
+        while not world.run(world.ns_router, ["ss", "-Htln", f"sport = :{OTHER_PROXY_PORT}"]).stdout.strip():
+            assert proc.poll() is None and time.monotonic() < deadline, "tinyproxy did not start"
+            time.sleep(0.1)
+        yield f"http://{world.router_client_ip}:{OTHER_PROXY_PORT}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.mark.parametrize("client", [pytest.param(c, marks=[pytest.mark.slow] if c == "dockerd" else [])
+                                    for c in CLIENTS])
+def test_redirect_through_another_http_proxy_is_sent_back_in_band(world, regcache_factory, request, tmp_path, client,
+                                                                   other_http_proxy):
+    """HTTPS_PROXY is regcache, HTTP_PROXY another proxy, NO_PROXY empty: the redirect reaches
+    the fast path from that proxy's address, where the URL (bound to the client) is no good.
+    Instead of a 403 that fails the pull, the blob server sends it back to the https URL the
+    client asked for, which comes through HTTPS_PROXY and is served in-band; from then on this
+    client gets its blobs in-band straight away."""
+    rc = regcache_factory()
+    env = proxy_env(world, rc, "HTTPS_PROXY-only")
+    env["HTTP_PROXY"] = other_http_proxy
+    image = world.image(PUBLIC)
+    make_client, pull = client_driver(client, world, rc, request, tmp_path, env)
+    second = pull_twice(world, [PUBLIC], pull, client=make_client)
+    if hasattr(second, "stop"):
+        second.stop()
+    log = rc.log_text()
+    assert (f"fast-path URL came from {world.router_client_ip}, not from the proxied client it was issued to"
+            in log), log[-3000:]
+    assert "sent back to https://registry-1.docker.io/v2/library/small/blobs/sha256:" in log
+    for digest in image.blobs:
+        # the cache hits of the second round: in-band, no more round trips through the other proxy
+        assert f"GET blob registry=docker.io repo=library/small digest={digest} outcome=HIT via=inband" in log, \
+            f"{client}: {digest}:\n{log[-3000:]}"
+        assert f"digest={digest} outcome=HIT via=fastpath" not in log, f"{client}: {digest}:\n{log[-3000:]}"
