@@ -92,6 +92,9 @@ def test_default_fast_path_takes_proxied_clients_for_public_repositories_only(tm
             assert await s.blobs.get(proxied) == Hit(BLOB_DIGEST, None, True)
             s.access.remember_public("quay.io", "org/img", False)
             assert s.blobs.use_fastpath(proxied) is False
+            # a client on plain HTTP (a mirror on http://) gets the bytes outside TLS anyway
+            assert s.blobs.use_fastpath(dataclasses.replace(proxied, direct=True, plain_http=True)) is True
+            assert s.blobs.use_fastpath(dataclasses.replace(proxied, direct=True)) is False  # transparent: TLS
             s.blobs.config = dataclasses.replace(s.blobs.config, fastpath_private=True)
             assert s.blobs.use_fastpath(proxied) is True
             s.blobs.config = dataclasses.replace(s.blobs.config, fastpath="off")
