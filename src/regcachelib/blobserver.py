@@ -52,7 +52,7 @@ FASTPATH_URL_TTL = 60.0
 # if the redirect reaches the fast path from another address (the client's HTTP_PROXY is some
 # other proxy), it is sent back there, and that client gets its blobs in-band for this long.
 SENT_BACK_TTL = 3600.0
-MAX_REMEMBERED = 65536  # of such URLs and of such clients each; the oldest are forgotten first
+MAX_REMEMBERED = 16384  # of such URLs and of such clients each; the oldest are forgotten first
 # A client gets this long to send a whole request head (slowloris: heads trickled byte by byte).
 HEAD_TIMEOUT = 10.0
 # A kept-alive connection may sit this long between requests before it is closed.
@@ -99,10 +99,10 @@ class Signer:
     def __init__(self, key: bytes, ttl: float = FASTPATH_URL_TTL):
         self.key = key
         self.ttl = ttl
-        # sig -> (client, https URL the client asked for, expiry) of URLs issued to proxied clients
-        self._way_back: OrderedDict[str, tuple[str, str, float]] = OrderedDict()
-        # client address -> until when its blobs go in-band: a URL of its came from another address
-        self._sent_back: OrderedDict[str, float] = OrderedDict()
+        # sig -> (expiry, client, https URL the client asked for) of URLs issued to proxied clients
+        self._way_back: OrderedDict[str, tuple[float, str, str]] = OrderedDict()
+        # client address -> (until when its blobs go in-band,): a URL of its came from another address
+        self._sent_back: OrderedDict[str, tuple[float]] = OrderedDict()
 
     def _mac(self, digest: str, client: str, expires: int) -> str:
         message = f"{digest}\n{canonical_address(client)}\n{expires}".encode()
@@ -113,10 +113,11 @@ class Signer:
 
         way_back: the https URL the client asked for, where send_back() points the fast-path URL
         if it arrives from another address."""
-        expires = int((now if now is not None else time.time()) + self.ttl)
+        now = now if now is not None else time.time()
+        expires = int(now + self.ttl)
         sig = self._mac(digest, client, expires)
         if way_back:
-            _remember(self._way_back, sig, (canonical_address(client), way_back, expires))
+            _remember(self._way_back, sig, (expires, canonical_address(client), way_back), now)
         return f"{FASTPATH_PREFIX}{digest}?exp={expires}&sig={sig}"
 
     def send_back(self, path: str, now: float | None = None) -> str | None:
@@ -128,17 +129,17 @@ class Signer:
         now = now if now is not None else time.time()
         sig = parse_qs(urlsplit(path).query).get("sig", [""])[0]
         entry = self._way_back.pop(sig, None)
-        if entry is None or entry[2] < now:
+        if entry is None or entry[0] < now:
             return None
-        client, url, _expires = entry
-        _remember(self._sent_back, client, now + SENT_BACK_TTL)
+        _expires, client, url = entry
+        _remember(self._sent_back, client, (now + SENT_BACK_TTL,), now)
         return url
 
     def sent_back(self, client: str, now: float | None = None) -> bool:
         """Whether a fast-path URL of this client's came back from another address lately: its
         redirects do not reach the fast path, so it gets blobs in-band."""
-        until = self._sent_back.get(canonical_address(client))
-        return until is not None and until >= (now if now is not None else time.time())
+        entry = self._sent_back.get(canonical_address(client))
+        return entry is not None and entry[0] >= (now if now is not None else time.time())
 
     def verify(self, path: str, client: str, now: float | None = None) -> tuple[str | None, str]:
         """(digest, "") if the URL grants a blob to `client` now, else (None, why not)."""
@@ -163,10 +164,12 @@ class Signer:
         return self.verify(path, client, now)[0]
 
 
-def _remember(table: OrderedDict, key, value) -> None:
+def _remember(table: OrderedDict, key, value: tuple, now: float) -> None:
+    """table[key] = value, whose first item is its expiry; a table's entries all live equally
+    long, so insertion order is expiry order: the expired and the oldest go from the front."""
     table[key] = value
     table.move_to_end(key)
-    while len(table) > MAX_REMEMBERED:
+    while table and (len(table) > MAX_REMEMBERED or next(iter(table.values()))[0] < now):
         table.popitem(last=False)
 
 

@@ -110,6 +110,10 @@ def test_url_of_a_proxied_client_is_sent_back_once_then_the_client_is_served_in_
     assert signer.sent_back(CLIENT, now=NOW + 2) and signer.sent_back("::ffff:" + CLIENT, now=NOW + 2)
     assert not signer.sent_back("10.0.0.3", now=NOW + 2)
     assert not signer.sent_back(CLIENT, now=NOW + 2 + SENT_BACK_TTL)
+    # expired entries are forgotten as new ones come, not only when asked for
+    signer.sign(DIGEST, "10.0.0.4", now=NOW, way_back=asked)
+    signer.sign(DIGEST, "10.0.0.5", now=NOW + 120, way_back=asked)
+    assert len(signer._way_back) == 1
     # URLs of direct clients (mirror, transparent) have no way back: refused as before
     direct = signer.sign(DIGEST, "10.0.0.3", now=NOW)
     assert signer.send_back(direct, now=NOW) is None
