@@ -7,7 +7,9 @@ on the same event loop:
 - in-band: the addon points a flow at 127.0.0.1:<port>/_regcache/t/<ticket> and mitmproxy
   streams the reply to the client;
 - fast path: the addon answers the client with a 307 to /_regcache/blobs/<digest>?exp=&sig=
-  on a port the client reaches directly; the body goes out with os.sendfile (zero-copy).
+  on a port the client reaches directly; the body goes out with os.sendfile (zero-copy). An
+  HTTPS_PROXY client's URL that arrives from another address (its HTTP_PROXY is another proxy)
+  is sent back with a 307 to the https URL it asked for, to be served in-band.
 
 Both serve a stored blob or follow an in-flight fill, honouring a single Range.
 
@@ -157,6 +159,7 @@ class Signer:
             return None, "URL forged, altered or issued to another client"
         if expires < (now if now is not None else time.time()):
             return None, "URL expired"
+        self._way_back.pop(sig, None)  # it reached its client: no way back needed
         return digest, ""
 
     def check(self, path: str, client: str, now: float | None = None) -> str | None:

@@ -114,6 +114,10 @@ def test_url_of_a_proxied_client_is_sent_back_once_then_the_client_is_served_in_
     signer.sign(DIGEST, "10.0.0.4", now=NOW, way_back=asked)
     signer.sign(DIGEST, "10.0.0.5", now=NOW + 120, way_back=asked)
     assert len(signer._way_back) == 1
+    # a URL that reached its client needs no way back any more
+    reached = signer.sign(DIGEST, "10.0.0.6", now=NOW + 120, way_back=asked)
+    assert signer.check(reached, "10.0.0.6", now=NOW + 121) == DIGEST
+    assert signer.send_back(reached, now=NOW + 121) is None
     # URLs of direct clients (mirror, transparent) have no way back: refused as before
     direct = signer.sign(DIGEST, "10.0.0.3", now=NOW)
     assert signer.send_back(direct, now=NOW) is None
