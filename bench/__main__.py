@@ -348,20 +348,21 @@ class Bench:
         rc.stop()
         self.rss("1 GiB hits, in-band (TLS HTTP/2, TLS HTTP/1.1)", inband_hwm)
 
-        self.say("1. HTTPS_PROXY clients with the default config (307 to the fast path: direct, or back through the proxy)")
+        self.say("1. HTTPS_PROXY clients, default config (307 to the fast path: direct, or back through the proxy)")
         rc = self.fresh_regcache("rc-hit-default", self.hit_cache)
-        default, note, fetches = self.repeat_curl("rc-default", blob_url, big, n, ["-L", *rc.curl_tls()], env=rc.proxy_env())
+        default, note, fetches = self.repeat_curl("rc-default", blob_url, big, n, ["-L", *rc.curl_tls()],
+                                                  env=rc.proxy_env())
         if fetches and any(f.redirects != 1 for f in fetches):
             note += "; NOT redirected to the fast path"
-        self.row(SECTION_HIT, "regcache HTTPS_PROXY, default config (307, then direct: cache host in NO_PROXY)", default, "MB/s",
-                 ratio(default, ref_tls), note=note)
+        self.row(SECTION_HIT, "regcache HTTPS_PROXY, default config (307, then direct: cache host in NO_PROXY)",
+                 default, "MB/s", ratio(default, ref_tls), note=note)
         status, location, _ = infra.redirect_url(world, mirror_url)
         if status == 307:
             # a client whose HTTP_PROXY is regcache too: the fast-path URL comes back through the proxy
             proxy = f"http://{world.router_client_ip}:{infra.PROXY_PORT}"
             viaproxy, note_vp, _ = self.repeat_curl("rc-default-back", location, big, n, ["--proxy", proxy])
-            self.row(SECTION_HIT, "regcache HTTPS_PROXY, default config, HTTP_PROXY regcache too (307 back through the proxy, plain HTTP)",
-                     viaproxy, "MB/s", ratio(viaproxy, ref_tls), note=note_vp)
+            self.row(SECTION_HIT, "regcache HTTPS_PROXY, default config, HTTP_PROXY regcache too "
+                     "(307 back through the proxy, plain HTTP)", viaproxy, "MB/s", ratio(viaproxy, ref_tls), note=note_vp)
         self.rss("1 GiB hits, HTTPS_PROXY default config (direct, back through the proxy)", rc.hwm_mib())
         rc.stop()
         shutil.rmtree(self.hit_cache, ignore_errors=True)
