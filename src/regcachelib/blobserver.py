@@ -7,7 +7,9 @@ on the same event loop:
 - in-band: the addon points a flow at 127.0.0.1:<port>/_regcache/t/<ticket> and mitmproxy
   streams the reply to the client;
 - fast path: the addon answers the client with a 307 to /_regcache/blobs/<digest>?exp=&sig=
-  on a port the client reaches directly; the body goes out with os.sendfile (zero-copy).
+  on a port the client reaches directly; the body goes out with os.sendfile (zero-copy). An
+  HTTPS_PROXY client's URL that arrives from another address (its HTTP_PROXY is another proxy)
+  is sent back with a 307 to the https URL it asked for, to be served in-band.
 
 Both serve a stored blob or follow an in-flight fill, honouring a single Range.
 
@@ -30,6 +32,7 @@ import os
 import resource
 import time
 from asyncio import selector_events
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
@@ -48,6 +51,11 @@ TICKET_TTL = 60.0
 # start its GET after the 307 (a started response streams to its end however long that takes):
 # a minute covers a slow or busy client, and a leaked URL stops working soon after.
 FASTPATH_URL_TTL = 60.0
+# A fast-path URL issued to an HTTPS_PROXY client remembers the https URL the client asked for:
+# if the redirect reaches the fast path from another address (the client's HTTP_PROXY is some
+# other proxy), it is sent back there, and that client gets its blobs in-band for this long.
+SENT_BACK_TTL = 3600.0
+MAX_REMEMBERED = 16384  # of such URLs and of such clients each; the oldest are forgotten first
 # A client gets this long to send a whole request head (slowloris: heads trickled byte by byte).
 HEAD_TIMEOUT = 10.0
 # A kept-alive connection may sit this long between requests before it is closed.
@@ -114,15 +122,47 @@ class Signer:
     def __init__(self, key: bytes, ttl: float = FASTPATH_URL_TTL):
         self.key = key
         self.ttl = ttl
+        # sig -> (expiry, client, https URL the client asked for) of URLs issued to proxied clients
+        self._way_back: OrderedDict[str, tuple[float, str, str]] = OrderedDict()
+        # client address -> (until when its blobs go in-band,): a URL of its came from another address
+        self._sent_back: OrderedDict[str, tuple[float]] = OrderedDict()
 
     def _mac(self, digest: str, client: str, expires: int) -> str:
         message = f"{digest}\n{canonical_address(client)}\n{expires}".encode()
         return hmac.new(self.key, message, hashlib.sha256).hexdigest()
 
-    def sign(self, digest: str, client: str, now: float | None = None) -> str:
-        """The fast-path URL (path and query) granting `digest` to the client at address `client`."""
-        expires = int((now if now is not None else time.time()) + self.ttl)
-        return f"{FASTPATH_PREFIX}{digest}?exp={expires}&sig={self._mac(digest, client, expires)}"
+    def sign(self, digest: str, client: str, now: float | None = None, way_back: str | None = None) -> str:
+        """The fast-path URL (path and query) granting `digest` to the client at address `client`.
+
+        way_back: the https URL the client asked for, where send_back() points the fast-path URL
+        if it arrives from another address."""
+        now = now if now is not None else time.time()
+        expires = int(now + self.ttl)
+        sig = self._mac(digest, client, expires)
+        if way_back:
+            _remember(self._way_back, sig, (expires, canonical_address(client), way_back), now)
+        return f"{FASTPATH_PREFIX}{digest}?exp={expires}&sig={sig}"
+
+    def send_back(self, path: str, now: float | None = None) -> str | None:
+        """The https URL to redirect a refused fast-path URL to, if it was issued to a proxied
+        client and is still good; that client then gets blobs in-band for SENT_BACK_TTL.
+
+        Only a holder of the URL gets this far (the sig is the key), and all it learns is the
+        URL the client asked for, which it may ask through the proxy itself, access rules and all."""
+        now = now if now is not None else time.time()
+        sig = parse_qs(urlsplit(path).query).get("sig", [""])[0]
+        entry = self._way_back.pop(sig, None)
+        if entry is None or entry[0] < now:
+            return None
+        _expires, client, url = entry
+        _remember(self._sent_back, client, (now + SENT_BACK_TTL,), now)
+        return url
+
+    def sent_back(self, client: str, now: float | None = None) -> bool:
+        """Whether a fast-path URL of this client's came back from another address lately: its
+        redirects do not reach the fast path, so it gets blobs in-band."""
+        entry = self._sent_back.get(canonical_address(client))
+        return entry is not None and entry[0] >= (now if now is not None else time.time())
 
     def verify(self, path: str, client: str, now: float | None = None) -> tuple[str | None, str]:
         """(digest, "") if the URL grants a blob to `client` now, else (None, why not)."""
@@ -140,11 +180,21 @@ class Signer:
             return None, "URL forged, altered or issued to another client"
         if expires < (now if now is not None else time.time()):
             return None, "URL expired"
+        self._way_back.pop(sig, None)  # it reached its client: no way back needed
         return digest, ""
 
     def check(self, path: str, client: str, now: float | None = None) -> str | None:
         """The digest a fast-path URL grants `client`, or None if forged, altered, another's or expired."""
         return self.verify(path, client, now)[0]
+
+
+def _remember(table: OrderedDict, key, value: tuple, now: float) -> None:
+    """table[key] = value, whose first item is its expiry; a table's entries all live equally
+    long, so insertion order is expiry order: the expired and the oldest go from the front."""
+    table[key] = value
+    table.move_to_end(key)
+    while table and (len(table) > MAX_REMEMBERED or next(iter(table.values()))[0] < now):
+        table.popitem(last=False)
 
 
 class LogThrottle:
@@ -426,6 +476,15 @@ class BlobServer:
             extra = ticket.extra_headers
         else:
             digest, why = self.signer.verify(target, peer_address)
+            if digest is None and (way_back := self.signer.send_back(target)):
+                # The client's HTTP_PROXY is another proxy: the redirect reached us from that
+                # proxy's address. Back to the https URL, which its HTTPS_PROXY brings to us.
+                self.throttle.log(logging.INFO, "sent-back", "fast-path URL came from %s, not from the proxied "
+                                  "client it was issued to (its HTTP_PROXY is another proxy); sent back to %s, "
+                                  "that client gets blobs in-band from now on", peer_address, way_back)
+                writer.write(_head(307, "Temporary Redirect", [("Location", way_back), ("Content-Length", "0")]))
+                await writer.drain()
+                return True
             if digest is None:
                 self.throttle.log(logging.WARNING, "denied", "refused fast-path request from %s: %s", peer_address, why)
                 await self._send_error(writer, 403, "Forbidden", "DENIED", why)

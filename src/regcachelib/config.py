@@ -68,10 +68,12 @@ class Config:
     aliases: dict[str, str] = field(default_factory=dict)
     upstream_timeout: float = 30.0
     upstream_backoff: float = 15.0
-    # auto: where clients reach regcache directly (transparent, mirror); always: also for
-    # HTTPS_PROXY clients (their NO_PROXY must name the cache host); off: never
+    # auto (= always): blob GETs of every client, HTTPS_PROXY ones included, get a 307 to the fast
+    # path; a proxied client goes there directly unless its HTTP_PROXY takes the redirect, which
+    # then comes back to us (served in-band) or, through another proxy, is sent back in-band. off: never
     fastpath: str = "auto"
-    fastpath_private: bool = True  # false: blobs of repositories not known to be public stay in-band
+    # true: also repositories not known to be public; their bytes would leave TLS, so not by default
+    fastpath_private: bool = False
     fastpath_port: int = 5080
     fastpath_host: str | None = None  # address clients reach the fast path on; default: the one they reached us on
     fastpath_bind: str = "0.0.0.0"

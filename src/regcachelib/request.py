@@ -36,6 +36,7 @@ class RegistryRequest:
     direct: bool  # the client reaches regcache directly (mirror or transparent), not as HTTPS_PROXY
     # False when the client's Authorization is for another registry (a path-prefix mirror)
     forward_credentials: bool = True
+    plain_http: bool = False  # the client's own connection is plain HTTP (a mirror on http://)
 
     @property
     def is_ping(self) -> bool:

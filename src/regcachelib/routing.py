@@ -180,6 +180,7 @@ class Routing:
             offline=offline,
             direct=isinstance(mode, (mode_specs.TransparentMode, mode_specs.ReverseMode)),
             forward_credentials=ident.forward_credentials,
+            plain_http=not flow.client_conn.tls_established,
         )
 
     # --- which registry -------------------------------------------------------------------------

@@ -38,6 +38,9 @@ from .test_singleflight import (
 pytestmark = pytest.mark.e2e
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+# curl through HTTPS_PROXY does not follow the fast path's 307 (every proxied client gets it by
+# default): where these tests read blob bodies through the proxy, they are read in-band
+IN_BAND = "fastpath: off\n"
 
 
 def proxy_env(world, rc, port: int = PROXY_PORT) -> dict:
@@ -107,16 +110,20 @@ def corrupt_big_layer(world):
 
 
 def test_corrupt_upstream_blob_is_never_completed_nor_cached(world, regcache_factory, tmp_path, corrupt_big_layer):
-    # http2=true: regcache offers TLS clients HTTP/1.1 only by default; an operator may offer h2
-    rc = regcache_factory(modes=[f"regular@{PROXY_PORT}", f"reverse:https://registry-1.docker.io@{MIRROR_PORT}"],
-                          wait_ports=[PROXY_PORT, MIRROR_PORT, FASTPATH_PORT], options={"http2": "true"})
+    # http2=true: regcache offers TLS clients HTTP/1.1 only by default; an operator may offer h2,
+    # and the HTTP/2 stream reset is one of the ways a short body must reach the client
+    rc = regcache_factory(config=IN_BAND, options={"http2": "true"})
+    # the fast-path client reaches another regcache, on the mirror port, with the fast path on
+    fast = regcache_factory(modes=[f"reverse:https://registry-1.docker.io@{MIRROR_PORT}"],
+                            wait_ports=[MIRROR_PORT, FASTPATH_PORT])
     digest, size, token = big_layer_and_token(world)
     mirror_url = f"http://{world.router_client_ip}:{MIRROR_PORT}/v2/library/big/blobs/{digest}"
 
     attempts = [
         big_curl(world, rc, tmp_path, "bad-http1", token, http1=True),  # in-band, connection closed short
         big_curl(world, rc, tmp_path, "bad-http2", token),  # in-band, HTTP/2 stream reset
-        curl(world, rc, mirror_url, tmp_path / "bad-fastpath", headers=[f"Authorization: Bearer {token}"], proxy=False, extra=["-L"]),
+        curl(world, fast, mirror_url, tmp_path / "bad-fastpath", headers=[f"Authorization: Bearer {token}"], proxy=False,
+             extra=["-L"]),
     ]
     for bad in attempts:
         # Each client must reach the blob server while the download is still running: the
@@ -132,7 +139,7 @@ def test_corrupt_upstream_blob_is_never_completed_nor_cached(world, regcache_fac
         # everything up to the held-back tail may have arrived, never the whole body
         assert bad.received() <= size - 64 * 1024, bad.describe()
         assert bad.headers.get("x-cache") != "HIT"
-    assert rc.log_text().count("digest mismatch") >= 3
+    assert rc.log_text().count("digest mismatch") >= 2 and "digest mismatch" in fast.log_text()
 
     # nothing half-done remains: no staging file, no store entry
     assert wait_staging_empty(rc.cache_dir) == []
@@ -159,7 +166,7 @@ def test_corrupt_upstream_blob_is_never_completed_nor_cached(world, regcache_fac
 
 
 def test_upstream_closes_mid_blob(world, regcache_factory, tmp_path):
-    rc = regcache_factory(config="upstream_backoff: 1s\n")
+    rc = regcache_factory(config="upstream_backoff: 1s\n" + IN_BAND)
     digest, size, token = big_layer_and_token(world)
 
     with big_download_under_way(world, rc, tmp_path, "cut", token, http1=True) as c:
@@ -185,7 +192,7 @@ def test_upstream_closes_mid_blob(world, regcache_factory, tmp_path):
 
 def test_kill9_mid_fill_then_restart_on_same_dir(world, regcache_factory, tmp_path):
     cache = tmp_path / "cache"
-    rc = regcache_factory(cache_dir=cache)
+    rc = regcache_factory(cache_dir=cache, config=IN_BAND)
     digest, size, token = big_layer_and_token(world)
 
     with big_download_under_way(world, rc, tmp_path, "cut", token) as c:
@@ -196,7 +203,7 @@ def test_kill9_mid_fill_then_restart_on_same_dir(world, regcache_factory, tmp_pa
     assert len(debris) == 1 and debris[0].startswith(digest.replace(":", "-")), debris
     assert 0 < (cache / "staging" / debris[0]).stat().st_size < size
 
-    rc2 = regcache_factory(cache_dir=cache)
+    rc2 = regcache_factory(cache_dir=cache, config=IN_BAND)
     assert staging_files(cache) == []
     assert "removed 1 leftover staging file" in rc2.log_text()
     assert not store_has_blob(cache, digest)
@@ -227,7 +234,7 @@ def small_tmpfs(tmp_path):
 
 
 def test_disk_full_passes_blobs_through_uncached_then_caches_after_growing(world, small_tmpfs, regcache_factory, tmp_path):
-    rc = regcache_factory(cache_dir=small_tmpfs)
+    rc = regcache_factory(cache_dir=small_tmpfs, config=IN_BAND)
     image = world.image("docker.io/library/big:1")
     digest, size = big_layer(world)
 
@@ -257,7 +264,7 @@ def test_disk_full_passes_blobs_through_uncached_then_caches_after_growing(world
 @pytest.mark.slow
 def test_two_processes_share_one_cache_dir(world, regcache_factory, tmp_path):
     cache = tmp_path / "shared"
-    rc1 = regcache_factory(cache_dir=cache)
+    rc1 = regcache_factory(cache_dir=cache, config=IN_BAND)
     digest, size, token = big_layer_and_token(world)
 
     # the second process starts (and sweeps staging) while the first is mid-fill:

@@ -74,7 +74,8 @@ def loopback_name(world):
 
 
 def test_proxy_refuses_loopback_and_names_for_it_while_pulls_work(world, regcache_factory, tmp_path, loopback_name):
-    rc = regcache_factory(options={"regcache_metrics": f"127.0.0.1:{STATUS_PORT}"})
+    # fastpath: off, so the proxied pull below takes the in-band blob server on 127.0.0.1
+    rc = regcache_factory(options={"regcache_metrics": f"127.0.0.1:{STATUS_PORT}"}, config="fastpath: off\n")
     # the status page is up, on the router's loopback
     local = world.run(world.ns_router, ["curl", "-sS", f"http://127.0.0.1:{STATUS_PORT}/status.json"], check=False)
     assert "recent_misses" in local.stdout, local.stdout[:300] + local.stderr

@@ -315,6 +315,27 @@ def test_fast_path_url_works_only_for_its_client_and_before_expiry(fastpath, cap
     assert refusals == ["refused fast-path request from 127.0.0.1: URL forged, altered or issued to another client"]
 
 
+def test_proxied_clients_url_from_another_address_is_sent_back_to_its_https_url(fastpath, caplog):
+    """The client's HTTP_PROXY is another proxy: its fast-path URL arrives from that proxy's
+    address. Not a 403 that fails the pull: a 307 back to the https URL the client asked for
+    (once), and the client is marked for in-band answers."""
+    asked = f"https://registry-1.docker.io/v2/library/small/blobs/{DIGEST}"
+
+    async def main():
+        async with fastpath() as fp:
+            url = fp.signer.sign(DIGEST, "10.0.0.2", way_back=asked)
+            r = await http_request(fp.port, url)
+            assert (r.status, r.headers["location"], r.body) == (307, asked, b"")
+            assert fp.signer.sent_back("10.0.0.2") and not fp.signer.sent_back("127.0.0.1")
+            r = await http_request(fp.port, url)
+            assert r.status == 403  # once: the way back is used up
+
+    with caplog.at_level("INFO", logger="regcachelib.blobserver"):
+        run(main())
+    assert any("fast-path URL came from 127.0.0.1, not from the proxied client" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_request_head_must_arrive_in_time(fastpath, monkeypatch):
     monkeypatch.setattr(blobserver, "HEAD_TIMEOUT", 0.5)
 

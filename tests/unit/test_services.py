@@ -35,12 +35,12 @@ def run(coro):
 
 
 @contextlib.contextmanager
-def services_for(tmp_path, upstream_server, **config):
+def services_for(tmp_path, upstream_server, fastpath_port: int = 0, **config):
     store = Store(str(tmp_path / "cache"))
     workers = Workers()
     upstream = Upstream(ssl.create_default_context(), timeout=5.0, backoff=0.0)
     try:
-        yield build_services(dataclasses.replace(Config(), **config), store, upstream, workers, lambda: 0)
+        yield build_services(dataclasses.replace(Config(), **config), store, upstream, workers, lambda: fastpath_port)
     finally:
         workers.shutdown()
         store.close()
@@ -73,6 +73,34 @@ def test_blob_miss_is_followed_then_hit(tmp_path, upstream_server):
 
     run(main())
     assert upstream_server.count("GET", f"/v2/org/img/blobs/{BLOB_DIGEST}") == 1
+
+
+def test_default_fast_path_takes_proxied_clients_for_public_repositories_only(tmp_path, upstream_server):
+    """The default config redirects an HTTPS_PROXY client's blob hit to the fast path (its
+    redirect may come back through the proxy, which serves it in-band), but only from a
+    repository known to be public: other content stays inside TLS unless fastpath_private."""
+    path = f"/v2/org/img/blobs/{BLOB_DIGEST}"
+    upstream_server.routes[path] = Reply(body=BLOB)
+
+    async def main():
+        with services_for(tmp_path, upstream_server, fastpath_port=5080) as s:
+            proxied = request(upstream_server, path)
+            assert not proxied.direct
+            await s.blobs.get(proxied)
+            await asyncio.wait_for(_until(lambda: s.store.has_blob(BLOB_DIGEST)), 10)
+            s.access.remember_public("quay.io", "org/img", True)
+            assert await s.blobs.get(proxied) == Hit(BLOB_DIGEST, None, True)
+            s.access.remember_public("quay.io", "org/img", False)
+            assert s.blobs.use_fastpath(proxied) is False
+            # a client on plain HTTP (a mirror on http://) gets the bytes outside TLS anyway
+            assert s.blobs.use_fastpath(dataclasses.replace(proxied, direct=True, plain_http=True)) is True
+            assert s.blobs.use_fastpath(dataclasses.replace(proxied, direct=True)) is False  # transparent: TLS
+            s.blobs.config = dataclasses.replace(s.blobs.config, fastpath_private=True)
+            assert s.blobs.use_fastpath(proxied) is True
+            s.blobs.config = dataclasses.replace(s.blobs.config, fastpath="off")
+            assert s.blobs.use_fastpath(proxied) is False
+
+    run(main())
 
 
 def test_a_download_teaches_membership_before_anyone_hears_of_it(tmp_path, upstream_server):

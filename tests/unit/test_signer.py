@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from regcachelib.blobserver import FASTPATH_PREFIX, FASTPATH_URL_TTL, LogThrottle, Signer
+from regcachelib.blobserver import FASTPATH_PREFIX, FASTPATH_URL_TTL, SENT_BACK_TTL, LogThrottle, Signer
 
 DIGEST = "sha256:" + "ab" * 32
 OTHER = "sha256:" + "cd" * 32
@@ -92,6 +92,35 @@ def test_default_lifetime_is_a_minute_from_issue():
     assert parts(url)[1] == NOW + 60
     assert signer.check(url, CLIENT, now=NOW + 60) == DIGEST
     assert signer.verify(url, CLIENT, now=NOW + 61) == (None, "URL expired")
+
+
+def test_url_of_a_proxied_client_is_sent_back_once_then_the_client_is_served_in_band():
+    """A proxied client's URL that arrives from another address (its HTTP_PROXY is another
+    proxy) is sent back to the https URL it asked for, once, while the URL is good; from then
+    on that client, not others, is served in-band for SENT_BACK_TTL."""
+    signer = Signer(b"k" * 32, ttl=60)
+    asked = "https://registry-1.docker.io/v2/library/small/blobs/" + DIGEST
+    url = signer.sign(DIGEST, CLIENT, now=NOW, way_back=asked)
+    assert signer.send_back(url.replace("sig=", "sig=0"), now=NOW) is None  # only for the URL's holder
+    assert signer.send_back(url, now=NOW + 61) is None  # expired
+    assert not signer.sent_back(CLIENT, now=NOW)
+    url = signer.sign(DIGEST, CLIENT, now=NOW, way_back=asked)
+    assert signer.send_back("http://10.0.0.1:5080" + url, now=NOW + 1) == asked
+    assert signer.send_back(url, now=NOW + 1) is None  # once
+    assert signer.sent_back(CLIENT, now=NOW + 2) and signer.sent_back("::ffff:" + CLIENT, now=NOW + 2)
+    assert not signer.sent_back("10.0.0.3", now=NOW + 2)
+    assert not signer.sent_back(CLIENT, now=NOW + 2 + SENT_BACK_TTL)
+    # expired entries are forgotten as new ones come, not only when asked for
+    signer.sign(DIGEST, "10.0.0.4", now=NOW, way_back=asked)
+    signer.sign(DIGEST, "10.0.0.5", now=NOW + 120, way_back=asked)
+    assert len(signer._way_back) == 1
+    # a URL that reached its client needs no way back any more
+    reached = signer.sign(DIGEST, "10.0.0.6", now=NOW + 120, way_back=asked)
+    assert signer.check(reached, "10.0.0.6", now=NOW + 121) == DIGEST
+    assert signer.send_back(reached, now=NOW + 121) is None
+    # URLs of direct clients (mirror, transparent) have no way back: refused as before
+    direct = signer.sign(DIGEST, "10.0.0.3", now=NOW)
+    assert signer.send_back(direct, now=NOW) is None
 
 
 def test_log_throttle_says_how_many_lines_it_left_out(caplog):
