@@ -21,6 +21,7 @@ from .access import Access
 from .blobs import Relay
 from .concurrency import Flights, Workers
 from .config import Config
+from .credentials import UpstreamCredentials
 from .request import RegistryRequest
 from .store import Manifest, Store
 from .upstream import Target, Upstream, UpstreamError, fetch
@@ -62,8 +63,10 @@ def _answered_digest(route: oci.Route, method: str, answer: _Upstream) -> str | 
 
 
 class ManifestService:
-    def __init__(self, config: Config, store: Store, upstream: Upstream, access: Access, workers: Workers):
+    def __init__(self, config: Config, store: Store, upstream: Upstream, access: Access, workers: Workers,
+                 credentials: UpstreamCredentials | None = None):
         self.config = config
+        self.credentials = credentials  # regcache's own accounts, for clients without credentials
         self.store = store
         self.upstream = upstream
         self.access = access
@@ -138,6 +141,8 @@ class ManifestService:
         route = req.route
         path = req.upstream_path()
         headers = [h for h in req.header_list() if h[0].lower() != "range"]
+        if self.credentials is not None:
+            headers = await self.credentials.headers(req, headers, self.access, self.workers)
         key = (method, req.registry, route.name, route.reference, tuple(sorted(req.accepted or ())))
 
         async def ask():

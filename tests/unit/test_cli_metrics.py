@@ -230,8 +230,8 @@ def test_upstream_latency_errors_and_docker_hub_rate_limit(upstream_server):
     with pytest.raises(UpstreamUnavailable):
         up.request("GET", Target("127.0.0.1", 1, "http"), "/v2/", [])
     text = generate_latest(monitor.registry).decode()
-    assert 'regcache_upstream_ratelimit_remaining{registry="127.0.0.1"} 76.0' in text
-    assert 'regcache_upstream_ratelimit_limit{registry="127.0.0.1"} 100.0' in text
+    assert 'regcache_upstream_ratelimit_remaining{credential="anonymous",registry="127.0.0.1"} 76.0' in text
+    assert 'regcache_upstream_ratelimit_limit{credential="anonymous",registry="127.0.0.1"} 100.0' in text
     assert 'regcache_upstream_request_seconds_count{host="127.0.0.1"} 1.0' in text
     assert 'regcache_upstream_errors_total{host="127.0.0.1"} 1.0' in text
 
