@@ -295,11 +295,12 @@ class Monitor:
         if limit is not None:
             self.ratelimit_limit.labels(registry, credential).set(limit)
         source = resp.header("docker-ratelimit-source")
+        previous = self.ratelimits.get((registry, credential))
         self.ratelimits[(registry, credential)] = {
             "registry": registry, "credential": credential, "remaining": remaining, "limit": limit,
             # Docker Hub names the address it counts anonymous pulls against; an account's id is not shown
             "source": source[:64] if credential == ANONYMOUS and source else None, "time": time.time()}
-        if remaining == 0:
+        if remaining == 0 and (previous is None or previous["remaining"] != 0):  # once, not per request
             log.warning("%s: no pulls left for %s (ratelimit-remaining 0); cached tags are answered stale",
                         registry, credential)
 
