@@ -4,6 +4,7 @@ secret is never held in the config."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 
@@ -135,3 +136,25 @@ def test_the_account_is_used_for_anonymous_clients_on_public_repositories_only(c
     unknown.probed = True
     assert credentials.authorization_for(request(repo="library/new"), unknown) == "Bearer token-for-library/new"
     assert credentials.logins == [("docker.io", "library/small"), ("docker.io", "library/new")]
+
+
+def test_the_proxy_refuses_to_start_with_a_secret_it_cannot_read(tmp_path, monkeypatch):
+    from mitmproxy import exceptions
+    from mitmproxy.test import taddons
+
+    from regcachelib.addon import RegistryCache
+
+    monkeypatch.delenv("NO_SUCH_TOKEN", raising=False)
+    cfg = tmp_path / "regcache.yaml"
+    cfg.write_text("credentials: {docker.io: {username: hubuser, token_env: NO_SUCH_TOKEN}}\n")
+    rc = RegistryCache()
+    with taddons.context(rc) as tctx:
+        with pytest.raises(exceptions.OptionsError, match="credentials for docker.io: environment variable "
+                                                          "NO_SUCH_TOKEN is empty"):
+            tctx.configure(rc, regcache_dir=str(tmp_path / "cache"), regcache_config=str(cfg))
+        monkeypatch.setenv("NO_SUCH_TOKEN", SECRET)
+        tctx.configure(rc, regcache_dir=str(tmp_path / "cache"), regcache_config=str(cfg))
+        try:
+            assert rc.services.credentials.account("docker.io").username == "hubuser"
+        finally:
+            asyncio.run(rc.done())
