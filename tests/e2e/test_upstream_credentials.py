@@ -52,6 +52,7 @@ def test_anonymous_clients_pull_public_images_as_the_account_never_private_ones(
     rc = regcache_factory(options={"regcache_metrics": METRICS}, config=config(tmp_path))
     env = proxy_env(world, rc)
     tokens_before = len(world.token_log())
+    requests_before = len(world.request_log(world.docker_host))
 
     # skopeo without credentials (it fetches an anonymous token itself): regcache pulls as hubuser
     small = world.image("docker.io/library/small:1")
@@ -62,7 +63,7 @@ def test_anonymous_clients_pull_public_images_as_the_account_never_private_ones(
     assert granted, world.token_log()[tokens_before:]
     assert {a["name"] for e in granted for a in e["access"]} == {"library/small"}
     # every manifest GET upstream went with an Authorization (the account's token)
-    gets = [e for e in world.request_log(world.docker_host)
+    gets = [e for e in world.request_log(world.docker_host)[requests_before:]
             if e["method"] == "GET" and "/library/small/manifests/" in e["path"]]
     assert gets and all(e["auth"] for e in gets)
 
