@@ -112,12 +112,19 @@ class BlobService:
 
     async def _download(self, req: RegistryRequest, digest: str) -> BlobResult:
         """Lead or follow the one download of this digest."""
-        headers = [h for h in req.header_list() if h[0].lower() != "range"]
+        client_headers = [h for h in req.header_list() if h[0].lower() != "range"]
+        headers = client_headers
         if self.credentials is not None:
-            headers = await self.credentials.headers(req, headers, self.access, self.workers)
+            headers = await self.credentials.headers(req, client_headers, self.access, self.workers)
         path = req.upstream_path()
         fill, leader = self.fills.join(req.digest, req.registry, req.repository, req.target, path, headers)
         await fill.headers_ready.wait()
+        if fill.status in (401, 403) and leader and headers is not client_headers:
+            # regcache's account was refused (a revoked token): the client's own download
+            self.credentials.refused(req.registry, fill.status)
+            headers = client_headers
+            fill, leader = self.fills.join(req.digest, req.registry, req.repository, req.target, path, headers)
+            await fill.headers_ready.wait()
         if fill.no_room:
             # Caching is impossible right now; the pull must still work: straight upstream.
             log.warning("passing %s/%s blob %s through uncached: cache disk full",

@@ -141,6 +141,16 @@ class UpstreamCredentials:
                 self._issued = {k: v for k, v in self._issued.items() if k in live}
         return value
 
+    def refused(self, registry: str, status: int) -> None:
+        """Upstream refused a request made with the account's token: forget its tokens, and let
+        the account rest for FAILURE_PAUSE (requests go as the client meanwhile)."""
+        credential = self.credentials.get(registry)
+        log.warning("%s refused the %s account %s (upstream answered %d); fetching as the client for %ds",
+                    registry, registry, credential.username if credential else "?", status, FAILURE_PAUSE)
+        with self._lock:
+            self._tokens = {k: v for k, v in self._tokens.items() if k[0] != registry}
+            self._paused_until[registry] = time.monotonic() + FAILURE_PAUSE
+
     def _challenge(self, target: Target, registry: str) -> dict | None:
         with self._lock:
             if registry in self._challenges:

@@ -149,14 +149,23 @@ class ManifestService:
         """
         route = req.route
         path = req.upstream_path()
-        headers = [h for h in req.header_list() if h[0].lower() != "range"]
+        client_headers = [h for h in req.header_list() if h[0].lower() != "range"]
+        headers = client_headers
         if self.credentials is not None:
-            headers = await self.credentials.headers(req, headers, self.access, self.workers)
+            headers = await self.credentials.headers(req, client_headers, self.access, self.workers)
         key = (method, req.registry, route.name, route.reference, tuple(sorted(req.accepted or ())))
 
         async def ask():
-            return await self.workers.upstream_call(req.endpoint, fetch, self.upstream, method, req.target, path,
-                                                    headers)
+            nonlocal headers
+            answer = await self.workers.upstream_call(req.endpoint, fetch, self.upstream, method, req.target, path,
+                                                      headers)
+            if answer[0] in (401, 403) and headers is not client_headers:
+                # regcache's account was refused (a revoked token): the client hears its own answer
+                self.credentials.refused(req.registry, answer[0])
+                headers = client_headers
+                answer = await self.workers.upstream_call(req.endpoint, fetch, self.upstream, method, req.target,
+                                                          path, headers)
+            return answer
 
         (status, up_headers, body), leader = await self.flights.run(key, ask)
         answer = _Upstream(status, up_headers, body, leader)
