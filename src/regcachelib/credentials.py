@@ -71,6 +71,7 @@ class UpstreamCredentials:
         self.upstream = upstream
         self.credentials = dict(credentials)
         self._lock = threading.Lock()
+        self._login_lock = threading.Lock()
         # (registry, repository) -> (Authorization value, monotonic time it expires)
         self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
         # registry -> its challenge: Bearer parameters, {} for Basic, None for an open registry
@@ -116,13 +117,26 @@ class UpstreamCredentials:
         credential = self.credentials.get(registry)
         if credential is None:
             return None
+        known, value = self._kept(registry, repo)
+        if known:
+            return value
+        with self._login_lock:  # the layers of one pull need one login, not one each
+            known, value = self._kept(registry, repo)
+            if known:
+                return value
+            return self._log_in(target, registry, repo, credential)
+
+    def _kept(self, registry: str, repo: str) -> tuple[bool, str | None]:
+        """(True, token) while a token is kept; (True, None) while the account rests."""
         now = time.monotonic()
         with self._lock:
             kept = self._tokens.get((registry, repo))
             if kept is not None and kept[1] > now:
-                return kept[0]
-            if self._paused_until.get(registry, 0) > now:
-                return None
+                return True, kept[0]
+            return self._paused_until.get(registry, 0) > now, None
+
+    def _log_in(self, target: Target, registry: str, repo: str, credential: Credential) -> str | None:
+        now = time.monotonic()
         try:
             value = self._login(target, registry, repo, credential)
         except (CredentialError, UpstreamError) as e:

@@ -20,7 +20,7 @@ import pytest
 from tests.world.world import HUB_PASSWORD, HUB_USERNAME, RATELIMITS
 
 from .conftest import dir_manifest_digest, skopeo_copy
-from .test_privacy import CREDS, PRIVATE, PUBLIC, proxy_env, refused
+from .test_privacy import CREDS, JWT, PRIVATE, PUBLIC, proxy_env, refused
 from .test_singleflight import DOCKER_API, curl, pull_token
 
 pytestmark = pytest.mark.e2e
@@ -116,6 +116,7 @@ def test_anonymous_clients_pull_public_images_as_the_account_never_private_ones(
         if path.is_file():
             data = path.read_bytes()
             assert HUB_PASSWORD.encode() not in data and basic not in data, path
+            assert not JWT.search(data), path  # nor a token obtained with it
     for text in (json.dumps(status), metrics, page):
         assert HUB_PASSWORD not in text
 
