@@ -77,8 +77,9 @@ class UpstreamCredentials:
         # registry -> its challenge: Bearer parameters, {} for Basic, None for an open registry
         self._challenges: dict[str, dict | None] = {}
         self._paused_until: dict[str, float] = {}
-        # hash of an Authorization regcache made -> the account it is for (rate-limit figures)
-        self._issued: dict[str, str] = {}
+        # hash of an Authorization regcache made -> (the account it is for, when it expires), for
+        # the rate-limit figures
+        self._issued: dict[str, tuple[str, float]] = {}
 
     def account(self, registry: str) -> Credential | None:
         return self.credentials.get(registry)
@@ -88,7 +89,8 @@ class UpstreamCredentials:
         if not authorization or not self._issued:
             return None
         with self._lock:
-            return self._issued.get(_digest(authorization))
+            issued = self._issued.get(_digest(authorization))
+        return issued[0] if issued else None
 
     def wanted(self, req: RegistryRequest) -> bool:
         """Whether req could be fetched with regcache's account (without I/O): an account for
@@ -147,12 +149,12 @@ class UpstreamCredentials:
             if value is None:
                 self._paused_until[registry] = now + FAILURE_PAUSE
                 return None
+            # Expired tokens go (a login per repository per TOKEN_TTL at most: the scan is cheap);
+            # one is still told apart for a while, for answers to requests made just before.
+            self._tokens = {k: v for k, v in self._tokens.items() if v[1] > now}
+            self._issued = {k: v for k, v in self._issued.items() if v[1] > now - TOKEN_TTL}
             self._tokens[(registry, repo)] = (value, now + TOKEN_TTL)
-            self._issued[_digest(value)] = credential.username
-            if len(self._tokens) > 10_000:  # repositories are client-chosen: bounded
-                self._tokens = {k: v for k, v in self._tokens.items() if v[1] > now}
-                live = {_digest(v[0]) for v in self._tokens.values()}
-                self._issued = {k: v for k, v in self._issued.items() if k in live}
+            self._issued[_digest(value)] = (credential.username, now + TOKEN_TTL)
         return value
 
     def refused(self, registry: str, status: int) -> None:
