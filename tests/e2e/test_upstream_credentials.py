@@ -21,7 +21,7 @@ from tests.world.world import HUB_PASSWORD, HUB_USERNAME, RATELIMITS
 
 from .conftest import dir_manifest_digest, skopeo_copy
 from .test_privacy import CREDS, JWT, PRIVATE, PUBLIC, proxy_env, refused
-from .test_singleflight import DOCKER_API, curl, pull_token
+from .test_singleflight import DOCKER_API, blob_url, curl, pull_token
 
 pytestmark = pytest.mark.e2e
 
@@ -73,6 +73,10 @@ def test_anonymous_clients_pull_public_images_as_the_account_never_private_ones(
              headers=["Accept: application/vnd.docker.distribution.manifest.v2+json"]).run()
     assert c.status == 200, c.describe() + rc.log_text()[-3000:]
     assert c.headers.get("docker-content-digest") == s2.manifest_digest
+    # and a public blob nobody fetched yet (the download goes as hubuser, the CDN gets no credentials)
+    layer = max((d for d in s2.blobs if d != s2.config_digest), key=s2.layer_sizes.get)
+    c = curl(world, rc, blob_url("library/s2", layer), tmp_path / "s2.layer", extra=["-L"]).run()
+    assert c.status == 200 and c.sha256() == layer, c.describe() + rc.log_text()[-3000:]
 
     # private/*: hubuser could read it, an anonymous client still cannot -- not even once testuser
     # has put it in the cache
@@ -182,3 +186,19 @@ def test_pull_limit_429_on_a_moved_tag_is_answered_from_the_cache(world, regcach
     third = curl(world, rc, url, tmp_path / "third.json", headers=[f"Accept: {media_type}"]).run()
     assert third.status == 200 and third.headers.get("docker-content-digest") != small.manifest_digest, \
         third.describe()
+
+
+def test_an_account_the_token_service_refuses_leaves_pulls_as_they_were(world, regcache_factory, tmp_path):
+    wrong = "wrong-" + HUB_PASSWORD
+    secret = tmp_path / "hub-token"
+    secret.write_text(wrong)
+    rc = regcache_factory(config=f"credentials:\n  docker.io:\n    username: {HUB_USERNAME}\n"
+                                 f"    password_file: {secret}\n")
+    tokens_before = len(world.token_log())
+    out = skopeo_copy(world, PUBLIC, tmp_path / "small", proxy_env(world, rc))
+    assert out.returncode == 0, out.stderr + rc.log_text()[-3000:]
+    assert dir_manifest_digest(tmp_path / "small") == world.image("docker.io/library/small:1").manifest_digest
+    refusals = [e for e in world.token_log()[tokens_before:] if e["status"] == 401]
+    assert len(refusals) == 1, refusals  # one login, then the account rests
+    assert f"cannot use the docker.io account {HUB_USERNAME}" in rc.log_text()
+    assert wrong not in rc.log_text()
