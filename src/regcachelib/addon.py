@@ -27,7 +27,7 @@ from .blobs import Follow, Hit, Relay, Uncached
 from .blobserver import FASTPATH_PREFIX, BlobServer, Signer, Ticket
 from .clients import ClientNetworks, ClientPolicy
 from .concurrency import Workers
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, CredentialError, load_config
 from .destinations import DestinationPolicy
 from .manifests import Answer
 from .metrics import Monitor
@@ -333,7 +333,8 @@ class RegistryCache:
         if "regcache_config" in updated:
             try:
                 config = load_config(ctx.options.regcache_config or None)
-            except ConfigError as e:
+                config.check_credentials()
+            except (ConfigError, CredentialError) as e:
                 raise exceptions.OptionsError(f"regcache_config: {e}") from None
         store = self._store
         if "regcache_dir" in updated or "regcache_config" in updated:

@@ -21,6 +21,7 @@ from . import oci
 from .access import Access
 from .concurrency import Workers
 from .config import Config
+from .credentials import UpstreamCredentials
 from .fill import Fill, Fills
 from .request import RegistryRequest
 from .store import Store
@@ -79,8 +80,9 @@ def learn_from_download(store: Store):
 
 class BlobService:
     def __init__(self, config: Config, store: Store, upstream: Upstream, fills: Fills, access: Access,
-                 workers: Workers, fastpath_port: Callable[[], int]):
+                 workers: Workers, fastpath_port: Callable[[], int], credentials: UpstreamCredentials | None = None):
         self.config = config
+        self.credentials = credentials  # regcache's own accounts, for clients without credentials
         self.store = store
         self.upstream = upstream
         self.fills = fills
@@ -110,10 +112,19 @@ class BlobService:
 
     async def _download(self, req: RegistryRequest, digest: str) -> BlobResult:
         """Lead or follow the one download of this digest."""
-        headers = [h for h in req.header_list() if h[0].lower() != "range"]
+        client_headers = [h for h in req.header_list() if h[0].lower() != "range"]
+        headers = client_headers
+        if self.credentials is not None:
+            headers = await self.credentials.headers(req, client_headers, self.access, self.workers)
         path = req.upstream_path()
         fill, leader = self.fills.join(req.digest, req.registry, req.repository, req.target, path, headers)
         await fill.headers_ready.wait()
+        if fill.status in (401, 403) and leader and headers is not client_headers:
+            # regcache's account was refused (a revoked token): the client's own download
+            self.credentials.refused(req.registry, fill.status)
+            headers = client_headers
+            fill, leader = self.fills.join(req.digest, req.registry, req.repository, req.target, path, headers)
+            await fill.headers_ready.wait()
         if fill.no_room:
             # Caching is impossible right now; the pull must still work: straight upstream.
             log.warning("passing %s/%s blob %s through uncached: cache disk full",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 import math
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -59,6 +60,41 @@ class AllowedDestination:
         return self.network is not None and self.port in (None, port) and address in self.network
 
 
+class CredentialError(ValueError):
+    """A configured credential whose secret cannot be read (file gone, variable unset)."""
+
+
+@dataclass(frozen=True)
+class Credential:
+    """regcache's own account at one registry. Holds where the secret is, never the secret:
+    the config, its repr and anything that prints them carry no secret, and a rotated file
+    is read afresh each time a token is fetched."""
+
+    registry: str  # canonical registry name (docker.io for Docker Hub)
+    username: str
+    secret_file: str | None = None
+    secret_env: str | None = None
+
+    @property
+    def source(self) -> str:
+        return f"file {self.secret_file}" if self.secret_file else f"environment variable {self.secret_env}"
+
+    def secret(self) -> str:
+        """The password or access token. Raises CredentialError."""
+        if self.secret_file:
+            try:
+                with open(self.secret_file, encoding="utf-8") as f:
+                    value = f.read().strip("\r\n")
+            except (OSError, UnicodeDecodeError) as e:
+                raise CredentialError(f"credentials for {self.registry}: cannot read {self.secret_file}: "
+                                      f"{getattr(e, 'strerror', None) or e}") from None
+        else:
+            value = os.environ.get(self.secret_env or "", "")
+        if not value:
+            raise CredentialError(f"credentials for {self.registry}: {self.source} is empty")
+        return value
+
+
 @dataclass
 class Config:
     size_limit: int = 50 * 1024**3
@@ -92,6 +128,8 @@ class Config:
     redirect_allow: list = field(default_factory=list)
     # Networks whose clients may use the cache at all (every listener); empty: everyone.
     client_networks: list = field(default_factory=list)
+    # regcache's own accounts for its upstream fetches, by canonical registry name
+    credentials: dict[str, Credential] = field(default_factory=dict)
     # the settings the file named: what the operator asked for, as opposed to a default
     explicit: set[str] = field(default_factory=set)
 
@@ -115,6 +153,12 @@ class Config:
     def is_plain_http(self, host: str) -> bool:
         host = host.lower().rstrip(".")
         return any(fnmatch.fnmatchcase(host, pattern) for pattern in self.plain_http_registries)
+
+    def check_credentials(self) -> None:
+        """Every configured secret is readable now (the proxy checks at start-up; commands that
+        read the config for other settings do not need them). Raises CredentialError."""
+        for credential in self.credentials.values():
+            credential.secret()
 
     def registry_for_host(self, host: str) -> str:
         host = host.lower().rstrip(".")
@@ -259,6 +303,53 @@ def _allowed_destinations(value) -> list[AllowedDestination]:
     return [_allowed_destination(v) for v in value]
 
 
+_SECRET_SOURCES = ("password_file", "password_env", "token_file", "token_env")
+_INLINE_SECRETS = ("password", "token", "secret", "auth")
+
+
+def _credentials(value) -> dict[str, Credential]:
+    """{registry: {username, password_file | password_env | token_file | token_env}}.
+
+    Inline secrets are refused, not merely kept out of logs: a config file is copied into
+    ConfigMaps, backups and bug reports, and is often world-readable; a secret file can be
+    0600 and an environment variable comes from the service manager's secret store.
+    """
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping of registry -> {username, password_file | password_env | "
+                         "token_file | token_env}")
+    credentials: dict[str, Credential] = {}
+    for registry, entry in value.items():
+        if not isinstance(registry, str) or not registry.strip():
+            raise ValueError(f"expected a registry name, got {registry!r}")
+        name = oci.canonical_registry(registry)
+        if not isinstance(entry, dict):
+            raise ValueError(f"{registry}: expected a mapping with username and password_file, password_env, "
+                             "token_file or token_env")
+        inline = [k for k in entry if k in _INLINE_SECRETS]
+        if inline:
+            raise ValueError(f"{registry}: inline {inline[0]} refused: a secret in the config file ends up in every "
+                             "copy of it; name a file only regcache can read (password_file, token_file) or an "
+                             "environment variable (password_env, token_env)")
+        unknown = sorted(set(entry) - {"username", *_SECRET_SOURCES})
+        if unknown:
+            raise ValueError(f"{registry}: unknown key {unknown[0]!r} (known: username, {', '.join(_SECRET_SOURCES)})")
+        username = entry.get("username")
+        if not isinstance(username, str) or not username.strip() or ":" in username:
+            raise ValueError(f"{registry}: username must be a non-empty name without ':'")
+        sources = [k for k in _SECRET_SOURCES if k in entry]
+        if len(sources) != 1:
+            raise ValueError(f"{registry}: expected exactly one of {', '.join(_SECRET_SOURCES)}")
+        where = entry[sources[0]]
+        if not isinstance(where, str) or not where.strip():
+            raise ValueError(f"{registry}: {sources[0]} must name a file or a variable")
+        if name in credentials:
+            raise ValueError(f"{registry}: credentials for {name} given twice")
+        is_file = sources[0].endswith("_file")
+        credentials[name] = Credential(name, username.strip(), secret_file=where if is_file else None,
+                                       secret_env=None if is_file else where.strip())
+    return credentials
+
+
 # key -> (attribute, converter)
 _KEYS = {
     "size_limit": ("size_limit", parse_size),
@@ -282,6 +373,7 @@ _KEYS = {
     "proxy_allow": ("proxy_allow", _allowed_destinations),
     "redirect_allow": ("redirect_allow", _networks),
     "client_networks": ("client_networks", _networks),
+    "credentials": ("credentials", _credentials),
 }
 
 

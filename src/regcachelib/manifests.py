@@ -21,6 +21,7 @@ from .access import Access
 from .blobs import Relay
 from .concurrency import Flights, Workers
 from .config import Config
+from .credentials import UpstreamCredentials
 from .request import RegistryRequest
 from .store import Manifest, Store
 from .upstream import Target, Upstream, UpstreamError, fetch
@@ -61,9 +62,20 @@ def _answered_digest(route: oci.Route, method: str, answer: _Upstream) -> str | 
     return oci.valid_digest(answer.header("docker-content-digest"))
 
 
+def _unanswered(status: int) -> bool:
+    """An upstream answer that says nothing about the tag: a server error, or 429 (a pull limit)."""
+    return status >= 500 or status == 429
+
+
+def _why(status: int) -> str:
+    return "upstream answered 429 (pull rate limit)" if status == 429 else f"upstream answered {status}"
+
+
 class ManifestService:
-    def __init__(self, config: Config, store: Store, upstream: Upstream, access: Access, workers: Workers):
+    def __init__(self, config: Config, store: Store, upstream: Upstream, access: Access, workers: Workers,
+                 credentials: UpstreamCredentials | None = None):
         self.config = config
+        self.credentials = credentials  # regcache's own accounts, for clients without credentials
         self.store = store
         self.upstream = upstream
         self.access = access
@@ -137,12 +149,23 @@ class ManifestService:
         """
         route = req.route
         path = req.upstream_path()
-        headers = [h for h in req.header_list() if h[0].lower() != "range"]
+        client_headers = [h for h in req.header_list() if h[0].lower() != "range"]
+        headers = client_headers
+        if self.credentials is not None:
+            headers = await self.credentials.headers(req, client_headers, self.access, self.workers)
         key = (method, req.registry, route.name, route.reference, tuple(sorted(req.accepted or ())))
 
         async def ask():
-            return await self.workers.upstream_call(req.endpoint, fetch, self.upstream, method, req.target, path,
-                                                    headers)
+            nonlocal headers
+            answer = await self.workers.upstream_call(req.endpoint, fetch, self.upstream, method, req.target, path,
+                                                      headers)
+            if answer[0] in (401, 403) and headers is not client_headers:
+                # regcache's account was refused (a revoked token): the client hears its own answer
+                self.credentials.refused(req.registry, answer[0])
+                headers = client_headers
+                answer = await self.workers.upstream_call(req.endpoint, fetch, self.upstream, method, req.target,
+                                                          path, headers)
+            return answer
 
         (status, up_headers, body), leader = await self.flights.run(key, ask)
         answer = _Upstream(status, up_headers, body, leader)
@@ -161,15 +184,21 @@ class ManifestService:
             await self.access.require(req, shared_digest)
         return answer
 
-    async def _miss(self, req: RegistryRequest) -> Answer | Relay:
+    async def _miss(self, req: RegistryRequest, cached: Manifest | None = None) -> Answer | Relay:
+        """Fetch the manifest upstream; cached: what the tag named until now, answered stale when
+        upstream cannot give the new one (down, 5xx, 429: Docker Hub's pull limit)."""
         if req.method == "HEAD":
-            return await self._head_miss(req)
+            return await self._head_miss(req, cached)
         route = req.route
         try:
             answer = await self._ask_upstream(req, "GET")
         except UpstreamError as e:
+            if cached is not None:
+                return await self._stale(req, cached, str(e))
             log.warning("manifest %s/%s:%s not served: %s", req.registry, route.name, route.reference, e)
             raise self._unavailable(req, e) from None
+        if cached is not None and _unanswered(answer.status):
+            return await self._stale(req, cached, _why(answer.status))
         if answer.status != 200:
             return Relay(answer.status, answer.headers, answer.body, f"UPSTREAM_{answer.status}")
         body = answer.body
@@ -212,14 +241,18 @@ class ManifestService:
         return oci.RegistryError.of("UNAVAILABLE", f"upstream unavailable and manifest not cached: {e}",
                                     {"reference": req.route.reference})
 
-    async def _head_miss(self, req: RegistryRequest) -> Relay:
+    async def _head_miss(self, req: RegistryRequest, cached: Manifest | None = None) -> Answer | Relay:
         """A HEAD stays a HEAD upstream (free of Docker Hub's pull limit); its answer still
         teaches the tag's digest, so the GET by digest that follows completes the entry."""
         route = req.route
         try:
             answer = await self._ask_upstream(req, "HEAD")
         except UpstreamError as e:
+            if cached is not None:
+                return await self._stale(req, cached, str(e))
             raise self._unavailable(req, e) from None
+        if cached is not None and _unanswered(answer.status):
+            return await self._stale(req, cached, _why(answer.status))
         digest, content_type = answer.header("docker-content-digest"), answer.header("content-type")
         if answer.status == 200:
             await self.workers.store_write(self._learn_head, req, digest, content_type)
@@ -253,9 +286,11 @@ class ManifestService:
                 await self.workers.store_write(self.store.set_tag, req.registry, route.name, route.reference,
                                                cached.media_type, cached.digest)
                 return Answer(cached, "REVALIDATED")
-            return await self._miss(req)
-        if answer.status >= 500 or answer.status == 429:
-            return await self._stale(req, cached, f"upstream answered {answer.status}")
+            # The tag moved: the new manifest, or the one it named until now when upstream
+            # will not give it (Docker Hub answers HEADs past the pull limit, not GETs).
+            return await self._miss(req, cached)
+        if _unanswered(answer.status):
+            return await self._stale(req, cached, _why(answer.status))
         # 401/403/404: the client hears what upstream said (its token flow, or a deleted tag).
         headers, body = answer.headers, b""
         if req.method == "GET" and answer.status in (401, 403, 404):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import html
+import ipaddress
 import json
 import logging
 import os
@@ -41,6 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import oci
+from .credentials import ANONYMOUS, is_anonymous
 from .stats import MAX_REGISTRIES, OTHER, PRIVATE, Stats
 from .request import OUTCOME, REQUEST
 
@@ -174,10 +176,13 @@ class Monitor:
             "by host", ["host"], registry=self.registry)
         self.ratelimit_remaining = Gauge(
             "regcache_upstream_ratelimit_remaining", "Pulls left in the current window, as last reported by the "
-            "upstream (Docker Hub's ratelimit-remaining)", ["registry"], registry=self.registry)
+            "upstream (Docker Hub's ratelimit-remaining), by registry and credential: a configured username, or "
+            "anonymous (this host's address)", ["registry", "credential"], registry=self.registry)
         self.ratelimit_limit = Gauge(
             "regcache_upstream_ratelimit_limit", "Pulls allowed per window, as last reported by the upstream "
-            "(ratelimit-limit)", ["registry"], registry=self.registry)
+            "(ratelimit-limit), by registry and credential", ["registry", "credential"], registry=self.registry)
+        # (registry, credential) -> the last figures upstream reported, for the status page
+        self.ratelimits: dict[tuple[str, str], dict] = {}
         self.registry.register(_StatsCollector(self))
         self._host_labels: set[str] = set()  # upstream hosts with series of their own
         self.listen: tuple[str, int] | None = None
@@ -282,12 +287,43 @@ class Monitor:
             return
         self.latency.labels(host).observe(seconds)
         remaining = _ratelimit_value(resp.header("ratelimit-remaining"))
-        if remaining is not None:
-            registry = self._host_label(oci.canonical_registry(target.host))
-            self.ratelimit_remaining.labels(registry).set(remaining)
-            limit = _ratelimit_value(resp.header("ratelimit-limit"))
-            if limit is not None:
-                self.ratelimit_limit.labels(registry).set(limit)
+        if remaining is None:
+            return
+        credential = self._credential_label(resp)
+        if credential is None:
+            return  # a client's own account: its figures are that client's business
+        registry = self._host_label(oci.canonical_registry(target.host))
+        self.ratelimit_remaining.labels(registry, credential).set(remaining)
+        limit = _ratelimit_value(resp.header("ratelimit-limit"))
+        if limit is not None:
+            self.ratelimit_limit.labels(registry, credential).set(limit)
+        source = resp.header("docker-ratelimit-source")
+        previous = self.ratelimits.get((registry, credential))
+        self.ratelimits[(registry, credential)] = {
+            "registry": registry, "credential": credential, "remaining": remaining, "limit": limit,
+            # Docker Hub names the address it counts anonymous pulls against; an account's id is not shown
+            "source": source[:64] if credential == ANONYMOUS and source else None, "time": time.time()}
+        if remaining == 0 and (previous is None or previous["remaining"] != 0):  # once, not per request
+            log.warning("%s: no pulls left for %s (ratelimit-remaining 0); cached tags are answered stale",
+                        registry, credential)
+
+    def _credential_label(self, resp) -> str | None:
+        """Whose pull limit upstream's figures are: a configured account's username, or anonymous
+        (no credentials, an anonymous token, or Docker Hub counting by address); None for a
+        client's own account."""
+        services = getattr(self.cache, "services", None)
+        credentials = getattr(services, "credentials", None)
+        authorization = resp.sent_authorization
+        user = credentials.whose(authorization) if credentials is not None else None
+        if user is not None:
+            return user
+        if is_anonymous(authorization):
+            return ANONYMOUS
+        try:
+            ipaddress.ip_address((resp.header("docker-ratelimit-source") or "").strip())
+        except ValueError:
+            return None
+        return ANONYMOUS
 
     def _host_label(self, host: str) -> str:
         # A wildcard registry pattern lets clients name the upstream host: each new name would
@@ -481,6 +517,8 @@ class Monitor:
             "directory": store.directory if store is not None else None,
             # registry endpoints regcache is backing off after a failure: their misses answer 503
             "upstream_backed_off": upstream.backed_off() if upstream is not None else [],
+            # pulls left per registry and credential, as upstream last reported them (Docker Hub)
+            "upstream_ratelimits": [dict(v) for _, v in sorted(self.ratelimits.items())],
             "stats": snap.as_dict() if snap is not None else None,
             "store": summary,
             "recent_misses": misses,
@@ -547,6 +585,13 @@ def render_status_page(status: dict) -> str:
         f"{' at ' + e(d['address']) if d.get('address') else ''}</td><td>{e(str(d['retry_in']))} s</td></tr>"
         for d in status.get("upstream_backed_off") or []
     ) or '<tr><td colspan="2">every registry answered its last request</td></tr>'
+    rows_limits = "".join(
+        f"<tr><td>{e(r['registry'])}</td><td>{e(r['credential'])}"
+        f"{' (' + e(r['source']) + ')' if r.get('source') else ''}</td><td>{r['remaining']}</td>"
+        f"<td>{'-' if r.get('limit') is None else r['limit']}</td>"
+        f"<td>{e(time.strftime('%H:%M:%S', time.localtime(r.get('time', 0))))}</td></tr>"
+        for r in status.get("upstream_ratelimits") or []
+    ) or '<tr><td colspan="5">no upstream reported a rate limit</td></tr>'
     since = e(time.strftime('%Y-%m-%d %H:%M', time.localtime(status.get('since') or status.get('time', 0))))
     entries = (f"{store.get('blobs', 0)} blobs · {store.get('manifests', 0)} manifests · "
                f"{store.get('tags', 0)} tags · {store.get('pins', 0)} pinned")
@@ -578,6 +623,8 @@ regcache {e(str(status.get('version')))}</p>
 {rows_reg}</table>
 <h2>Upstream health</h2><table id="upstream-health">
 <tr><th>backed off (a recent connection failed; misses answer 503 until)</th><th>retry in</th></tr>{rows_down}</table>
+<h2>Upstream rate limits</h2><table id="upstream-ratelimits">
+<tr><th>registry</th><th>credential</th><th>pulls left</th><th>limit</th><th>reported at</th></tr>{rows_limits}</table>
 <h2>Top images</h2><table id="top-images"><tr><th>image</th><th>pulls</th></tr>{rows_top}</table>{note_private}
 <h2>Recent misses</h2><table id="recent-misses">
 <tr><th>time</th><th>repository</th><th>kind</th><th>reference</th><th>size</th></tr>{rows_miss}</table>

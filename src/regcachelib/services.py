@@ -14,6 +14,7 @@ from .access import Access
 from .blobs import BlobService, learn_from_download
 from .concurrency import Workers
 from .config import Config
+from .credentials import UpstreamCredentials
 from .fill import Fills
 from .manifests import ManifestService
 from .store import Store
@@ -29,18 +30,21 @@ class Services:
     fills: Fills
     blobs: BlobService
     manifests: ManifestService
+    credentials: UpstreamCredentials
 
 
 def build_services(config: Config, store: Store, upstream: Upstream, workers: Workers,
                    fastpath_port: Callable[[], int]) -> Services:
     access = Access(upstream, store, config.auth_ttl, config.public_ttl, config.trust_clients_offline, workers)
     fills = Fills(store, upstream, executor=workers.fills, on_found=learn_from_download(store))
+    credentials = UpstreamCredentials(upstream, config.credentials)
     return Services(
         config=config,
         store=store,
         upstream=upstream,
         access=access,
         fills=fills,
-        blobs=BlobService(config, store, upstream, fills, access, workers, fastpath_port),
-        manifests=ManifestService(config, store, upstream, access, workers),
+        blobs=BlobService(config, store, upstream, fills, access, workers, fastpath_port, credentials),
+        manifests=ManifestService(config, store, upstream, access, workers, credentials),
+        credentials=credentials,
     )

@@ -216,6 +216,8 @@ class UpstreamResponse:
     _deadline: Deadline | None = field(default=None, repr=False)
     _pool: "_Pool | None" = field(default=None, repr=False)
     _pool_key: tuple | None = field(default=None, repr=False)
+    # the Authorization the request carried (whose rate limit upstream's figures are); never logged
+    sent_authorization: str | None = field(default=None, repr=False)
 
     def end_deadline(self) -> None:
         """The exchange's total deadline no longer applies (a long body with per-read timeouts)."""
@@ -477,6 +479,7 @@ class Upstream:
                 self.observe(target, time.monotonic() - started, None)
             raise
         resp._deadline = deadline
+        resp.sent_authorization = next((v for k, v in headers if k.lower() == "authorization"), None)
         if self.observe is not None:
             self.observe(target, time.monotonic() - started, resp)
         return resp

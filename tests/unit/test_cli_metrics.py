@@ -230,10 +230,18 @@ def test_upstream_latency_errors_and_docker_hub_rate_limit(upstream_server):
     with pytest.raises(UpstreamUnavailable):
         up.request("GET", Target("127.0.0.1", 1, "http"), "/v2/", [])
     text = generate_latest(monitor.registry).decode()
-    assert 'regcache_upstream_ratelimit_remaining{registry="127.0.0.1"} 76.0' in text
-    assert 'regcache_upstream_ratelimit_limit{registry="127.0.0.1"} 100.0' in text
+    assert 'regcache_upstream_ratelimit_remaining{credential="anonymous",registry="127.0.0.1"} 76.0' in text
+    assert 'regcache_upstream_ratelimit_limit{credential="anonymous",registry="127.0.0.1"} 100.0' in text
     assert 'regcache_upstream_request_seconds_count{host="127.0.0.1"} 1.0' in text
     assert 'regcache_upstream_errors_total{host="127.0.0.1"} 1.0' in text
+    # a client's own account (not anonymous, not regcache's): its figures are not shown
+    resp = up.request("GET", Target("127.0.0.1", upstream_server.port, "http"), "/v2/library/a/manifests/1",
+                      [("Authorization", "Basic dTpw")])
+    resp.close()
+    assert list(monitor.ratelimits) == [("127.0.0.1", "anonymous")]
+    page = render_status_page({"upstream_ratelimits": [dict(monitor.ratelimits[("127.0.0.1", "anonymous")],
+                                                            credential="<i>")]})
+    assert "<td>&lt;i&gt;</td><td>76</td><td>100</td>" in page
 
 
 def test_size_limit_gc_runs_above_ninety_percent(tmp_path):

@@ -254,3 +254,44 @@ def test_flights_run_once_and_share_the_result_or_the_error():
 async def _until(predicate, interval: float = 0.01):
     while not predicate():
         await asyncio.sleep(interval)
+
+
+# --- regcache's own account (credentials:) --------------------------------------------------------
+
+
+def _with_account(s, monkeypatch):
+    from regcachelib.config import Credential
+
+    s.credentials.credentials["quay.io"] = Credential("quay.io", "robot", secret_env="UNUSED")
+    monkeypatch.setattr(s.credentials, "_login", lambda *a: "Bearer account-token")
+    s.access.remember_public("quay.io", "org/img", True)
+
+
+def test_the_account_fetches_for_an_anonymous_client_and_steps_aside_when_refused(tmp_path, upstream_server,
+                                                                                   monkeypatch):
+    path = "/v2/org/img/manifests/1"
+    upstream_server.routes[path] = Reply(body=MANIFEST, headers=[("Content-Type", oci.OCI_MANIFEST)])
+
+    def authorizations():
+        return [h.get("authorization") for m, p, h in upstream_server.requests if p == path]
+
+    async def main():
+        with services_for(tmp_path, upstream_server, tag_ttl=0.0) as s:
+            _with_account(s, monkeypatch)
+            answer = await s.manifests.get(request(upstream_server, path))
+            assert isinstance(answer, Answer) and answer.manifest.digest == MANIFEST_DIGEST
+            assert authorizations() == ["Bearer account-token"]
+            # a client that brought its own credentials is served with them
+            await s.manifests.get(request(upstream_server, path, "HEAD", headers=[("Authorization", "Basic dTpw")]))
+            assert authorizations()[-1] == "Basic dTpw"
+            # the account's token is refused: the client hears its own answer, the account rests
+            upstream_server.routes[path] = Reply(status=401, headers=[("WWW-Authenticate", 'Bearer realm="x"')])
+            refused = await s.manifests.get(request(upstream_server, path, "HEAD"))
+            assert authorizations()[-2:] == ["Bearer account-token", None]
+            assert refused.status == 401
+            upstream_server.routes[path] = Reply(body=MANIFEST, headers=[("Content-Type", oci.OCI_MANIFEST),
+                                                                         ("Docker-Content-Digest", MANIFEST_DIGEST)])
+            again = await s.manifests.get(request(upstream_server, path, "HEAD"))
+            assert again.outcome == "REVALIDATED" and authorizations()[-1] is None
+
+    run(main())

@@ -13,9 +13,22 @@ It implements distribution's token spec:
   containerd uses when it has credentials.
 
 Policy: anonymous callers get ``pull`` on every repository whose name does not
-start with ``private/``; user ``testuser``/``testpass`` gets ``pull,push`` on
+start with ``private/``; every ``--user`` (``testuser``/``testpass``, and
+``hubuser``, the account a cache is configured with) gets ``pull,push`` on
 everything; a wrong password (or unknown user) gets 401.  The JWT is RS256
 signed with ``kid`` set to the libtrust key id of the signing key.
+
+Docker Hub's pull limit: ``GET /ratelimit`` is nginx's ``auth_request`` for
+registry-1.docker.io's manifest requests.  It reads the subject of the
+request's Bearer token (``anonymous`` when empty), counts its manifest GETs
+and answers ``ratelimit-limit``/``ratelimit-remaining`` (``N;w=21600``) and
+``docker-ratelimit-source`` (the caller's address for anonymous, else the
+subject) for nginx to add to the answer; limits per subject come from
+``--ratelimit NAME=N`` (``*``: any user).  Nothing is refused for being over
+the limit -- other tests pull as much as they like -- except while the file
+``--ratelimit-file`` exists: then manifest GETs get 403 here, which nginx
+turns into Docker Hub's 429 TOOMANYREQUESTS (HEADs are never limited, as on
+Docker Hub).  These calls are not written to the token log.
 
 Plain HTTP by default (nginx terminates TLS in front of it); pass
 ``--tls-cert/--tls-key`` to serve TLS directly.
@@ -27,6 +40,7 @@ import argparse
 import base64
 import datetime as _dt
 import json
+import os
 import secrets
 import ssl
 import sys
@@ -142,6 +156,9 @@ class Handler(BaseHTTPRequestHandler):
     default_service: str
     log_path: str | None
     log_lock = threading.Lock()
+    limits: dict[str, int] = {}
+    pulls: dict[str, int] = {}  # subject ('anonymous') -> manifest GETs counted
+    ratelimit_file: str | None = None
 
     def log_message(self, fmt, *args):  # quiet stderr
         pass
@@ -203,8 +220,43 @@ class Handler(BaseHTTPRequestHandler):
         self._log(200, subject, access)
         self._send_json(200, body)
 
+    def _bearer_subject(self) -> str | None:
+        """The subject of the request's Bearer token, unverified ('' anonymous); None without one."""
+        scheme, _, token = (self.headers.get("Authorization") or "").partition(" ")
+        parts = token.strip().split(".")
+        if scheme.lower() != "bearer" or len(parts) != 3:
+            return None
+        try:
+            claims = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+        except ValueError:
+            return None
+        return claims.get("sub", "") if isinstance(claims, dict) else None
+
+    def _ratelimit(self) -> None:
+        """nginx's auth_request for a manifest request: count it, report the figures."""
+        subject = self._bearer_subject()
+        if subject is None:
+            self._send_json(200, {})
+            return
+        name = subject or "anonymous"
+        limit = self.limits.get(name) or self.limits.get("anonymous" if not subject else "*") or 100
+        method = self.headers.get("X-Original-Method", "GET")
+        with self.log_lock:
+            if method == "GET":
+                self.pulls[name] = self.pulls.get(name, 0) + 1
+            remaining = max(0, limit - self.pulls.get(name, 0))
+        source = (self.headers.get("X-Real-IP") or "") if not subject else subject
+        limited = method == "GET" and self.ratelimit_file and os.path.exists(self.ratelimit_file)
+        headers = {"ratelimit-limit": f"{limit};w=21600",
+                   "ratelimit-remaining": f"{0 if limited else remaining};w=21600",
+                   "docker-ratelimit-source": source}
+        self._send_json(403 if limited else 200, {}, headers)
+
     def do_GET(self):
         url = urllib.parse.urlsplit(self.path)
+        if url.path == "/ratelimit":
+            self._ratelimit()
+            return
         if url.path == "/healthz":
             self._send_json(200, {"ok": True})
             return
@@ -271,6 +323,8 @@ def main(argv=None) -> int:
     ap.add_argument("--private-prefix", action="append", default=[])
     ap.add_argument("--ttl", type=int, default=300)
     ap.add_argument("--log")
+    ap.add_argument("--ratelimit", action="append", default=[], help="NAME=N pulls per window (anonymous, *)")
+    ap.add_argument("--ratelimit-file", help="while this file exists, manifest GETs are over the limit (429)")
     ap.add_argument("--tls-cert")
     ap.add_argument("--tls-key")
     a = ap.parse_args(argv)
@@ -283,6 +337,8 @@ def main(argv=None) -> int:
     )
     Handler.default_service = a.service
     Handler.log_path = a.log
+    Handler.limits = {k: int(v) for k, v in (r.split("=", 1) for r in a.ratelimit)}
+    Handler.ratelimit_file = a.ratelimit_file
 
     host, _, port = a.listen.rpartition(":")
     srv = ThreadingHTTPServer((host, int(port)), Handler)

@@ -83,6 +83,12 @@ TOKEN_ISSUER = "auth.docker.io"
 TOKEN_REALM = f"https://{AUTH_HOST}/token"
 USERNAME = "testuser"
 PASSWORD = "testpass"
+# the account a cache is configured with (regcache's credentials:), as a Docker Hub PAT would be
+HUB_USERNAME = "hubuser"
+HUB_PASSWORD = "hubpass-0123456789abcdef"
+# Docker Hub's pull limit per token subject (tokenserver.py /ratelimit); only reported, never
+# enforced, except while ratelimited(True)
+RATELIMITS = {"anonymous": 10000, "*": 20000}
 
 PROXY_ENV_VARS = {
     "http_proxy", "https_proxy", "all_proxy", "no_proxy",
@@ -559,6 +565,35 @@ class World:
             + "            }\n"
             + proxy.format(port=REGISTRY_PORTS[DOCKER_HOST])
             + "        }\n"
+            # Docker Hub's pull limit on manifests (tokenserver.py /ratelimit): figures on every
+            # answer; 429 while world.ratelimited(True)
+            + '        location ~ "^/v2/.+/manifests/[^/]+$" {\n'
+            + "            auth_request /_ratelimit;\n"
+            + "            auth_request_set $rl_limit $upstream_http_ratelimit_limit;\n"
+            + "            auth_request_set $rl_remaining $upstream_http_ratelimit_remaining;\n"
+            + "            auth_request_set $rl_source $upstream_http_docker_ratelimit_source;\n"
+            + "            add_header ratelimit-limit $rl_limit always;\n"
+            + "            add_header ratelimit-remaining $rl_remaining always;\n"
+            + "            add_header docker-ratelimit-source $rl_source always;\n"
+            + "            error_page 403 = @toomanyrequests;\n"
+            + proxy.format(port=REGISTRY_PORTS[DOCKER_HOST])
+            + "        }\n"
+            + "        location = /_ratelimit {\n"
+            + "            internal;\n"
+            + f"            proxy_pass http://127.0.0.1:{TOKEN_PORT}/ratelimit;\n"
+            + "            proxy_pass_request_body off;\n"
+            + "            proxy_set_header Content-Length \"\";\n"
+            + "            proxy_set_header X-Original-Method $request_method;\n"
+            + "            proxy_set_header X-Real-IP $remote_addr;\n"
+            + "        }\n"
+            + "        location @toomanyrequests {\n"
+            + "            default_type application/json;\n"
+            + "            add_header ratelimit-limit $rl_limit always;\n"
+            + "            add_header ratelimit-remaining $rl_remaining always;\n"
+            + "            add_header docker-ratelimit-source $rl_source always;\n"
+            + "            return 429 '{\"errors\":[{\"code\":\"TOOMANYREQUESTS\",\"message\":\"You have reached your "
+            + "pull rate limit.\"}]}';\n"
+            + "        }\n"
             + "        location / {\n" + proxy.format(port=REGISTRY_PORTS[DOCKER_HOST]) + "        }\n"
             + "    }\n"
         )
@@ -655,8 +690,11 @@ class World:
                 "--listen", f"127.0.0.1:{TOKEN_PORT}",
                 "--key", str(self._token_key), "--kid", self._token_kid,
                 "--issuer", TOKEN_ISSUER, "--service", TOKEN_SERVICE,
-                "--user", f"{USERNAME}:{PASSWORD}", "--private-prefix", "private/",
+                "--user", f"{USERNAME}:{PASSWORD}", "--user", f"{HUB_USERNAME}:{HUB_PASSWORD}",
+                "--private-prefix", "private/",
                 "--log", str(self.token_log_path),
+                *[f"--ratelimit={name}={n}" for name, n in RATELIMITS.items()],
+                "--ratelimit-file", str(self.ratelimit_file),
             ],
             env,
             log,
@@ -763,6 +801,18 @@ class World:
         raise KeyError(ref)
 
     # -------------------------------------------------------------------- logs
+    @property
+    def ratelimit_file(self) -> Path:
+        """While it exists, registry-1.docker.io answers manifest GETs 429 (Docker Hub's pull limit)."""
+        return self.workdir / "conf" / "ratelimited"
+
+    def ratelimited(self, on: bool) -> None:
+        """Make registry-1.docker.io answer manifest GETs 429 TOOMANYREQUESTS (on) or not."""
+        if on:
+            self.ratelimit_file.touch()
+        else:
+            self.ratelimit_file.unlink(missing_ok=True)
+
     @property
     def token_log_path(self) -> Path:
         """The token service's own JSON-lines log (subject and granted access)."""
