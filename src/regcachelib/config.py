@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from . import oci
+from .egress import EgressProxy, parse_no_proxy, parse_proxy_auth, parse_proxy_url
 
 # Registries and the hosts clients reach them by, intercepted unless the config says otherwise.
 # Blob CDNs are not listed: blob redirects are followed by regcache itself, so clients never
@@ -90,6 +91,9 @@ class Config:
     redirect_allow: list = field(default_factory=list)
     # Networks whose clients may use the cache at all (every listener); empty: everyone.
     client_networks: list = field(default_factory=list)
+    # The egress proxy every upstream connection goes through (None: direct), built from
+    # upstream_proxy, upstream_proxy_auth and upstream_no_proxy (egress.py).
+    upstream_proxy: EgressProxy | None = None
     # the settings the file named: what the operator asked for, as opposed to a default
     explicit: set[str] = field(default_factory=set)
 
@@ -280,6 +284,10 @@ _KEYS = {
     "proxy_allow": ("proxy_allow", _allowed_destinations),
     "redirect_allow": ("redirect_allow", _networks),
     "client_networks": ("client_networks", _networks),
+    # combined into Config.upstream_proxy once the whole file is read
+    "upstream_proxy": (None, parse_proxy_url),
+    "upstream_proxy_auth": (None, parse_proxy_auth),
+    "upstream_no_proxy": (None, parse_no_proxy),
 }
 
 
@@ -308,6 +316,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     if not isinstance(root, yaml.MappingNode):
         raise ConfigError(f"{source}:{root.start_mark.line + 1}: the top level must be a mapping of settings")
     loader = yaml.SafeLoader("")
+    egress: dict[str, object] = {}
     for key_node, value_node in root.value:
         where = f"{source}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}"
         vwhere = f"{source}:{value_node.start_mark.line + 1}:{value_node.start_mark.column + 1}"
@@ -329,6 +338,14 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         config.explicit.add(key)
         if key == "extra_registries":
             config.registries.extend(converted)
+        elif key.startswith("upstream_proxy") or key == "upstream_no_proxy":
+            egress[key] = converted
         else:
             setattr(config, attribute, converted)
+    if "upstream_proxy" in egress:
+        host, port = egress["upstream_proxy"]
+        config.upstream_proxy = EgressProxy(host, port, egress.get("upstream_proxy_auth"),
+                                            egress.get("upstream_no_proxy", ()))
+    elif egress:
+        raise ConfigError(f"{source}: {' and '.join(sorted(egress))} without upstream_proxy")
     return config
