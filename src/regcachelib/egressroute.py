@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 
-from mitmproxy import http
+from mitmproxy import ctx, http
 from mitmproxy.proxy import mode_specs
 from mitmproxy.proxy.layers import HttpLayer, UDPLayer
 from mitmproxy.proxy.layers.http._upstream_proxy import HttpUpstreamProxy
@@ -86,11 +86,8 @@ class EgressTunnel:
 
     def next_layer(self, nextlayer) -> None:
         proxy = self.config.upstream_proxy
-        chosen = nextlayer.layer
-        if proxy is None or chosen is None:
+        if proxy is None:
             return
-        if isinstance(chosen, HttpLayer | UDPLayer | HttpUpstreamProxy):
-            return  # HTTP: per flow (EgressRoute); UDP: no way through an HTTP proxy
         context = nextlayer.context
         server = context.server
         if server.address is None or server.via is not None or server.timestamp_start is not None:
@@ -102,6 +99,15 @@ class EgressTunnel:
             return
         if not proxy.used_for(server.address[0]):
             return
+        if nextlayer.layer is None:
+            # Script addons see next_layer before mitmproxy's own NextLayer addon: let it choose
+            # now (it leaves a layer already chosen alone when its turn comes).
+            builtin = ctx.master.addons.get("nextlayer")
+            if builtin is not None:
+                builtin.next_layer(nextlayer)
+        chosen = nextlayer.layer
+        if chosen is None or isinstance(chosen, HttpLayer | UDPLayer | HttpUpstreamProxy):
+            return  # undecided yet (more data needed); HTTP: per flow (EgressRoute); UDP: cannot
         server.via = _via(proxy)
         tunnel = HttpUpstreamProxy.make(context, True)[0]
         # The tunnel sits above the chosen layer: TLS layers find their neighbours by position.
