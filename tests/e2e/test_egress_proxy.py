@@ -8,6 +8,7 @@ parts: mitmdump + regcache, skopeo and curl in the client namespace, squid, ngin
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 
@@ -163,3 +164,38 @@ def test_proxy_refusing_or_down_gives_a_clear_oci_error(egress, regcache_factory
     error = json.loads(down.out.read_bytes())["errors"][0]
     assert error["code"] == "UNAVAILABLE" and f"egress proxy {world.egress_proxy_url} unreachable" in error["message"]
     assert f"quay.io:443 not reached: egress proxy {world.egress_proxy_url} unreachable" in rc.log_text()
+
+
+def test_proxy_credentials_from_a_file_reach_only_the_proxy(world, regcache_factory, tmp_path):
+    """squid wants Basic credentials: regcache's own fetches, the requests mitmproxy relays
+    and the TLS it passes through all present them; they appear in no log; without them the
+    client's error says the proxy wants credentials."""
+    world.start_egress_proxy(users={"egress": "pr0xy-pass"})
+    rules = world.block_direct_upstream()
+    try:
+        secret = tmp_path / "proxy-auth"
+        secret.write_text("egress:pr0xy-pass\n")
+        rc = regcache_factory(config=egress_config(world, f"upstream_proxy_auth: {{file: {secret}}}\n"))
+        pulled = skopeo_copy(world, "docker://registry-1.docker.io/library/small:1", tmp_path / "small",
+                             proxy_env(world, rc))
+        assert pulled.returncode == 0, pulled.stderr + rc.log_text()[-3000:]
+        catalog = curl(world, rc, "https://quay.io/v2/_catalog", tmp_path / "catalog").run()
+        assert catalog.status == 200, catalog.describe()
+        rc.stop()
+        hosts = ("registry-1.docker.io:443", world.cdn_host + ":443", world.auth_host + ":443", "quay.io:443")
+        seen = wait_connects(world, hosts)
+        assert all(200 in seen.get(host, []) for host in hosts), seen
+        assert {e["user"] for e in world.egress_proxy_log() if e["status"] == 200} == {"egress"}
+        token = base64.b64encode(b"egress:pr0xy-pass").decode()
+        for text in (rc.log_text(), (rc.workdir / "regcache.yml").read_text()):
+            assert "pr0xy-pass" not in text and token not in text
+
+        anonymous = regcache_factory(config=egress_config(world))
+        refused = curl(world, anonymous, "https://quay.io/v2/org/s2/manifests/1", tmp_path / "refused",
+                       headers=["Accept: application/vnd.docker.distribution.manifest.v2+json"]).run()
+        assert refused.status == 503, refused.describe()
+        message = json.loads(refused.out.read_bytes())["errors"][0]["message"]
+        assert "refused CONNECT to quay.io:443: 407" in message and "upstream_proxy_auth" in message, message
+    finally:
+        world.unblock_direct_upstream(rules)
+        world.stop_egress_proxy()

@@ -779,11 +779,13 @@ class World:
     def egress_proxy_log_path(self) -> Path:
         return self.workdir / "squid" / "access.log"
 
-    def start_egress_proxy(self, deny: tuple[str, ...] = (), timeout: float = 20) -> None:
+    def start_egress_proxy(self, deny: tuple[str, ...] = (), users: dict[str, str] | None = None,
+                           timeout: float = 20) -> None:
         """(Re)start squid in the upstream namespace on egress_proxy_ip:3128: CONNECT to :443
         and plain HTTP from the router and client networks, no caching, 403 for the hosts in
-        ``deny``. Its access log (egress_proxy_log()) shows what went through it. Not part of
-        up(): tests that want it start it."""
+        ``deny``; with ``users`` (name -> password) only for them (Basic auth, 407 otherwise).
+        Its access log (egress_proxy_log()) shows what went through it. Not part of up():
+        tests that want it start it."""
         self.stop_egress_proxy()
         d = self.workdir / "squid"
         d.mkdir(exist_ok=True)
@@ -791,11 +793,24 @@ class World:
         os.chmod(self.workdir, 0o755)
         dev = f"{self.prefix}-u0"
         _sh(["ip", "-n", self.ns_upstream, "addr", "replace", f"{self.egress_proxy_ip}/24", "dev", dev])
+        auth = ""
+        if users:
+            passwd = d / "passwd"
+            lines = []
+            for user, password in users.items():
+                hashed = _sh(["openssl", "passwd", "-apr1", "-stdin"], input=password + "\n").stdout.strip()
+                lines.append(f"{user}:{hashed}\n")
+            passwd.write_text("".join(lines))
+            shutil.chown(passwd, "proxy", "proxy")
+            auth = (f"auth_param basic program /usr/lib/squid/basic_ncsa_auth {passwd}\n"
+                    "auth_param basic realm world-egress\n"
+                    "acl users proxy_auth REQUIRED\n"
+                    "http_access deny !users\n")
         conf = d / "squid.conf"
         conf.write_text(
             f"http_port {self.egress_proxy_ip}:{EGRESS_PROXY_PORT}\n"
             f"pid_filename {d}/squid.pid\n"
-            "logformat world %ts.%03tu %>a %rm %ru %>Hs\n"
+            "logformat world %ts.%03tu %>a %rm %ru %>Hs %un\n"
             f"access_log stdio:{d}/access.log world\n"
             f"cache_log {d}/cache.log\n"
             f"coredump_dir {d}\n"
@@ -806,6 +821,7 @@ class World:
             "acl CONNECT method CONNECT\n"
             "http_access deny CONNECT !SSL_ports\n"
             + (f"acl denied dstdomain {' '.join(deny)}\nhttp_access deny denied\n" if deny else "")
+            + auth
             + f"acl world src {UPSTREAM_NET}.0/24 {CLIENT_NET}.0/24\n"
             "http_access allow world\n"
             "http_access deny all\n"
@@ -830,7 +846,7 @@ class World:
 
     def egress_proxy_log(self) -> list[dict]:
         """What went through squid, oldest first: time, client, method, url (host:port for a
-        CONNECT), status."""
+        CONNECT), status, user (the proxy user, "-" for none)."""
         try:
             text = self.egress_proxy_log_path.read_text(errors="replace")
         except FileNotFoundError:
@@ -838,9 +854,9 @@ class World:
         out = []
         for line in text.splitlines():
             parts = line.split()
-            if len(parts) == 5:
+            if len(parts) == 6:
                 out.append({"time": float(parts[0]), "client": parts[1], "method": parts[2], "url": parts[3],
-                            "status": int(parts[4]) if parts[4].isdigit() else 0})
+                            "status": int(parts[4]) if parts[4].isdigit() else 0, "user": parts[5]})
         return out
 
     def block_direct_upstream(self, ns: str = "router") -> list[list[str]]:
