@@ -784,11 +784,12 @@ class World:
         """(Re)start squid in the upstream namespace on egress_proxy_ip:3128: CONNECT to :443
         and plain HTTP from the router and client networks, no caching, 403 for the hosts in
         ``deny``; with ``users`` (name -> password) only for them (Basic auth, 407 otherwise).
-        Its access log (egress_proxy_log()) shows what went through it. Not part of up():
-        tests that want it start it."""
+        Its access log (egress_proxy_log()) shows what went through it since this start. Not
+        part of up(): tests that want it start it."""
         self.stop_egress_proxy()
         d = self.workdir / "squid"
         d.mkdir(exist_ok=True)
+        (d / "access.log").unlink(missing_ok=True)
         shutil.chown(d, "proxy", "proxy")  # squid drops root for its effective user before writing logs
         os.chmod(self.workdir, 0o755)
         dev = f"{self.prefix}-u0"
