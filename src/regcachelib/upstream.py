@@ -199,7 +199,8 @@ def _check_redirect_name(host: str, port: int, allow) -> None:
     refused = sorted({info[4][0] for info in infos if not redirect_address_allowed(info[4][0], allow)})
     if refused:
         raise RedirectRefused(
-            f"redirect to {host} refused: it resolves to {', '.join(refused)}, not a public address (see redirect_allow)"
+            f"redirect to {host} refused: it resolves to {', '.join(refused)}, "
+            "not a public address (see redirect_allow)"
         )
 
 

@@ -96,7 +96,8 @@ def test_connect_sends_credentials_and_leaves_the_tunnel_bytes_unread():
     assert b"Proxy-Authorization: Basic Zm9vOmJhcg==\r\n" in fake.request
 
 
-@pytest.mark.parametrize("status, hint", [(403, "access rules"), (407, "upstream_proxy_auth"), (502, "could not reach")])
+@pytest.mark.parametrize("status, hint",
+                         [(403, "access rules"), (407, "upstream_proxy_auth"), (502, "could not reach")])
 def test_a_refused_connect_says_who_refused_what(status, hint):
     fake = FakeProxy(f"HTTP/1.1 {status} Nope\r\nContent-Length: 0\r\n\r\n".encode())
     proxy = EgressProxy("127.0.0.1", fake.port)
@@ -113,3 +114,35 @@ def test_an_unreachable_proxy_is_named():
         port = s.getsockname()[1]
     with pytest.raises(EgressProxyError, match=rf"egress proxy http://127.0.0.1:{port} unreachable"):
         EgressProxy("127.0.0.1", port).open_tunnel("quay.io", 443, 2.0)
+
+
+def test_relayed_flows_go_via_the_proxy_but_not_to_the_blob_server_or_no_proxy_hosts():
+    from mitmproxy.test import tflow
+
+    from regcachelib.egressroute import EgressRoute
+
+    route = EgressRoute()
+    route.config = parse_config("upstream_proxy: http://proxy.corp:3128\nupstream_no_proxy: [.corp.example]\n")
+    via = ("http", ("proxy.corp", 3128))
+
+    def routed(host: str, blobserver: bool = False):
+        flow = tflow.tflow()
+        flow.request.host = host
+        if blobserver:
+            flow.metadata["regcache.blobserver"] = True
+        route.requestheaders(flow)
+        route.request(flow)
+        return flow.server_conn.via
+
+    assert routed("quay.io") == via
+    assert routed("registry.corp.example") is None
+    assert routed("127.0.0.1", blobserver=True) is None
+    # a mirror's pass-through changes the host in `request`: decided again there
+    flow = tflow.tflow()
+    flow.request.host = "quay.io"
+    route.requestheaders(flow)
+    flow.request.host = "mirror.corp.example"
+    route.request(flow)
+    assert flow.server_conn.via is None
+    route.config = parse_config("")
+    assert routed("quay.io") is None

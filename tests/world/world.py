@@ -865,7 +865,9 @@ class World:
         (iptables OUTPUT in that namespace). Returns the rules, for unblock_direct_upstream."""
         rules = [
             ["OUTPUT", "-d", self.egress_proxy_ip, "-p", "tcp", "-j", "ACCEPT"],
-            ["OUTPUT", "-d", f"{UPSTREAM_NET}.0/24", "-p", "tcp", "-j", "REJECT", "--reject-with", "icmp-port-unreachable"],
+            # icmp, not tcp-reset: a reset made in OUTPUT never reaches the local socket (it hangs)
+            ["OUTPUT", "-d", f"{UPSTREAM_NET}.0/24", "-p", "tcp", "-j", "REJECT",
+             "--reject-with", "icmp-port-unreachable"],
         ]
         for rule in rules:
             self.run(ns, ["iptables", "-A", *rule])
