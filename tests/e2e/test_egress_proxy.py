@@ -14,7 +14,8 @@ import time
 
 import pytest
 
-from .conftest import MIRROR_PORT, PROXY_PORT, dir_manifest_digest, mirror_registries_conf, skopeo_copy
+from .conftest import (MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, dir_manifest_digest, mirror_registries_conf,
+                       skopeo_copy)
 from .test_cli import cli_in
 from .test_singleflight import client_bundle, curl
 
@@ -199,3 +200,19 @@ def test_proxy_credentials_from_a_file_reach_only_the_proxy(world, regcache_fact
     finally:
         world.unblock_direct_upstream(rules)
         world.stop_egress_proxy()
+
+
+def test_transparent_mode_through_the_egress_proxy(egress, regcache_factory, tmp_path, transparent):
+    """Redirected clients: intercepted registries fetched by regcache, the token server's TLS
+    passed through untouched -- both through squid (the latter CONNECTed by address)."""
+    world = egress
+    rc = regcache_factory(modes=[f"transparent@{TRANSPARENT_PORT}"], config=egress_config(world))
+    env = {"SSL_CERT_FILE": str(client_bundle(rc))}
+    pulled = skopeo_copy(world, "docker://registry-1.docker.io/library/small:1", tmp_path / "small", env)
+    assert pulled.returncode == 0, pulled.stderr + rc.log_text()[-3000:]
+    assert dir_manifest_digest(tmp_path / "small") == world.image("docker.io/library/small:1").manifest_digest
+    rc.stop()
+    auth_ip = world.upstream_ips[world.auth_host]
+    hosts = ("registry-1.docker.io:443", world.cdn_host + ":443", f"{auth_ip}:443")
+    seen = wait_connects(world, hosts)
+    assert all(200 in seen.get(host, []) for host in hosts), seen
