@@ -5,15 +5,14 @@ forwards without regcache answering -- pass-through requests (pushes, token fetc
 endpoints), TLS it does not intercept (non-registry hosts in a CONNECT or transparent
 connection) -- must leave the same way, or it would try the direct route the operator closed.
 
-mitmproxy (since 7; tested with 11) lets an addon send a server connection through an HTTP
-proxy by setting `server_conn.via` to ("http", (host, port)) before the connection opens: for an
-HTTP flow in
-`requestheaders`/`request` (the HTTP layer then puts an HttpUpstreamProxy tunnel under it and
-CONNECTs, for plain HTTP too), and `http_connect_upstream` lets the CONNECT carry
-Proxy-Authorization. A connection that is not HTTP to mitmproxy (passed-through TLS, raw TCP)
-has no flow to carry `via`: EgressTunnel puts the same tunnel layer above the layer mitmproxy
-chose for it in `next_layer` (HttpUpstreamProxy lives in a private module of mitmproxy: an
-upgrade that moves it breaks the import, loudly, at start-up).
+mitmproxy (tested with 11.0) lets an addon send a server connection through an HTTP
+proxy by setting `server_conn.via` to ("http", (host, port)) before the connection opens. For
+an HTTP flow that is done in `requestheaders`/`request`: the HTTP layer then puts an
+HttpUpstreamProxy tunnel under it and CONNECTs (for plain HTTP too), and `http_connect_upstream`
+lets the CONNECT carry Proxy-Authorization. A connection that is not HTTP to mitmproxy
+(passed-through TLS, raw TCP) has no flow to carry `via`: EgressTunnel puts the same tunnel
+layer above the layer mitmproxy chose for it in `next_layer` (HttpUpstreamProxy lives in a
+private module of mitmproxy: an upgrade that moves it breaks the import, loudly, at start-up).
 
 Not covered: `--mode upstream:` (mitmproxy's own; it already sends everything to its proxy),
 UDP/QUIC (an HTTP proxy carries no datagrams). SOCKS, WireGuard and local listeners' non-HTTP
