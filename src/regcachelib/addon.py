@@ -36,6 +36,7 @@ from .interception import Interception
 from .routing import Routing, answer, answer_error, pass_through
 from .services import Services, build_services
 from .store import Store
+from .egressroute import EgressRoute, EgressTunnel
 from .upstream import Upstream, make_ssl_context
 
 log = logging.getLogger(__name__)
@@ -282,6 +283,8 @@ class RegistryCache:
             self.routing,
             Blobs(self),
             Manifests(),
+            EgressRoute(),  # after every child that may answer a flow or change where it goes
+            EgressTunnel(),
             self.monitor,
         ]
 
@@ -389,7 +392,8 @@ class RegistryCache:
             ctx.options.ssl_verify_upstream_trusted_confdir,
         )
         upstream = Upstream(ssl_context, self.config.upstream_timeout, self.config.upstream_backoff,
-                            self.config.redirect_allow, observe=self.monitor.observe_upstream)
+                            self.config.redirect_allow, observe=self.monitor.observe_upstream,
+                            proxy=self.config.upstream_proxy)
         previous = self.services.upstream if self.services is not None else None
         self.services = build_services(self.config, self._store, upstream, self.workers, self._fastpath_port)
         if previous is not None:

@@ -360,7 +360,12 @@ def _upstream(args):
     from .upstream import Upstream, make_ssl_context
 
     ca = args.upstream_ca or os.environ.get("SSL_CERT_FILE") or None
-    return Upstream(make_ssl_context(args.insecure, ca, None), timeout=args.timeout, backoff=0.0)
+    proxy = None
+    if not args.mirror and getattr(args, "config", None):
+        # the proxy's own way out (upstream_proxy): warm reaches registries as the proxy does;
+        # a --mirror is the cache itself, reached directly
+        proxy = load_config(args.config).upstream_proxy
+    return Upstream(make_ssl_context(args.insecure, ca, None), timeout=args.timeout, backoff=0.0, proxy=proxy)
 
 
 def cmd_warm(args) -> int:
@@ -791,7 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--config",
         default=argparse.SUPPRESS,
         metavar="FILE",
-        help="the proxy's regcache_config YAML (for its size_limit)",
+        help="the proxy's regcache_config YAML (for its size_limit; warm: its upstream_proxy)",
     )
     shared["quiet"].add_argument(
         "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or hints on stderr"

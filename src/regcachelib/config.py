@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from . import oci
+from .egress import EgressProxy, parse_no_proxy, parse_proxy_auth, parse_proxy_url
 
 # Registries and the hosts clients reach them by, intercepted unless the config says otherwise.
 # Blob CDNs are not listed: blob redirects are followed by regcache itself, so clients never
@@ -130,6 +131,9 @@ class Config:
     client_networks: list = field(default_factory=list)
     # regcache's own accounts for its upstream fetches, by canonical registry name
     credentials: dict[str, Credential] = field(default_factory=dict)
+    # The egress proxy every upstream connection goes through (None: direct), built from
+    # upstream_proxy, upstream_proxy_auth and upstream_no_proxy (egress.py).
+    upstream_proxy: EgressProxy | None = None
     # the settings the file named: what the operator asked for, as opposed to a default
     explicit: set[str] = field(default_factory=set)
 
@@ -374,6 +378,10 @@ _KEYS = {
     "redirect_allow": ("redirect_allow", _networks),
     "client_networks": ("client_networks", _networks),
     "credentials": ("credentials", _credentials),
+    # combined into Config.upstream_proxy once the whole file is read
+    "upstream_proxy": (None, parse_proxy_url),
+    "upstream_proxy_auth": (None, parse_proxy_auth),
+    "upstream_no_proxy": (None, parse_no_proxy),
 }
 
 
@@ -402,6 +410,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     if not isinstance(root, yaml.MappingNode):
         raise ConfigError(f"{source}:{root.start_mark.line + 1}: the top level must be a mapping of settings")
     loader = yaml.SafeLoader("")
+    egress: dict[str, object] = {}
     for key_node, value_node in root.value:
         where = f"{source}:{key_node.start_mark.line + 1}:{key_node.start_mark.column + 1}"
         vwhere = f"{source}:{value_node.start_mark.line + 1}:{value_node.start_mark.column + 1}"
@@ -423,6 +432,14 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         config.explicit.add(key)
         if key == "extra_registries":
             config.registries.extend(converted)
+        elif key.startswith("upstream_proxy") or key == "upstream_no_proxy":
+            egress[key] = converted
         else:
             setattr(config, attribute, converted)
+    if "upstream_proxy" in egress:
+        host, port = egress["upstream_proxy"]
+        config.upstream_proxy = EgressProxy(host, port, egress.get("upstream_proxy_auth"),
+                                            egress.get("upstream_no_proxy", ()))
+    elif egress:
+        raise ConfigError(f"{source}: {' and '.join(sorted(egress))} without upstream_proxy")
     return config

@@ -207,6 +207,9 @@ class DestinationPolicy:
         blobserver = self.cache.blobserver
         if blobserver is not None and blobserver.inband_port and address == ("127.0.0.1", blobserver.inband_port):
             return True  # regcache's own in-band blob server, where it routes blob requests
+        proxy = self.cache.config.upstream_proxy
+        if proxy is not None and address == proxy.address:
+            return True  # the operator's egress proxy (upstream_proxy), wherever it listens
         mode = client.proxy_mode
         # The target a mirror or upstream-proxy listener was started with: the operator's choice.
         return isinstance(mode, (mode_specs.ReverseMode, mode_specs.UpstreamMode)) and address == tuple(mode.address)

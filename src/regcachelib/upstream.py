@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass, field
 from urllib.parse import urlencode, urljoin, urlsplit
 
+from .egress import EgressProxy, EgressProxyError
+
 log = logging.getLogger(__name__)
 
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -183,6 +185,23 @@ def _connect_allowed(host: str, port: int, timeout: float, allow) -> socket.sock
             raise
     assert error is not None
     raise error
+
+
+def _check_redirect_name(host: str, port: int, allow) -> None:
+    """Through an egress proxy the proxy resolves and connects, so the address a redirect
+    finally reaches is not regcache's to pin. A name that resolves here to a refused address
+    is still refused; one that does not resolve here at all (only the proxy's DNS knows it) is
+    left to the proxy's own access rules."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return
+    refused = sorted({info[4][0] for info in infos if not redirect_address_allowed(info[4][0], allow)})
+    if refused:
+        raise RedirectRefused(
+            f"redirect to {host} refused: it resolves to {', '.join(refused)}, "
+            "not a public address (see redirect_allow)"
+        )
 
 
 @dataclass(frozen=True)
@@ -372,17 +391,25 @@ class _Connection(http.client.HTTPSConnection):
     """HTTPS to one name, optionally at a fixed address (transparent mode's original dst).
 
     With redirect_allow (a redirect to another host), only to addresses that rule allows.
+    Through an egress proxy (via), a CONNECT tunnel to the name carries the TLS session.
     """
 
-    def __init__(self, host, port, address, context, timeout, deadline: Deadline, redirect_allow=None):
+    def __init__(self, host, port, address, context, timeout, deadline: Deadline, redirect_allow=None,
+                 via: EgressProxy | None = None):
         super().__init__(host, port, context=context, timeout=timeout)
         self._address = address
         self._context = context
         self._deadline = deadline
         self._redirect_allow = redirect_allow
+        self._via = via
 
     def connect(self):
-        if self._redirect_allow is None:
+        if self._via is not None:
+            if self._redirect_allow is not None:
+                _check_redirect_name(self.host, self.port, self._redirect_allow)
+            # By name, not the transparent-mode address: the proxy resolves (and its rules judge names).
+            sock = self._via.open_tunnel(self.host, self.port, self.timeout, self._deadline.attach)
+        elif self._redirect_allow is None:
             sock = socket.create_connection((self._address or self.host, self.port), self.timeout)
         else:
             sock = _connect_allowed(self._address or self.host, self.port, self.timeout, self._redirect_allow)
@@ -394,12 +421,20 @@ class _Connection(http.client.HTTPSConnection):
 
 
 class _PlainConnection(http.client.HTTPConnection):
-    def __init__(self, host, port, timeout, deadline: Deadline):
-        super().__init__(host, port, timeout=timeout)
+    """Plain HTTP to host:port, or to the egress proxy (via) that takes absolute-form requests."""
+
+    def __init__(self, host, port, timeout, deadline: Deadline, via: EgressProxy | None = None):
+        super().__init__(*(via.address if via is not None else (host, port)), timeout=timeout)
         self._deadline = deadline
+        self._via = via
 
     def connect(self):
-        super().connect()
+        try:
+            super().connect()
+        except OSError as e:
+            if self._via is None:
+                raise
+            raise EgressProxyError(f"egress proxy {self._via} unreachable: {e.__class__.__name__}: {e}") from e
         self._deadline.attach(self.sock)
 
 
@@ -407,8 +442,9 @@ class Upstream:
     """Blocking client for upstream registries, with a dead-upstream back-off."""
 
     def __init__(self, ssl_context: ssl.SSLContext, timeout: float = 30.0, backoff: float = 15.0, redirect_allow=None,
-                 observe=None):
+                 observe=None, proxy: EgressProxy | None = None):
         self.ssl_context = ssl_context
+        self.proxy = proxy  # the egress proxy every connection goes through (but upstream_no_proxy's), or None
         # observe(target, seconds, response): told of every exchange up to its response headers;
         # response None when it failed (metrics.Monitor.observe_upstream).
         self.observe = observe
@@ -517,16 +553,22 @@ class Upstream:
             netloc = host if port in (80, 443) else f"{host}:{port}"
             send_headers.append(("Host", netloc))
             allow = self.redirect_allow if checked and parts.scheme == "https" else None
-            pool_key = (parts.scheme, host, port, address, allow is not None, id(self.ssl_context))
+            via = self.proxy if self.proxy is not None and self.proxy.used_for(host) else None
+            pool_key = (parts.scheme, host, port, address, allow is not None, id(self.ssl_context), via)
             req_path = parts.path + ("?" + parts.query if parts.query else "")
+            if via is not None and parts.scheme == "http":
+                # absolute form, the way a proxy takes plain HTTP; its credentials travel per request
+                req_path = f"http://{netloc}{req_path or '/'}"
+                if via.authorization:
+                    send_headers.append(("Proxy-Authorization", via.authorization))
             conn = self._pool.take(pool_key) if method in _IDEMPOTENT else None
             while True:
                 reused = conn is not None
                 if conn is None:
                     if parts.scheme == "https":
-                        conn = _Connection(host, port, address, self.ssl_context, self.timeout, deadline, allow)
+                        conn = _Connection(host, port, address, self.ssl_context, self.timeout, deadline, allow, via)
                     else:
-                        conn = _PlainConnection(address or host, port, self.timeout, deadline)
+                        conn = _PlainConnection(address or host, port, self.timeout, deadline, via)
                 else:
                     # A reused socket is inside this exchange's deadline like a new one.
                     conn._deadline = deadline
@@ -551,6 +593,14 @@ class Upstream:
                         log.debug("%s: pooled connection closed by the server (%s); reconnecting", host, e)
                         conn = None
                         continue
+                    if isinstance(e, EgressProxyError):
+                        # the route out failed, not (necessarily) the registry: say which
+                        log.warning("%s:%d not reached: %s", host, port, e)
+                        if endpoint and e.status not in (403, 407):
+                            self._mark(endpoint, False)
+                        if deadline.expired:
+                            raise UpstreamUnavailable(f"{host}: no answer within {self.timeout:g}s ({e})") from e
+                        raise UpstreamUnavailable(str(e)) from e
                     if endpoint:
                         self._mark(endpoint, False)
                     if deadline.expired:

@@ -45,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 NGINX_BIN = shutil.which("nginx") or "/usr/sbin/nginx"
 SKOPEO_BIN = shutil.which("skopeo") or "/usr/bin/skopeo"
+SQUID_BIN = shutil.which("squid") or "/usr/sbin/squid"
 
 UPSTREAM_NET = "10.77.1"
 CLIENT_NET = "10.77.2"
@@ -77,6 +78,9 @@ REGISTRY_PORTS = {
     "ghcr.io": 5005,
 }
 TOKEN_PORT = 5100
+# The opt-in egress proxy (start_egress_proxy): Debian's squid on its own upstream-side address.
+EGRESS_PROXY_OCTET = 30
+EGRESS_PROXY_PORT = 3128
 
 TOKEN_SERVICE = "registry.docker.io"
 TOKEN_ISSUER = "auth.docker.io"
@@ -799,6 +803,117 @@ class World:
             if img.registry == reg and f"{img.repository}:{img.tag}" == rest:
                 return img
         raise KeyError(ref)
+
+    # ------------------------------------------------------- egress proxy (opt-in)
+    @property
+    def egress_proxy_ip(self) -> str:
+        return f"{UPSTREAM_NET}.{EGRESS_PROXY_OCTET}"
+
+    @property
+    def egress_proxy_url(self) -> str:
+        return f"http://{self.egress_proxy_ip}:{EGRESS_PROXY_PORT}"
+
+    @property
+    def egress_proxy_log_path(self) -> Path:
+        return self.workdir / "squid" / "access.log"
+
+    def start_egress_proxy(self, deny: tuple[str, ...] = (), users: dict[str, str] | None = None,
+                           timeout: float = 20) -> None:
+        """(Re)start squid in the upstream namespace on egress_proxy_ip:3128: CONNECT to :443
+        and plain HTTP from the router and client networks, no caching, 403 for the hosts in
+        ``deny``; with ``users`` (name -> password) only for them (Basic auth, 407 otherwise).
+        Its access log (egress_proxy_log()) shows what went through it since this start. Not
+        part of up(): tests that want it start it."""
+        self.stop_egress_proxy()
+        d = self.workdir / "squid"
+        d.mkdir(exist_ok=True)
+        (d / "access.log").unlink(missing_ok=True)
+        shutil.chown(d, "proxy", "proxy")  # squid drops root for its effective user before writing logs
+        os.chmod(self.workdir, 0o755)
+        dev = f"{self.prefix}-u0"
+        _sh(["ip", "-n", self.ns_upstream, "addr", "replace", f"{self.egress_proxy_ip}/24", "dev", dev])
+        auth = ""
+        if users:
+            passwd = d / "passwd"
+            lines = []
+            for user, password in users.items():
+                hashed = _sh(["openssl", "passwd", "-apr1", "-stdin"], input=password + "\n").stdout.strip()
+                lines.append(f"{user}:{hashed}\n")
+            passwd.write_text("".join(lines))
+            shutil.chown(passwd, "proxy", "proxy")
+            auth = (f"auth_param basic program /usr/lib/squid/basic_ncsa_auth {passwd}\n"
+                    "auth_param basic realm world-egress\n"
+                    "acl users proxy_auth REQUIRED\n"
+                    "http_access deny !users\n")
+        conf = d / "squid.conf"
+        conf.write_text(
+            f"http_port {self.egress_proxy_ip}:{EGRESS_PROXY_PORT}\n"
+            f"pid_filename {d}/squid.pid\n"
+            "logformat world %ts.%03tu %>a %rm %ru %>Hs %un\n"
+            f"access_log stdio:{d}/access.log world\n"
+            f"cache_log {d}/cache.log\n"
+            f"coredump_dir {d}\n"
+            "cache deny all\n"
+            "cache_mem 8 MB\n"
+            "shutdown_lifetime 0 seconds\n"
+            "acl SSL_ports port 443\n"
+            "acl CONNECT method CONNECT\n"
+            "http_access deny CONNECT !SSL_ports\n"
+            + (f"acl denied dstdomain {' '.join(deny)}\nhttp_access deny denied\n" if deny else "")
+            + auth
+            + f"acl world src {UPSTREAM_NET}.0/24 {CLIENT_NET}.0/24\n"
+            "http_access allow world\n"
+            "http_access deny all\n"
+        )
+        log = open(d / "squid.stderr", "ab")
+        try:
+            p = self.popen(self.ns_upstream, [SQUID_BIN, "-N", "-f", str(conf)], env=self._service_env(),
+                           group="squid", stdout=log, stderr=subprocess.STDOUT)
+        finally:
+            log.close()
+        r = self.run(self.ns_upstream, [sys.executable, str(HERE / "probe.py"), "wait", "--timeout", str(timeout),
+                                        f"{self.egress_proxy_ip}:{EGRESS_PROXY_PORT}"],
+                     check=False, timeout=timeout + 10, env=self._service_env())
+        if r.returncode != 0 or p.poll() is not None:
+            tail = "".join(f.read_text(errors="replace")[-2000:] for f in (d / "squid.stderr", d / "cache.log")
+                           if f.exists())
+            raise WorldError(f"squid not ready: {r.stderr.strip()}\n{tail}")
+
+    def stop_egress_proxy(self) -> None:
+        self._kill([p for g, p in self._procs if g == "squid"])
+        self._procs = [(g, p) for g, p in self._procs if g != "squid"]
+
+    def egress_proxy_log(self) -> list[dict]:
+        """What went through squid, oldest first: time, client, method, url (host:port for a
+        CONNECT), status, user (the proxy user, "-" for none)."""
+        try:
+            text = self.egress_proxy_log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 6:
+                out.append({"time": float(parts[0]), "client": parts[1], "method": parts[2], "url": parts[3],
+                            "status": int(parts[4]) if parts[4].isdigit() else 0, "user": parts[5]})
+        return out
+
+    def block_direct_upstream(self, ns: str = "router") -> list[list[str]]:
+        """Reject every TCP connection from ``ns`` to the upstream hosts but the egress proxy
+        (iptables OUTPUT in that namespace). Returns the rules, for unblock_direct_upstream."""
+        rules = [
+            ["OUTPUT", "-d", self.egress_proxy_ip, "-p", "tcp", "-j", "ACCEPT"],
+            # icmp, not tcp-reset: a reset made in OUTPUT never reaches the local socket (it hangs)
+            ["OUTPUT", "-d", f"{UPSTREAM_NET}.0/24", "-p", "tcp", "-j", "REJECT",
+             "--reject-with", "icmp-port-unreachable"],
+        ]
+        for rule in rules:
+            self.run(ns, ["iptables", "-A", *rule])
+        return rules
+
+    def unblock_direct_upstream(self, rules: list[list[str]], ns: str = "router") -> None:
+        for rule in rules:
+            self.run(ns, ["iptables", "-D", *rule], check=False)
 
     # -------------------------------------------------------------------- logs
     @property
