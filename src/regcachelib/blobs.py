@@ -79,7 +79,7 @@ def learn_from_download(store: Store):
 
 class BlobService:
     def __init__(self, config: Config, store: Store, upstream: Upstream, fills: Fills, access: Access,
-                 workers: Workers, fastpath_port: Callable[[], int]):
+                 workers: Workers, fastpath_port: Callable[[], int], tier=None):
         self.config = config
         self.store = store
         self.upstream = upstream
@@ -87,6 +87,7 @@ class BlobService:
         self.access = access
         self.workers = workers
         self.fastpath_port = fastpath_port  # the blob server's, once it listens (0: none)
+        self.tier = tier  # tier.Tier: the fills read the shared object store first (TierSource)
 
     async def get(self, req: RegistryRequest) -> BlobResult:
         digest = str(req.digest)
@@ -96,6 +97,11 @@ class BlobService:
                 await self.access.require(req, digest)
                 return Hit(digest, size, fastpath=False)
             self._refuse_offline(req, digest)
+            if self.tier is not None:
+                size = await self.workers.store_write(self.tier.blob_size, digest)
+                if size is not None:
+                    await self.access.require(req, digest)
+                    return Hit(digest, size, fastpath=False)
             return await self._head_miss(req, digest)
         if self.store.has_blob(digest):
             await self.access.require(req, digest)
@@ -125,7 +131,11 @@ class BlobService:
             await fill.headers_ready.wait()
         if fill.status != 200:
             return self._failed(req, fill)
-        if leader:
+        if leader and self.tier is not None:
+            # the bytes may come from the shared store, not from upstream answering this client:
+            # the access rule applies as for a hit (membership is stored already, learn_from_download)
+            await self.access.require(req, digest)
+        elif leader:
             # what the download taught is stored already (learn_from_download)
             self.access.probe_later(req)
         else:

@@ -90,6 +90,8 @@ class Config:
     redirect_allow: list = field(default_factory=list)
     # Networks whose clients may use the cache at all (every listener); empty: everyone.
     client_networks: list = field(default_factory=list)
+    # A cache tier (tier.TierConfig): S3 + Redis shared with other nodes; None: a single node.
+    tier: object = None
     # the settings the file named: what the operator asked for, as opposed to a default
     explicit: set[str] = field(default_factory=set)
 
@@ -257,6 +259,12 @@ def _allowed_destinations(value) -> list[AllowedDestination]:
     return [_allowed_destination(v) for v in value]
 
 
+def _tier(value):
+    from .tier import parse_tier
+
+    return parse_tier(value)
+
+
 # key -> (attribute, converter)
 _KEYS = {
     "size_limit": ("size_limit", parse_size),
@@ -280,6 +288,7 @@ _KEYS = {
     "proxy_allow": ("proxy_allow", _allowed_destinations),
     "redirect_allow": ("redirect_allow", _networks),
     "client_networks": ("client_networks", _networks),
+    "tier": ("tier", _tier),
 }
 
 

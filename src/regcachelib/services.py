@@ -17,6 +17,7 @@ from .config import Config
 from .fill import Fills
 from .manifests import ManifestService
 from .store import Store
+from .tier import Tier, TierSource
 from .upstream import Upstream
 
 
@@ -29,18 +30,27 @@ class Services:
     fills: Fills
     blobs: BlobService
     manifests: ManifestService
+    tier: Tier | None = None
 
 
 def build_services(config: Config, store: Store, upstream: Upstream, workers: Workers,
                    fastpath_port: Callable[[], int]) -> Services:
+    tier = None
+    if config.tier is not None:
+        tier = Tier(config.tier)
+        tier.ensure_bucket()
+        tier.abort_stale_uploads()
+    store.shared = tier  # shared knowledge, or none
     access = Access(upstream, store, config.auth_ttl, config.public_ttl, config.trust_clients_offline, workers)
-    fills = Fills(store, upstream, executor=workers.fills, on_found=learn_from_download(store))
+    source = TierSource(upstream, tier, store) if tier is not None else upstream
+    fills = Fills(store, source, executor=workers.fills, on_found=learn_from_download(store))
     return Services(
         config=config,
         store=store,
         upstream=upstream,
         access=access,
         fills=fills,
-        blobs=BlobService(config, store, upstream, fills, access, workers, fastpath_port),
-        manifests=ManifestService(config, store, upstream, access, workers),
+        blobs=BlobService(config, store, upstream, fills, access, workers, fastpath_port, tier),
+        manifests=ManifestService(config, store, upstream, access, workers, tier),
+        tier=tier,
     )
