@@ -120,3 +120,136 @@ def test_warm_pull_through_another_node_reads_the_object_store(world, tier, tmp_
         assert f"tier: blob {digest} from the object store" in b.log_text()
     settle_logs()
     assert upstream_content_requests(world, marks) == [], "node B asked upstream for content"
+
+
+def outage_lines(rc) -> list[str]:
+    return [line for line in rc.log_text().splitlines() if "tier object store" in line and "unreachable" in line]
+
+
+def test_object_store_outage_pulls_still_work_and_sharing_resumes(world, tier, tmp_path):
+    """radosgw stopped: a node serves its local layer and passes misses through to upstream
+    (right digests, one log line for the outage); radosgw back: sharing resumes."""
+    small, s2 = world.image("docker.io/library/small:1"), world.image("docker.io/library/s2:1")
+    a, b = tier.start("a"), tier.start("b")
+    r = skopeo_copy(world, "docker://registry-1.docker.io/library/small:1", tmp_path / "a1", env_for(world, a))
+    assert r.returncode == 0, r.stderr
+    wait_shared(tier.host, tier.bucket, small.blobs)
+
+    tier.host.stop_s3()
+    try:
+        for node, ref, img, name in ((a, "library/small:1", small, "a2"), (b, "library/s2:1", s2, "b1"),
+                                     (b, "library/small:1", small, "b2")):
+            r = skopeo_copy(world, f"docker://registry-1.docker.io/{ref}", tmp_path / name, env_for(world, node))
+            assert r.returncode == 0, r.stderr + node.log_text()[-3000:]
+            assert dir_manifest_digest(tmp_path / name) == img.manifest_digest
+            for digest in img.blobs:
+                assert sha256_file(tmp_path / name / digest.split(":")[1]) == digest
+        assert len(outage_lines(b)) == 1, outage_lines(b)
+    finally:
+        tier.host.start_s3()
+
+    time.sleep(2.5)  # a failed backend is asked again after tier.RETRY_AFTER
+    gcr = world.image("gcr.io/proj/small:1")
+    r = skopeo_copy(world, "docker://gcr.io/proj/small:1", tmp_path / "b3", env_for(world, b))
+    assert r.returncode == 0, r.stderr + b.log_text()[-3000:]
+    assert "sharing resumes" in b.log_text()
+    wait_shared(tier.host, tier.bucket, gcr.blobs)
+    c = tier.start("c")
+    settle_logs()
+    start = len(world.request_log("gcr.io"))
+    r = skopeo_copy(world, "docker://gcr.io/proj/small:1", tmp_path / "c1", env_for(world, c))
+    assert r.returncode == 0, r.stderr + c.log_text()[-3000:]
+    assert dir_manifest_digest(tmp_path / "c1") == gcr.manifest_digest
+    settle_logs()
+    asked = [e for e in world.request_log("gcr.io")[start:] if "/blobs/" in e["path"] or "/manifests/" in e["path"]]
+    assert asked == [], asked
+
+
+def test_private_content_stays_isolated_across_nodes(world, tier, tmp_path):
+    """A private image node A cached for testuser is in the shared bucket; an anonymous client
+    on node B gets none of it, testuser on B gets it from the tier."""
+    secret = world.image("docker.io/private/secret:1")
+    layer = max((d for d in secret.blobs if d != secret.config_digest), key=secret.layer_sizes.get)
+    a, b = tier.start("a"), tier.start("b")
+    ref = "docker://registry-1.docker.io/private/secret:1"
+    r = skopeo_copy(world, ref, tmp_path / "a", env_for(world, a), CREDS)
+    assert r.returncode == 0, r.stderr + a.log_text()[-3000:]
+    wait_shared(tier.host, tier.bucket, secret.blobs)
+
+    anon = skopeo_copy(world, ref, tmp_path / "anon", env_for(world, b))
+    assert anon.returncode != 0 and any(w in anon.stderr.lower() for w in ("unauthorized", "401", "denied"))
+    anon_token = pull_token(world, "private/secret")
+    for name, headers in (("anon-token", [f"Authorization: Bearer {anon_token}"]), ("no-auth", [])):
+        c = curl_via(world, b, blob_url("private/secret", layer), tmp_path / name, headers=headers).run()
+        assert c.exit_code == 0 and c.status == 401, c.describe()
+        assert c.headers.get("x-cache") is None
+    assert "not serving cached docker.io/private/secret" in b.log_text()
+
+    before = len(cdn_gets(world, layer))
+    r = skopeo_copy(world, ref, tmp_path / "b", env_for(world, b), CREDS)
+    assert r.returncode == 0, r.stderr + b.log_text()[-3000:]
+    assert dir_manifest_digest(tmp_path / "b") == secret.manifest_digest
+    assert sha256_file(tmp_path / "b" / layer.split(":")[1]) == layer
+    settle_logs()
+    assert len(cdn_gets(world, layer)) == before
+
+
+def test_three_nodes_pull_one_cold_blob_with_one_upstream_fetch(world, tier, tmp_path):
+    """Clients on A, B and C ask for the same cold 30 MiB blob at once: one upstream GET in the
+    whole tier (a Redis lease), every client gets the exact bytes, one complete object."""
+    digest, size = big_layer(world)
+    nodes = [tier.start(n) for n in "abc"]
+    token = pull_token(world, "library/big")
+    before = len(cdn_gets(world, digest))
+    with throttled_upstream(world):
+        clients = [curl_via(world, rc, blob_url("library/big", digest), tmp_path / f"c{i}",
+                            headers=[f"Authorization: Bearer {token}"]).start() for i, rc in enumerate(nodes)]
+        for c in clients:
+            c.wait(180)
+    for c in clients:
+        assert c.exit_code == 0 and c.status == 200, c.describe()
+        assert sha256_file(c.out) == digest
+    settle_logs()
+    assert len(cdn_gets(world, digest)) - before == 1
+    listing = wait_shared(tier.host, tier.bucket, [digest])
+    assert listing["objects"][f"blobs/sha256/{digest.split(':')[1]}"] == size and not listing["uploads"]
+
+
+def lease_holder(tier, digest: str) -> str:
+    return tier.host.world.run(tier.host.ns, ["redis-cli", "-h", tier.host.ip, "get",
+                                              f"regcache:lease:{digest}"]).stdout.strip()
+
+
+def test_leader_killed_mid_fetch_others_take_over(world, tier, tmp_path):
+    """kill -9 of the node fetching a shared miss: another node takes over once the lease
+    expires, the other clients get the exact bytes, the bucket never holds a partial object,
+    and the restarted node sweeps its leftover staging file."""
+    digest, size = big_layer(world)
+    key = f"blobs/sha256/{digest.split(':')[1]}"
+    a, b, c = (tier.start(n) for n in "abc")
+    token = pull_token(world, "library/big")
+    auth = [f"Authorization: Bearer {token}"]
+    with throttled_upstream(world, "24mbit"):  # ~10 s for 30 MiB: time to kill the leader mid-fetch
+        ca = curl_via(world, a, blob_url("library/big", digest), tmp_path / "ca", headers=auth).start()
+        deadline = time.monotonic() + 20
+        while not lease_holder(tier, digest).startswith("node-a"):
+            assert time.monotonic() < deadline, a.log_text()[-3000:]
+            time.sleep(0.1)
+        followers = [curl_via(world, rc, blob_url("library/big", digest), tmp_path / f"c{n}", headers=auth).start()
+                     for n, rc in (("b", b), ("c", c))]
+        time.sleep(1.5)
+        assert tier.host.bucket(tier.bucket)["objects"].get(key) is None
+        a.kill9()
+        ca.wait(30)
+        for f in followers:
+            f.wait(180)
+    assert ca.exit_code != 0  # the dead node's client was cut short, never handed a whole wrong body
+    for f in followers:
+        assert f.exit_code == 0 and f.status == 200, f.describe()
+        assert sha256_file(f.out) == digest
+    assert any("waiting for its object" in rc.log_text() for rc in (b, c))
+    listing = wait_shared(tier.host, tier.bucket, [digest])
+    assert listing["objects"][key] == size and not listing["uploads"], listing
+
+    restarted = tier.start("a", cache_dir=a.cache_dir)
+    assert "leftover staging file" in restarted.log_text()

@@ -83,7 +83,9 @@ wait_for() { # wait_for <desc> <daemon-or-""> <cmd...>
     local desc=$1 daemon=$2; shift 2
     local t0=$SECONDS
     until "$@" >/dev/null 2>&1; do
-        if [ -n "$daemon" ] && [ -z "$(pid_of "$daemon")" ]; then
+        # a daemon writes its pid file a moment after it forks (later still on a busy machine):
+        # no pid file yet is not death during the first seconds
+        if [ -n "$daemon" ] && [ -z "$(pid_of "$daemon")" ] && [ $((SECONDS - t0)) -ge 10 ]; then
             die "$daemon died while waiting for: $desc"
         fi
         [ $((SECONDS - t0)) -lt "$TIMEOUT" ] || die "timeout (${TIMEOUT}s) waiting for: $desc"
@@ -298,6 +300,7 @@ cmd_status() {
 }
 
 cmd_rgw_start() {
+    rm -f "$D/run/$RGW_NAME.pid"
     radosgw --conf "$CONF" -n "$RGW_NAME" >>"$D/log/daemon-stderr.log" 2>&1 || die "radosgw failed to start"
     wait_for "radosgw http://$BIND:$RGW_PORT" "$RGW_NAME" rgw_ready
 }

@@ -92,7 +92,8 @@ class StoreHost:
         p = self.world.run(self.ns, ["bash", str(CEPH_SCRIPT), command], env=self._env(), check=False,
                            timeout=timeout)
         if check and p.returncode != 0:
-            raise WorldError(f"ceph-s3.sh {command} failed:\n{p.stderr[-4000:]}")
+            steps = "\n".join(line for line in p.stderr.splitlines() if line.startswith("[ceph-s3"))
+            raise WorldError(f"ceph-s3.sh {command} failed:\n{steps}\n...\n{p.stderr[-2500:]}")
         return p
 
     # --- faults -------------------------------------------------------------------------------
