@@ -528,10 +528,14 @@ class TierSource:
                 log.info("tier: blob %s is being fetched by node %s; waiting for its object", digest,
                          self.tier.lease_holder(digest))
                 waited = True
-            if time.monotonic() > deadline:
-                log.warning("tier: waited %.0f s for blob %s; fetching it from upstream", self.max_wait, digest)
-                return self.upstream.request(method, target, path, headers, *args, **kwargs)
-            time.sleep(POLL_SECONDS)
+            # Wait on the lease (a cheap Redis read), not on the bucket: the object store sees
+            # one look per follower when the leader is done, not four a second while it works.
+            while self.tier.lease_holder(digest) is not None:
+                if time.monotonic() > deadline:
+                    log.warning("tier: waited %.0f s for blob %s; fetching it from upstream", self.max_wait,
+                                digest)
+                    return self.upstream.request(method, target, path, headers, *args, **kwargs)
+                time.sleep(POLL_SECONDS)
 
 
 def _blob_digest(path: str) -> str | None:

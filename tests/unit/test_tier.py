@@ -122,8 +122,6 @@ class FakeTier:
 
     def open_blob(self, digest):
         self.looks += 1
-        if self.appear_after and self.looks >= self.appear_after[0]:
-            self.objects[self.appear_after[1]] = self.appear_after[2]
         data = self.objects.get(digest)
         return None if data is None else (io.BytesIO(data), len(data), "application/octet-stream")
 
@@ -134,6 +132,10 @@ class FakeTier:
         return tiermod.NoLease()
 
     def lease_holder(self, digest):
+        self.looks_at_lease = getattr(self, "looks_at_lease", 0) + 1
+        if self.appear_after and self.looks_at_lease >= self.appear_after[0]:
+            self.holder = None  # the leader is done: its object is there
+            self.objects[self.appear_after[1]] = self.appear_after[2]
         return self.holder
 
 
@@ -175,6 +177,7 @@ def test_follower_waits_for_the_leaders_object_instead_of_fetching(store, monkey
     tier.appear_after = (4, digest, data)
     resp = TierSource(upstream, tier, store).request("GET", None, f"/v2/r/blobs/{digest}", [])
     assert isinstance(resp, SharedBlobResponse) and upstream.requests == [] and tier.leases == 0
+    assert tier.looks == 2  # the bucket is looked at before waiting and once the lease is gone
 
 
 def test_object_store_down_goes_straight_upstream(store):
