@@ -125,12 +125,20 @@ def open_store(args, must_exist: bool = True) -> Store:
     if must_exist and not os.path.isdir(os.path.join(directory, "content")):
         raise CLIError(f"no cache at {directory} (give --dir, or set REGCACHE_DIR)")
     limit = None
+    tier_config = None
     if args.config:
-        limit = load_config(args.config).size_limit
+        config = load_config(args.config)
+        limit, tier_config = config.size_limit, config.tier
     if limit is None:
         # keep the limit the proxy last set instead of overwriting it with a default
         limit = _persisted_size_limit(directory) or DEFAULT_SIZE_LIMIT
-    return Store(directory, limit)
+    store = Store(directory, limit)
+    if tier_config is not None and getattr(args, "command", None) in ("export", "import"):
+        from .tier import Tier
+
+        store.shared = Tier(tier_config)  # export reads the tier, import writes to it
+        store.shared.ensure_bucket()
+    return store
 
 
 def progress_for(args, label: str, total: int | None = None, unit: str = "B") -> Progress:
@@ -430,7 +438,12 @@ def cmd_warm(args) -> int:
 
 
 def cmd_export(args) -> int:
-    store = open_store(args)
+    store = open_store(args, must_exist=not (args.config and load_config(args.config).tier))
+    if store.shared is not None:
+        from .tier import hydrate
+
+        manifests, blobs = hydrate(store.shared, store, args.images)
+        note(args, f"from the tier: {manifests} manifest(s), {blobs} blob(s) fetched and verified")
     bar = progress_for(args, "exporting")
     try:
         report = layout.export(store, args.images, args.output, progress=bar.advance, total_cb=bar.set_total)
@@ -467,6 +480,10 @@ def cmd_import(args) -> int:
         report = layout.import_bundle(
             store, args.bundle, name=args.name, mark_public=public, progress=bar.advance, total_cb=bar.set_total
         )
+        if store.shared is not None:
+            from .tier import publish_bundle
+
+            note(args, f"to the tier: {publish_bundle(store.shared, store, args.bundle)} blob(s) uploaded")
     except (layout.LayoutError, ValueError, OSError) as e:
         raise CLIError(str(e)) from None
     finally:

@@ -542,3 +542,81 @@ def _blob_digest(path: str) -> str | None:
     if "/blobs/" not in path:
         return None
     return oci.valid_digest(path.rsplit("/blobs/", 1)[1].split("?", 1)[0])
+
+
+# --- export / import across sites (the CLI, blocking) --------------------------------------------------
+
+def hydrate(tier: Tier, store, images: list[str]) -> tuple[int, int]:
+    """Bring the named images (tags resolved through the tier) from the object store into the
+    local store, verified, so `regcache export` finds them whole. (manifests, blobs) fetched."""
+    from .inventory import parse_image
+
+    fetched_manifests = fetched_blobs = 0
+    for text in images:
+        ref = parse_image(text)
+        pending = [ref.digest] if ref.digest else [e.digest for e in store.tag_entries(ref.registry, ref.repo,
+                                                                                      ref.tag)]
+        seen: set[str] = set()
+        while pending:
+            digest = pending.pop()
+            if digest in seen:
+                continue
+            seen.add(digest)
+            manifest = store.get_manifest(digest)
+            if manifest is None:
+                shared = tier.get_manifest(digest)
+                if shared is None:
+                    continue
+                store.put_manifest(digest, shared[0], shared[1], share=False)
+                fetched_manifests += 1
+                manifest = store.get_manifest(digest)
+            store.learn_manifest(ref.registry, ref.repo, digest, manifest.body)
+            for child in oci.referenced_digests(manifest.body):
+                if store.get_manifest(child) is not None or tier.get_manifest(child) is not None:
+                    pending.append(child)  # an index's platform manifest
+                elif not store.has_blob(child) and _fetch_blob(tier, store, child):
+                    fetched_blobs += 1
+    return fetched_manifests, fetched_blobs
+
+
+def _fetch_blob(tier: Tier, store, digest: str) -> bool:
+    shared = tier.open_blob(digest)
+    if shared is None:
+        return False
+    body, size, _content_type = shared
+    hasher = hashlib.sha256()
+    staging, out = store.new_staging_file(digest)
+    try:
+        with out, body:
+            n = 0
+            while chunk := body.read(1024 * 1024):
+                hasher.update(chunk)
+                out.write(chunk)
+                n += len(chunk)
+            if n != size or "sha256:" + hasher.hexdigest() != digest:
+                log.warning("tier: shared blob %s does not match its digest; not taken", digest)
+                return False
+            out.flush()
+            os.fsync(out.fileno())
+            store.commit_blob(digest, staging, n)
+            staging = None
+            return True
+    finally:
+        if staging is not None:
+            os.unlink(staging)
+
+
+def publish_bundle(tier: Tier, store, bundle: str) -> int:
+    """Upload the blobs of an imported OCI layout from the local store (verified there) to the
+    tier; manifests, tags and membership reached it through the store already. How many."""
+    uploaded = 0
+    blob_dir = os.path.join(bundle, "blobs", "sha256")
+    for name in sorted(os.listdir(blob_dir)) if os.path.isdir(blob_dir) else []:
+        digest = oci.valid_digest(f"sha256:{name}")
+        f = store.open_blob(digest) if digest else None
+        if f is None:
+            continue  # a manifest, or not imported
+        with f:
+            if tier.upload_blob(digest, f, os.fstat(f.fileno()).st_size, "application/octet-stream"):
+                uploaded += 1
+    return uploaded
