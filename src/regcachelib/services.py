@@ -33,13 +33,25 @@ class Services:
     tier: Tier | None = None
 
 
-def build_services(config: Config, store: Store, upstream: Upstream, workers: Workers,
-                   fastpath_port: Callable[[], int]) -> Services:
-    tier = None
-    if config.tier is not None:
-        tier = Tier(config.tier)
+_tiers: dict = {}
+
+
+def _tier_for(config: Config) -> Tier | None:
+    """The tier client for this config: kept across rebuilds (an S3 client costs ~55 MiB)."""
+    if config.tier is None:
+        return None
+    tier = _tiers.get(config.tier)
+    if tier is None:
+        _tiers.clear()
+        tier = _tiers[config.tier] = Tier(config.tier)
         tier.ensure_bucket()
         tier.abort_stale_uploads()
+    return tier
+
+
+def build_services(config: Config, store: Store, upstream: Upstream, workers: Workers,
+                   fastpath_port: Callable[[], int]) -> Services:
+    tier = _tier_for(config)
     store.shared = tier  # shared knowledge, or none
     access = Access(upstream, store, config.auth_ttl, config.public_ttl, config.trust_clients_offline, workers)
     source = TierSource(upstream, tier, store) if tier is not None else upstream

@@ -288,6 +288,9 @@ class Tier:
             log.info("tier: uploaded blob %s (%d bytes)", digest, size)
         return bool(done)
 
+    def remove_blob(self, digest: str) -> None:
+        self._s3_call(lambda s3: s3.delete_object(Bucket=self.config.bucket, Key=blob_object(digest)), None)
+
     def get_manifest(self, digest: str) -> tuple[str, bytes] | None:
         """(media type, body) of a shared manifest whose body hashes to its digest, or None."""
         def get(s3):
@@ -404,9 +407,11 @@ class SharedBlobResponse:
     reason = "OK"
     from_tier = True
 
-    def __init__(self, tier: Tier, body, size: int, content_type: str):
+    def __init__(self, tier: Tier, body, size: int, content_type: str, digest: str | None = None):
         self.tier = tier
         self._body = body
+        self._digest = digest
+        self._hasher = hashlib.sha256() if digest and digest.startswith("sha256:") else None
         self.headers = [("Content-Type", content_type), ("Content-Length", str(size))]
         self.url = ""
 
@@ -423,6 +428,13 @@ class SharedBlobResponse:
     def read1(self, n: int) -> bytes:
         data = self._body.read(n)
         self.tier.bytes_read += len(data)
+        if self._hasher is not None:
+            self._hasher.update(data)
+            if not data and "sha256:" + self._hasher.hexdigest() != self._digest:
+                # The fill refuses these bytes too; without the object the next request goes upstream.
+                log.warning("tier: shared blob %s does not match its digest; removing it", self._digest)
+                self.tier.remove_blob(self._digest)
+                self._hasher = None
         return data
 
     read = read1
@@ -508,7 +520,7 @@ class TierSource:
             if shared is not None:
                 log.info("tier: blob %s from the object store%s", digest, " (after waiting for its leader)"
                          if waited else "")
-                return SharedBlobResponse(self.tier, *shared)
+                return SharedBlobResponse(self.tier, *shared, digest=digest)
             if not self.tier.s3_health.usable:
                 return self.upstream.request(method, target, path, headers, *args, **kwargs)
             lease = self.tier.try_lease(digest)
@@ -517,7 +529,7 @@ class TierSource:
                 shared = self.tier.open_blob(digest) if waited else None
                 if shared is not None:
                     lease.release()
-                    return SharedBlobResponse(self.tier, *shared)
+                    return SharedBlobResponse(self.tier, *shared, digest=digest)
                 try:
                     resp = self.upstream.request(method, target, path, headers, *args, **kwargs)
                 except BaseException:

@@ -197,3 +197,15 @@ def test_leader_fetches_upstream_under_its_lease_and_manifests_pass_by(store):
     resp.close()  # nothing stored (no verified blob): nothing uploaded, the lease released
     source.request("GET", None, "/v2/r/manifests/latest", [])
     assert [p for _, p in upstream.requests] == [f"/v2/r/blobs/{digest}", "/v2/r/manifests/latest"]
+
+
+def test_a_corrupt_shared_object_is_removed_so_the_next_request_goes_upstream(store):
+    data = random_bytes(5000)
+    digest = sha256(data)
+    tier = FakeTier({digest: data[:-1] + b"!"})
+    tier.removed = []
+    tier.remove_blob = tier.removed.append
+    resp = TierSource(FakeUpstream(), tier, store).request("GET", None, f"/v2/r/blobs/{digest}", [])
+    while resp.read1(1024):
+        pass
+    assert tier.removed == [digest]
