@@ -548,6 +548,22 @@ def cmd_gc(args) -> int:
     return 0
 
 
+def cmd_tier_gc(args) -> int:
+    from .tier import Tier, shared_gc
+
+    config = load_config(args.config) if args.config else None
+    if config is None or config.tier is None:
+        raise CLIError("tier-gc needs --config with a tier: section")
+    report = shared_gc(Tier(config.tier), args.max_size, args.grace, args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    say(args, f"bucket {config.tier.bucket}: {report.objects} objects ({human(report.bytes)}); {verb} "
+              f"{len(report.deleted)} ({human(report.deleted_bytes)}); kept {report.kept_in_flight} in flight "
+              "or recent")
+    for key in report.deleted:
+        say(args, f"  {key}")
+    return 0
+
+
 def cmd_pin(args) -> int:
     store = open_store(args)
     if not args.images:
@@ -780,6 +796,7 @@ SHARED_OPTIONS = {
     "export": ("dir", "quiet", "progress"),
     "import": ("dir", "config", "quiet", "progress"),
     "gc": ("dir", "config"),
+    "tier-gc": ("config",),
     "pin": ("dir",),
     "unpin": ("dir",),
     "verify": ("dir", "quiet", "progress"),
@@ -945,6 +962,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("-n", "--dry-run", action="store_true", help="only say what would go")
     s.set_defaults(func=cmd_gc)
+
+    s = add(
+        "tier-gc",
+        "remove what no tag of the cache tier reaches from its S3 bucket (--config with a tier: section)",
+        "Manifest-aware gc of the tier's shared bucket: everything a tag in the tier reaches is kept, the rest\n"
+        "removed; with --max-size the least recently read blobs go next until the bucket fits. Safe against fills\n"
+        "in flight on any node: an object whose digest is leased, or that was uploaded or read within --grace,\n"
+        "stays. Nodes' local layers are not touched (each node's own gc does that).",
+    )
+    s.add_argument("--max-size", metavar="SIZE", type=size_argument, help="size limit of the bucket, e.g. 2TiB")
+    s.add_argument("--grace", metavar="SECONDS", type=float, default=3600.0,
+                   help="keep objects uploaded or read this recently (default 3600)")
+    s.add_argument("-n", "--dry-run", action="store_true", help="only say what would go")
+    s.set_defaults(func=cmd_tier_gc)
 
     s = add("pin", "keep images through gc (no IMAGE: list the pinned ones)")
     s.add_argument("images", nargs="*", metavar="IMAGE")

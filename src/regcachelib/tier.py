@@ -261,6 +261,8 @@ class Tier:
         got = self._s3_call(lambda s3: s3.get_object(Bucket=self.config.bucket, Key=blob_object(digest)), None)
         if not got:
             return None
+        # when a blob was last read: the shared store's gc removes the least recently read first
+        self._redis_call(lambda r: r.hset(f"{KEY_PREFIX}read", digest, time.time()), None)
         return got["Body"], int(got["ContentLength"]), got.get("ContentType") or "application/octet-stream"
 
     def upload_blob(self, digest: str, fileobj, size: int, content_type: str) -> bool:
@@ -632,3 +634,92 @@ def publish_bundle(tier: Tier, store, bundle: str) -> int:
             if tier.upload_blob(digest, f, os.fstat(f.fileno()).st_size, "application/octet-stream"):
                 uploaded += 1
     return uploaded
+
+
+# --- the shared store's gc (the CLI, blocking) -------------------------------------------------------------
+
+@dataclass
+class SharedGcReport:
+    objects: int = 0
+    bytes: int = 0
+    deleted: list = None  # object keys
+    deleted_bytes: int = 0
+    kept_in_flight: int = 0  # a lease held on it, or uploaded or read within the grace period
+
+
+def shared_gc(tier: Tier, size_limit: int | None = None, grace: float = 3600.0, dry_run: bool = False,
+              now: float | None = None) -> SharedGcReport:
+    """Manifest-aware gc of the bucket, safe against fills in flight on any node.
+
+    Kept: everything a tag in the tier reaches (manifests, their children, configs and layers).
+    Removed: the rest; then, above size_limit, the least recently read (`regcache:read` in
+    Redis, else upload time). Never removed: an object whose digest a node holds a lease on (being
+    fetched or uploaded), or that was uploaded or read within `grace` seconds (a fill that has
+    stored a manifest but not yet its tag or blobs, a node streaming it right now)."""
+    now = time.time() if now is None else now
+    report = SharedGcReport(deleted=[])
+    objects: dict[str, tuple[int, float]] = {}
+    paginator = tier.s3.get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=tier.config.bucket):
+        for o in page.get("Contents", []):
+            objects[o["Key"]] = (int(o["Size"]), o["LastModified"].timestamp())
+    report.objects, report.bytes = len(objects), sum(size for size, _ in objects.values())
+
+    def digest_of(key: str) -> str | None:
+        parts = key.split("/")
+        return f"{parts[1]}:{parts[2]}" if len(parts) == 3 and parts[0] in ("blobs", "manifests") else None
+
+    # roots: every tag of the tier
+    pending = []
+    for key in tier.redis.scan_iter(match=f"{KEY_PREFIX}tag:*", count=1000):
+        for value in tier.redis.hvals(key):
+            try:
+                pending.append(str(json.loads(value)[0]))
+            except (ValueError, TypeError, IndexError):
+                continue
+    reachable: set[str] = set()
+    while pending:
+        digest = pending.pop()
+        if digest in reachable:
+            continue
+        reachable.add(digest)
+        if manifest_object(digest) in objects:
+            manifest = tier.get_manifest(digest)
+            if manifest is not None:
+                pending.extend(oci.referenced_digests(manifest[1]))
+    reads = {k.decode(): float(v) for k, v in (tier.redis.hgetall(f"{KEY_PREFIX}read") or {}).items()}
+
+    def protected(key: str) -> bool:
+        digest = digest_of(key)
+        last = max(objects[key][1], reads.get(digest or "", 0.0))
+        return now - last < grace or bool(digest and tier.redis.exists(Tier._lease_key(digest)))
+
+    def delete(key: str) -> None:
+        if not dry_run:
+            tier.s3.delete_object(Bucket=tier.config.bucket, Key=key)
+            if key.startswith("blobs/"):
+                tier.redis.hdel(f"{KEY_PREFIX}read", digest_of(key))
+        report.deleted.append(key)
+        report.deleted_bytes += objects[key][0]
+
+    volume = report.bytes
+    for key in sorted(objects):
+        if digest_of(key) in reachable:
+            continue
+        if protected(key):
+            report.kept_in_flight += 1
+            continue
+        delete(key)
+        volume -= objects[key][0]
+    if size_limit is not None and volume > size_limit:
+        order = sorted((k for k in objects if k not in report.deleted and k.startswith("blobs/")),
+                       key=lambda k: max(objects[k][1], reads.get(digest_of(k) or "", 0.0)))
+        for key in order:
+            if volume <= size_limit:
+                break
+            if protected(key):
+                report.kept_in_flight += 1
+                continue
+            delete(key)
+            volume -= objects[key][0]
+    return report

@@ -314,3 +314,39 @@ def test_export_from_a_tier_import_into_a_single_node_and_into_another_tier(worl
     # content itself comes from the other tier's bucket.
     assert [e for e in upstream_content_requests(world, marks) if e["method"] != "HEAD"] == []
     assert all(f"tier: blob {d} from the object store" in c.log_text() for d in img.blobs)
+
+
+def test_shared_store_gc_keeps_what_tags_reach_and_what_is_in_flight(world, tier, tmp_path):
+    """`regcache tier-gc`: objects no tag reaches go (once past the grace period), everything a
+    tag reaches stays, and a blob some node holds a lease on (a fill in flight) is never removed."""
+    small = world.image("docker.io/library/small:1")
+    s2 = world.image("docker.io/library/s2:1")
+    a = tier.start("a")
+    r = skopeo_copy(world, "docker://registry-1.docker.io/library/small:1", tmp_path / "a", env_for(world, a))
+    assert r.returncode == 0, r.stderr
+    # two blobs fetched by digest only: in the bucket, reached by no tag
+    token = pull_token(world, "library/s2")
+    loose = [d for d in s2.blobs if d not in small.blobs]
+    for i, digest in enumerate(loose):
+        c = curl_via(world, a, blob_url("library/s2", digest), tmp_path / f"loose{i}",
+                     headers=[f"Authorization: Bearer {token}"]).run()
+        assert c.status == 200, c.describe()
+    wait_shared(tier.host, tier.bucket, small.blobs + loose)
+    leased, unleased = loose[0], loose[1:]
+    assert unleased, s2.blobs
+    world.run(tier.host.ns, ["redis-cli", "-h", tier.host.ip, "set", f"regcache:lease:{leased}", "node-x:1",
+                             "px", "60000"])
+
+    cfg = tmp_path / "tier.yml"
+    cfg.write_text(tier.host.tier_config(tier.bucket, "gc"))
+    out = regcache_cli(world, tier, "--config", cfg, "tier-gc")  # default grace: all of it is recent
+    assert "removed 0 " in out, out
+    time.sleep(1.5)
+    out = regcache_cli(world, tier, "--config", cfg, "tier-gc", "--grace", "1")
+    objects = tier.host.bucket(tier.bucket)["objects"]
+    for digest in small.blobs:
+        assert f"blobs/sha256/{digest.split(':')[1]}" in objects, out
+    assert f"manifests/sha256/{small.manifest_digest.split(':')[1]}" in objects
+    assert f"blobs/sha256/{leased.split(':')[1]}" in objects, out
+    for digest in unleased:
+        assert f"blobs/sha256/{digest.split(':')[1]}" not in objects, out
