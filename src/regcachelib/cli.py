@@ -793,7 +793,7 @@ SHARED_OPTIONS = {
     "stats": ("dir", "config"),
     "ls": ("dir",),
     "warm": ("dir", "config", "quiet", "progress"),
-    "export": ("dir", "quiet", "progress"),
+    "export": ("dir", "config", "quiet", "progress"),
     "import": ("dir", "config", "quiet", "progress"),
     "gc": ("dir", "config"),
     "tier-gc": ("config",),
