@@ -45,6 +45,14 @@ class Follow:
 
 
 @dataclass(frozen=True)
+class Redirect:
+    """A blob the cache tier's bucket holds: a 307 to a short-lived presigned URL (tier.py)."""
+
+    digest: str
+    location: str
+
+
+@dataclass(frozen=True)
 class Relay:
     """An answer as upstream gave it; outcome None: not counted (a refused download)."""
 
@@ -61,7 +69,7 @@ class Uncached:
     reason: str
 
 
-BlobResult = Hit | Follow | Relay | Uncached
+BlobResult = Hit | Follow | Relay | Uncached | Redirect
 
 
 def learn_from_download(store: Store):
@@ -107,6 +115,11 @@ class BlobService:
             await self.access.require(req, digest)
             return Hit(digest, None, self.use_fastpath(req))
         self._refuse_offline(req, digest)
+        if self.tier is not None and self.tier.config.redirect:
+            url = await self.workers.store_write(self.tier.presigned_blob_url, digest)
+            if url is not None:
+                await self.access.require(req, digest)  # before any URL is issued
+                return Redirect(digest, url)
         return await self._download(req, digest)
 
     def _refuse_offline(self, req: RegistryRequest, digest: str) -> None:

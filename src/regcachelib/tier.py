@@ -52,15 +52,20 @@ class TierConfig:
     secret_key_env: str | None
     redis_url: str
     node: str
+    redirect: bool = False  # answer a blob the bucket holds with a presigned URL (bytes bypass the node)
+    redirect_ttl: float = 60.0
 
 
 def parse_tier(value) -> TierConfig:
     """The `tier:` config section (config.py calls this; errors name the key)."""
     if not isinstance(value, dict):
         raise ValueError("expected a mapping with s3:, redis: and optionally node:")
-    unknown = set(value) - {"s3", "redis", "node"}
+    unknown = set(value) - {"s3", "redis", "node", "redirect"}
     if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)} (known: s3, redis, node)")
+        raise ValueError(f"unknown key(s) {sorted(unknown)} (known: s3, redis, node, redirect)")
+    redirect = value.get("redirect", False)
+    if not isinstance(redirect, bool):
+        raise ValueError("redirect: expected true or false")
     s3 = value.get("s3")
     if not isinstance(s3, dict) or not isinstance(s3.get("bucket"), str) or not s3["bucket"]:
         raise ValueError("s3: expected a mapping with at least bucket:")
@@ -77,7 +82,7 @@ def parse_tier(value) -> TierConfig:
     if not isinstance(node, str):
         raise ValueError("node: expected a string")
     return TierConfig(s3.get("endpoint"), s3["bucket"], s3.get("region"), s3.get("access_key_env"),
-                      s3.get("secret_key_env"), redis["url"], node)
+                      s3.get("secret_key_env"), redis["url"], node, redirect)
 
 
 def blob_object(digest: str) -> str:
@@ -289,6 +294,17 @@ class Tier:
             self.bytes_uploaded += size
             log.info("tier: uploaded blob %s (%d bytes)", digest, size)
         return bool(done)
+
+    def presigned_blob_url(self, digest: str) -> str | None:
+        """A short-lived GET URL of a shared blob, or None when the bucket does not hold it."""
+        if self.blob_size(digest) is None:
+            return None
+        url = self._s3_call(lambda s3: s3.generate_presigned_url(
+            "get_object", Params={"Bucket": self.config.bucket, "Key": blob_object(digest)},
+            ExpiresIn=int(self.config.redirect_ttl)), None)
+        if url:
+            self._redis_call(lambda r: r.hset(f"{KEY_PREFIX}read", digest, time.time()), None)
+        return url
 
     def remove_blob(self, digest: str) -> None:
         self._s3_call(lambda s3: s3.delete_object(Bucket=self.config.bucket, Key=blob_object(digest)), None)
@@ -630,9 +646,16 @@ def publish_bundle(tier: Tier, store, bundle: str) -> int:
         f = store.open_blob(digest) if digest else None
         if f is None:
             continue  # a manifest, or not imported
-        with f:
-            if tier.upload_blob(digest, f, os.fstat(f.fileno()).st_size, "application/octet-stream"):
-                uploaded += 1
+        lease = tier.try_lease(digest)  # a node starting meanwhile must not abort this upload as debris
+        if lease is None:
+            f.close()
+            continue  # a node is fetching it right now
+        try:
+            with f:
+                if tier.upload_blob(digest, f, os.fstat(f.fileno()).st_size, "application/octet-stream"):
+                    uploaded += 1
+        finally:
+            lease.release()
     return uploaded
 
 

@@ -47,11 +47,12 @@ def tier(world, store_host, tmp_path, request):
     nodes: dict[str, Regcache] = {}
     expected = log_errors_expected(request)
 
-    def start(name: str, cache_dir: Path | None = None, bucket_name: str | None = None) -> Regcache:
+    def start(name: str, cache_dir: Path | None = None, bucket_name: str | None = None,
+              redirect: bool = False) -> Regcache:
         port = NODE_PORTS[name]
         workdir = tmp_path / f"node-{name}-{len(nodes)}"
         workdir.mkdir()
-        config = store_host.tier_config(bucket_name or bucket, f"node-{name}") + "fastpath: off\n"
+        config = store_host.tier_config(bucket_name or bucket, f"node-{name}", redirect) + "fastpath: off\n"
         rc = Regcache(world, workdir, cache_dir or workdir / "cache", [f"regular@{port}"], {}, config, expected)
         rc.env = store_host.node_env()
         rc.port = port
@@ -350,3 +351,38 @@ def test_shared_store_gc_keeps_what_tags_reach_and_what_is_in_flight(world, tier
     assert f"blobs/sha256/{leased.split(':')[1]}" in objects, out
     for digest in unleased:
         assert f"blobs/sha256/{digest.split(':')[1]}" not in objects, out
+
+
+def test_hits_redirect_to_presigned_urls_only_after_the_access_check(world, tier, tmp_path):
+    """tier.redirect: a node answers a blob the bucket holds with a 307 to a short-lived presigned
+    URL, so the bytes flow from the object store to the client; a client the access rule refuses
+    (anonymous, private repository) gets no URL."""
+    small, secret = world.image("docker.io/library/small:1"), world.image("docker.io/private/secret:1")
+    a = tier.start("a")
+    for ref, extra in (("library/small:1", ()), ("private/secret:1", CREDS)):
+        r = skopeo_copy(world, f"docker://registry-1.docker.io/{ref}", tmp_path / ref.split("/")[0],
+                        env_for(world, a), extra)
+        assert r.returncode == 0, r.stderr
+    wait_shared(tier.host, tier.bucket, small.blobs + secret.blobs)
+    b = tier.start("b", redirect=True)
+
+    layer = max((d for d in small.blobs if d != small.config_digest), key=small.layer_sizes.get)
+    token = pull_token(world, "library/small")
+    c = curl_via(world, b, blob_url("library/small", layer), tmp_path / "redirect",
+                 headers=[f"Authorization: Bearer {token}"]).run()
+    assert c.status == 307, c.describe()
+    location = c.headers["location"]
+    assert location.startswith(f"{tier.host.endpoint}/{tier.bucket}/blobs/sha256/{layer.split(':')[1]}?")
+    fetched = tmp_path / "from-store"
+    p = world.run(world.ns_client, ["curl", "-sS", "-o", fetched, "-w", "%{http_code}", location])
+    assert p.stdout == "200" and sha256_file(fetched) == layer
+
+    secret_layer = max((d for d in secret.blobs if d != secret.config_digest), key=secret.layer_sizes.get)
+    c = curl_via(world, b, blob_url("private/secret", secret_layer), tmp_path / "anon").run()
+    assert c.status == 401 and "location" not in c.headers, c.describe()
+
+    r = skopeo_copy(world, "docker://registry-1.docker.io/library/small:1", tmp_path / "b", env_for(world, b))
+    assert r.returncode == 0, r.stderr + b.log_text()[-3000:]
+    assert dir_manifest_digest(tmp_path / "b") == small.manifest_digest
+    for digest in small.blobs:
+        assert sha256_file(tmp_path / "b" / digest.split(":")[1]) == digest

@@ -78,8 +78,9 @@ class StoreHost:
         _sh(["ip", "netns", "add", self.ns])
         _sh(["ip", "-batch", "-"], input=f"link add {s0} type veth peer name {r2}\n"
             f"link set {s0} netns {self.ns}\nlink set {r2} netns {self.world.ns_router}\n")
+        # a default route back through the router: clients follow presigned URLs straight here
         _sh(["ip", "-n", self.ns, "-batch", "-"], input=f"link set lo up\nlink set {s0} up\n"
-            f"addr add {self.ip}/24 dev {s0}\n")
+            f"addr add {self.ip}/24 dev {s0}\nroute add default via {self.router_ip}\n")
         _sh(["ip", "-n", self.world.ns_router, "-batch", "-"], input=f"addr add {self.router_ip}/24 dev {r2}\n"
             f"link set {r2} up\n")
 
@@ -141,11 +142,11 @@ class StoreHost:
                                      bucket], timeout=60)
         return json.loads(p.stdout)
 
-    def tier_config(self, bucket: str, node: str) -> str:
+    def tier_config(self, bucket: str, node: str, redirect: bool = False) -> str:
         """The `tier:` section of a node's regcache config (credentials by environment name)."""
         return (f"tier:\n  node: {node}\n  s3:\n    endpoint: {self.endpoint}\n    bucket: {bucket}\n"
                 f"    region: us-east-1\n    access_key_env: TIER_TEST_KEY\n    secret_key_env: TIER_TEST_SECRET\n"
-                f"  redis:\n    url: {self.redis_url}\n")
+                f"  redis:\n    url: {self.redis_url}\n" + ("  redirect: true\n" if redirect else ""))
 
     def node_env(self) -> dict:
         return {"TIER_TEST_KEY": self.access_key, "TIER_TEST_SECRET": self.secret_key,
