@@ -28,6 +28,8 @@ def test_tier_config_is_parsed():
     assert config.tier.bucket == "cache" and config.tier.node == "n1"
     assert config.tier.redis_url == "redis://10.0.0.5:6379/0" and config.tier.access_key_env == "K"
     assert parse_config("size_limit: 1GiB").tier is None  # no section: a single node, as before
+    assert config.tier.redirect is False
+    assert parse_config(TIER_YAML + "  redirect: true\n").tier.redirect is True
 
 
 @pytest.mark.parametrize("section, why", [
@@ -36,6 +38,7 @@ def test_tier_config_is_parsed():
     ("tier: {redis: {url: 'redis://x'}}", "bucket"),
     ("tier: {s3: {bucket: b, secret: x}, redis: {url: 'redis://x'}}", "unknown"),
     ("tier: {s3: {bucket: b}, redis: {url: 'redis://x'}, nodes: 3}", "unknown"),
+    ("tier: {s3: {bucket: b}, redis: {url: 'redis://x'}, redirect: sometimes}", "true or false"),
 ])
 def test_bad_tier_config_is_refused_with_its_location(section, why):
     with pytest.raises(ConfigError, match=why) as e:
