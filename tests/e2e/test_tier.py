@@ -386,3 +386,40 @@ def test_hits_redirect_to_presigned_urls_only_after_the_access_check(world, tier
     assert dir_manifest_digest(tmp_path / "b") == small.manifest_digest
     for digest in small.blobs:
         assert sha256_file(tmp_path / "b" / digest.split(":")[1]) == digest
+
+
+def test_redis_outage_pulls_still_work_and_sharing_resumes(world, tier, tmp_path):
+    """redis-server stopped: nodes keep pulling right (knowledge they lack is asked upstream,
+    blobs still come from the bucket without a lease), one log line; Redis back: sharing resumes."""
+    small, s2, gcr = (world.image(r) for r in ("docker.io/library/small:1", "docker.io/library/s2:1",
+                                               "gcr.io/proj/small:1"))
+    a, b = tier.start("a"), tier.start("b")
+    r = skopeo_copy(world, "docker://registry-1.docker.io/library/small:1", tmp_path / "a1", env_for(world, a))
+    assert r.returncode == 0, r.stderr
+    wait_shared(tier.host, tier.bucket, small.blobs)
+
+    tier.host.stop_redis()
+    try:
+        for ref, img, name in (("library/small:1", small, "b1"), ("library/s2:1", s2, "b2")):
+            r = skopeo_copy(world, f"docker://registry-1.docker.io/{ref}", tmp_path / name, env_for(world, b))
+            assert r.returncode == 0, r.stderr + b.log_text()[-3000:]
+            assert dir_manifest_digest(tmp_path / name) == img.manifest_digest
+            for digest in img.blobs:
+                assert sha256_file(tmp_path / name / digest.split(":")[1]) == digest
+        lines = [x for x in b.log_text().splitlines() if "knowledge store (Redis)" in x and "unreachable" in x]
+        assert len(lines) == 1, lines
+    finally:
+        tier.host.start_redis()
+
+    time.sleep(2.5)
+    r = skopeo_copy(world, "docker://gcr.io/proj/small:1", tmp_path / "b3", env_for(world, b))
+    assert r.returncode == 0, r.stderr
+    assert "knowledge store (Redis) reachable again" in b.log_text()
+    wait_shared(tier.host, tier.bucket, gcr.blobs)
+    c = tier.start("c")
+    settle_logs()
+    start = len(world.request_log("gcr.io"))
+    r = skopeo_copy(world, "docker://gcr.io/proj/small:1", tmp_path / "c1", env_for(world, c))
+    assert r.returncode == 0, r.stderr + c.log_text()[-3000:]
+    settle_logs()
+    assert [e for e in world.request_log("gcr.io")[start:] if "/blobs/" in e["path"] or "/manifests/" in e["path"]] == []
