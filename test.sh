@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-APT_PACKAGES=(docker-registry skopeo podman containerd docker.io iptables nginx-light openssl curl uidmap faketime iproute2 chromium docker-compose shellcheck systemd tinyproxy squid)
+APT_PACKAGES=(docker-registry skopeo podman containerd docker.io iptables nginx-light openssl curl uidmap faketime iproute2 chromium docker-compose shellcheck systemd tinyproxy squid redis-server ceph-mon ceph-osd radosgw)
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=()
     for p in "${APT_PACKAGES[@]}"; do

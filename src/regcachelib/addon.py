@@ -23,7 +23,7 @@ from mitmproxy import ctx, exceptions, http, optmanager
 from mitmproxy.proxy import mode_specs
 
 from . import oci
-from .blobs import Follow, Hit, Relay, Uncached
+from .blobs import Follow, Hit, Redirect, Relay, Uncached
 from .blobserver import FASTPATH_PREFIX, BlobServer, Signer, Ticket
 from .clients import ClientNetworks, ClientPolicy
 from .concurrency import Workers
@@ -156,6 +156,11 @@ class Blobs(_ServiceChild):
                 relay(flow, result)
                 if result.outcome:
                     record(flow, result.outcome)
+            elif isinstance(result, Redirect):
+                # bytes flow from the tier's object store to the client (never logged: the URL is signed)
+                answer(flow, 307, b"", [("Location", result.location), ("Docker-Content-Digest", result.digest)],
+                       "HIT")
+                record(flow, "HIT", None, "tier-redirect")
             elif isinstance(result, Uncached):
                 pass_through(flow, req, req.forward_credentials, req.offline)
                 record(flow, "UNCACHED")

@@ -46,6 +46,14 @@ class Follow:
 
 
 @dataclass(frozen=True)
+class Redirect:
+    """A blob the cache tier's bucket holds: a 307 to a short-lived presigned URL (tier.py)."""
+
+    digest: str
+    location: str
+
+
+@dataclass(frozen=True)
 class Relay:
     """An answer as upstream gave it; outcome None: not counted (a refused download)."""
 
@@ -62,7 +70,7 @@ class Uncached:
     reason: str
 
 
-BlobResult = Hit | Follow | Relay | Uncached
+BlobResult = Hit | Follow | Relay | Uncached | Redirect
 
 
 def learn_from_download(store: Store):
@@ -80,7 +88,8 @@ def learn_from_download(store: Store):
 
 class BlobService:
     def __init__(self, config: Config, store: Store, upstream: Upstream, fills: Fills, access: Access,
-                 workers: Workers, fastpath_port: Callable[[], int], credentials: UpstreamCredentials | None = None):
+                 workers: Workers, fastpath_port: Callable[[], int], credentials: UpstreamCredentials | None = None,
+                 tier=None):
         self.config = config
         self.credentials = credentials  # regcache's own accounts, for clients without credentials
         self.store = store
@@ -89,6 +98,7 @@ class BlobService:
         self.access = access
         self.workers = workers
         self.fastpath_port = fastpath_port  # the blob server's, once it listens (0: none)
+        self.tier = tier  # tier.Tier: the fills read the shared object store first (TierSource)
 
     async def get(self, req: RegistryRequest) -> BlobResult:
         digest = str(req.digest)
@@ -98,11 +108,21 @@ class BlobService:
                 await self.access.require(req, digest)
                 return Hit(digest, size, fastpath=False)
             self._refuse_offline(req, digest)
+            if self.tier is not None:
+                size = await self.workers.store_write(self.tier.blob_size, digest)
+                if size is not None:
+                    await self.access.require(req, digest)
+                    return Hit(digest, size, fastpath=False)
             return await self._head_miss(req, digest)
         if self.store.has_blob(digest):
             await self.access.require(req, digest)
             return Hit(digest, None, self.use_fastpath(req))
         self._refuse_offline(req, digest)
+        if self.tier is not None and self.tier.config.redirect:
+            url = await self.workers.store_write(self.tier.presigned_blob_url, digest)
+            if url is not None:
+                await self.access.require(req, digest)  # before any URL is issued
+                return Redirect(digest, url)
         return await self._download(req, digest)
 
     def _refuse_offline(self, req: RegistryRequest, digest: str) -> None:
@@ -136,7 +156,11 @@ class BlobService:
             await fill.headers_ready.wait()
         if fill.status != 200:
             return self._failed(req, fill)
-        if leader:
+        if leader and self.tier is not None:
+            # the bytes may come from the shared store, not from upstream answering this client:
+            # the access rule applies as for a hit (membership is stored already, learn_from_download)
+            await self.access.require(req, digest)
+        elif leader:
             # what the download taught is stored already (learn_from_download)
             self.access.probe_later(req)
         else:

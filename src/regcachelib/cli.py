@@ -125,12 +125,20 @@ def open_store(args, must_exist: bool = True) -> Store:
     if must_exist and not os.path.isdir(os.path.join(directory, "content")):
         raise CLIError(f"no cache at {directory} (give --dir, or set REGCACHE_DIR)")
     limit = None
+    tier_config = None
     if args.config:
-        limit = load_config(args.config).size_limit
+        config = load_config(args.config)
+        limit, tier_config = config.size_limit, config.tier
     if limit is None:
         # keep the limit the proxy last set instead of overwriting it with a default
         limit = _persisted_size_limit(directory) or DEFAULT_SIZE_LIMIT
-    return Store(directory, limit)
+    store = Store(directory, limit)
+    if tier_config is not None and getattr(args, "command", None) in ("export", "import"):
+        from .tier import Tier
+
+        store.shared = Tier(tier_config)  # export reads the tier, import writes to it
+        store.shared.ensure_bucket()
+    return store
 
 
 def progress_for(args, label: str, total: int | None = None, unit: str = "B") -> Progress:
@@ -435,7 +443,12 @@ def cmd_warm(args) -> int:
 
 
 def cmd_export(args) -> int:
-    store = open_store(args)
+    store = open_store(args, must_exist=not (args.config and load_config(args.config).tier))
+    if store.shared is not None:
+        from .tier import hydrate
+
+        manifests, blobs = hydrate(store.shared, store, args.images)
+        note(args, f"from the tier: {manifests} manifest(s), {blobs} blob(s) fetched and verified")
     bar = progress_for(args, "exporting")
     try:
         report = layout.export(store, args.images, args.output, progress=bar.advance, total_cb=bar.set_total)
@@ -472,6 +485,10 @@ def cmd_import(args) -> int:
         report = layout.import_bundle(
             store, args.bundle, name=args.name, mark_public=public, progress=bar.advance, total_cb=bar.set_total
         )
+        if store.shared is not None:
+            from .tier import publish_bundle
+
+            note(args, f"to the tier: {publish_bundle(store.shared, store, args.bundle)} blob(s) uploaded")
     except (layout.LayoutError, ValueError, OSError) as e:
         raise CLIError(str(e)) from None
     finally:
@@ -533,6 +550,22 @@ def cmd_gc(args) -> int:
         say(args, f"  kept {result.protected} pinned manifest(s)")
     if result.after > limit:
         say(args, "  still over the limit: the rest is pinned or in use")
+    return 0
+
+
+def cmd_tier_gc(args) -> int:
+    from .tier import Tier, shared_gc
+
+    config = load_config(args.config) if args.config else None
+    if config is None or config.tier is None:
+        raise CLIError("tier-gc needs --config with a tier: section")
+    report = shared_gc(Tier(config.tier), args.max_size, args.grace, args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    say(args, f"bucket {config.tier.bucket}: {report.objects} objects ({human(report.bytes)}); {verb} "
+              f"{len(report.deleted)} ({human(report.deleted_bytes)}); kept {report.kept_in_flight} in flight "
+              "or recent")
+    for key in report.deleted:
+        say(args, f"  {key}")
     return 0
 
 
@@ -765,9 +798,10 @@ SHARED_OPTIONS = {
     "stats": ("dir", "config"),
     "ls": ("dir",),
     "warm": ("dir", "config", "quiet", "progress"),
-    "export": ("dir", "quiet", "progress"),
+    "export": ("dir", "config", "quiet", "progress"),
     "import": ("dir", "config", "quiet", "progress"),
     "gc": ("dir", "config"),
+    "tier-gc": ("config",),
     "pin": ("dir",),
     "unpin": ("dir",),
     "verify": ("dir", "quiet", "progress"),
@@ -933,6 +967,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("-n", "--dry-run", action="store_true", help="only say what would go")
     s.set_defaults(func=cmd_gc)
+
+    s = add(
+        "tier-gc",
+        "remove what no tag of the cache tier reaches from its S3 bucket (--config with a tier: section)",
+        "Manifest-aware gc of the tier's shared bucket: everything a tag in the tier reaches is kept, the rest\n"
+        "removed; with --max-size the least recently read blobs go next until the bucket fits. Safe against fills\n"
+        "in flight on any node: an object whose digest is leased, or that was uploaded or read within --grace,\n"
+        "stays. Nodes' local layers are not touched (each node's own gc does that).",
+    )
+    s.add_argument("--max-size", metavar="SIZE", type=size_argument, help="size limit of the bucket, e.g. 2TiB")
+    s.add_argument("--grace", metavar="SECONDS", type=float, default=3600.0,
+                   help="keep objects uploaded or read this recently (default 3600)")
+    s.add_argument("-n", "--dry-run", action="store_true", help="only say what would go")
+    s.set_defaults(func=cmd_tier_gc)
 
     s = add("pin", "keep images through gc (no IMAGE: list the pinned ones)")
     s.add_argument("images", nargs="*", metavar="IMAGE")

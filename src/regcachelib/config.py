@@ -134,6 +134,8 @@ class Config:
     # The egress proxy every upstream connection goes through (None: direct), built from
     # upstream_proxy, upstream_proxy_auth and upstream_no_proxy (egress.py).
     upstream_proxy: EgressProxy | None = None
+    # A cache tier (tier.TierConfig): S3 + Redis shared with other nodes; None: a single node.
+    tier: object = None
     # the settings the file named: what the operator asked for, as opposed to a default
     explicit: set[str] = field(default_factory=set)
 
@@ -352,6 +354,10 @@ def _credentials(value) -> dict[str, Credential]:
         credentials[name] = Credential(name, username.strip(), secret_file=where if is_file else None,
                                        secret_env=None if is_file else where.strip())
     return credentials
+def _tier(value):
+    from .tier import parse_tier
+
+    return parse_tier(value)
 
 
 # key -> (attribute, converter)
@@ -382,6 +388,7 @@ _KEYS = {
     "upstream_proxy": (None, parse_proxy_url),
     "upstream_proxy_auth": (None, parse_proxy_auth),
     "upstream_no_proxy": (None, parse_no_proxy),
+    "tier": ("tier", _tier),
 }
 
 

@@ -194,7 +194,7 @@ class Fill:
                         # their pull; it is only not kept.
                         log.warning("blob %s verified but not stored: %s", self.digest, e)
                 self._publish(size=written, written=written, verified=True, done=True)
-                if self.stats is not None:
+                if self.stats is not None and not getattr(resp, "from_tier", False):  # tier.py: not upstream
                     self.stats.upstream_bytes(self.registry, written)
                 log.debug("fill of %s done (%d bytes)", self.digest, written)
             except BaseException:

@@ -73,7 +73,8 @@ def _why(status: int) -> str:
 
 class ManifestService:
     def __init__(self, config: Config, store: Store, upstream: Upstream, access: Access, workers: Workers,
-                 credentials: UpstreamCredentials | None = None):
+                 credentials: UpstreamCredentials | None = None, tier=None):
+        self.tier = tier  # tier.Tier: a local miss reads the shared object store first
         self.config = config
         self.credentials = credentials  # regcache's own accounts, for clients without credentials
         self.store = store
@@ -118,14 +119,14 @@ class ManifestService:
         route = req.route
         assert route is not None
         if route.digest is not None:
-            manifest = self.store.get_manifest(route.reference)
+            manifest = await self._stored(route.reference)
             if manifest is not None:
                 await self.access.require(req, manifest.digest)
                 return Answer(manifest, "HIT")
             self._refuse_offline(req, {"digest": route.reference})
             return await self._miss(req)
         entry = self.store.find_tag(req.registry, route.name, route.reference, req.accepted)
-        manifest = self.store.get_manifest(entry.digest) if entry else None
+        manifest = await self._stored(entry.digest) if entry else None
         if manifest is not None:
             fresh = time.time() - entry.checked_at <= self.config.tag_ttl
             if req.offline or fresh:
@@ -134,6 +135,24 @@ class ManifestService:
             return await self._revalidate(req, manifest)
         self._refuse_offline(req, {"tag": route.reference})
         return await self._miss(req)
+
+    async def _stored(self, digest: str) -> Manifest | None:
+        """The manifest from the local store, else from the tier's object store (kept locally)."""
+        manifest = self.store.get_manifest(digest)
+        if manifest is not None or self.tier is None:
+            return manifest
+        return await self.workers.store_write(self._from_tier, digest)
+
+    def _from_tier(self, digest: str) -> Manifest | None:
+        shared = self.tier.get_manifest(digest)
+        if shared is None:
+            return None
+        media_type, body = shared
+        try:
+            self.store.put_manifest(digest, media_type, body, share=False)
+        except Exception as e:  # noqa: BLE001 - a full disk must not fail the pull
+            log.warning("manifest %s from the tier served but not stored: %s", digest, e)
+        return Manifest(digest, media_type, body)
 
     def _refuse_offline(self, req: RegistryRequest, detail: dict) -> None:
         if req.offline:

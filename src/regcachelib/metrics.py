@@ -159,6 +159,24 @@ class _StatsCollector:
         yield entries
         yield GaugeMetricFamily("regcache_fills_in_flight", "Blob downloads in progress",
                                 value=len(cache.fills.inflight) if cache.fills else 0)
+        services = getattr(cache, "services", None)
+        tier = getattr(services, "tier", None)
+        if tier is not None:
+            status = tier.status()
+            up = GaugeMetricFamily("regcache_tier_up", "Whether the tier's backend answers (1) or is down (0)",
+                                   labels=["backend"])
+            outages = CounterMetricFamily("regcache_tier_outages", "Outages of the tier's backends seen by this "
+                                          "node since it started", labels=["backend"])
+            for backend in ("s3", "redis"):
+                up.add_metric([backend], 1.0 if status[backend]["up"] else 0.0)
+                outages.add_metric([backend], status[backend]["outages"])
+            yield up
+            yield outages
+            shared = CounterMetricFamily("regcache_tier_bytes", "Blob bytes this node read from the tier's object "
+                                         "store and uploaded to it", labels=["direction"])
+            shared.add_metric(["read"], status["bytes_read"])
+            shared.add_metric(["uploaded"], status["bytes_uploaded"])
+            yield shared
 
 
 class Monitor:

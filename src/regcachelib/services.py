@@ -18,6 +18,7 @@ from .credentials import UpstreamCredentials
 from .fill import Fills
 from .manifests import ManifestService
 from .store import Store
+from .tier import Tier, TierSource
 from .upstream import Upstream
 
 
@@ -31,12 +32,32 @@ class Services:
     blobs: BlobService
     manifests: ManifestService
     credentials: UpstreamCredentials
+    tier: Tier | None = None
+
+
+_tiers: dict = {}
+
+
+def _tier_for(config: Config) -> Tier | None:
+    """The tier client for this config: kept across rebuilds (an S3 client costs ~55 MiB)."""
+    if config.tier is None:
+        return None
+    tier = _tiers.get(config.tier)
+    if tier is None:
+        _tiers.clear()
+        tier = _tiers[config.tier] = Tier(config.tier)
+        tier.ensure_bucket()
+        tier.abort_stale_uploads()
+    return tier
 
 
 def build_services(config: Config, store: Store, upstream: Upstream, workers: Workers,
                    fastpath_port: Callable[[], int]) -> Services:
+    tier = _tier_for(config)
+    store.shared = tier  # shared knowledge, or none
     access = Access(upstream, store, config.auth_ttl, config.public_ttl, config.trust_clients_offline, workers)
-    fills = Fills(store, upstream, executor=workers.fills, on_found=learn_from_download(store))
+    source = TierSource(upstream, tier, store) if tier is not None else upstream
+    fills = Fills(store, source, executor=workers.fills, on_found=learn_from_download(store))
     credentials = UpstreamCredentials(upstream, config.credentials)
     return Services(
         config=config,
@@ -44,7 +65,8 @@ def build_services(config: Config, store: Store, upstream: Upstream, workers: Wo
         upstream=upstream,
         access=access,
         fills=fills,
-        blobs=BlobService(config, store, upstream, fills, access, workers, fastpath_port, credentials),
-        manifests=ManifestService(config, store, upstream, access, workers, credentials),
+        blobs=BlobService(config, store, upstream, fills, access, workers, fastpath_port, credentials, tier),
+        manifests=ManifestService(config, store, upstream, access, workers, credentials, tier),
         credentials=credentials,
+        tier=tier,
     )

@@ -295,6 +295,9 @@ class Store:
         self._closing = threading.Event()
         self.miss_log_path = os.path.join(self.directory, "misses.jsonl")
         self.counters = Counters(self.tags)
+        # A cache tier's shared knowledge (tier.Tier), or None on a single node: membership,
+        # publicness and tags are also written there, and read from there on a local miss.
+        self.shared = None
         restrict_to_owner(self.directory)
         if MEMBERSHIP_SCHEMA not in self.tags:
             self._derive_membership()
@@ -525,9 +528,11 @@ class Store:
 
     # --- manifests -------------------------------------------------------------------
 
-    def put_manifest(self, digest: str, media_type: str, body: bytes) -> None:
+    def put_manifest(self, digest: str, media_type: str, body: bytes, share: bool = True) -> None:
         self.content.set(manifest_key(digest), (media_type, body))
         self.evict_to_limit(protect={manifest_key(digest)})
+        if share and self.shared is not None:
+            self.shared.put_manifest(digest, media_type, body)
 
     def get_manifest(self, digest: str, use: bool = True) -> Manifest | None:
         """A stored manifest; use=False: without counting as a use (bookkeeping reads)."""
@@ -540,7 +545,12 @@ class Store:
     # --- tags --------------------------------------------------------------------------
 
     def tag_entries(self, registry: str, repo: str, tag: str) -> list[TagEntry]:
-        value = self.tags.get(tag_key(registry, repo, tag)) or {}
+        value = dict(self.tags.get(tag_key(registry, repo, tag)) or {})
+        if self.shared is not None:
+            # per media type, the most recently confirmed digest of any node
+            for mt, (d, checked) in self.shared.tag_entries(registry, repo, tag).items():
+                if mt not in value or value[mt][1] < checked:
+                    value[mt] = (d, checked)
         return [TagEntry(d, mt, checked) for mt, (d, checked) in value.items()]
 
     def find_tag(self, registry: str, repo: str, tag: str, accepted: set[str] | None) -> TagEntry | None:
@@ -556,6 +566,8 @@ class Store:
             value = dict(self.tags.get(key) or {})
             value[media_type] = (digest, now if now is not None else time.time())
             self.tags.set(key, value)
+        if self.shared is not None:
+            self.shared.set_tag(registry, repo, tag, media_type, digest, value[media_type][1])
         # The tag's repository holds its manifest (and what the manifest references). Already
         # known on every revalidation, and whoever stores a manifest learns it right then.
         if self.holds(registry, repo, digest):
@@ -589,11 +601,12 @@ class Store:
 
     def add_members(self, registry: str, repo: str, digests) -> None:
         now = time.time()
+        valid = [d for d in map(oci.valid_digest, digests) if d is not None]
         with self.tags.transact():
-            for digest in digests:
-                digest = oci.valid_digest(digest)
-                if digest is not None:
-                    self.tags.set(member_key(registry, repo, digest), now)
+            for digest in valid:
+                self.tags.set(member_key(registry, repo, digest), now)
+        if self.shared is not None:
+            self.shared.add_members(registry, repo, valid)
 
     def learn_manifest(self, registry: str, repo: str, digest: str, body: bytes) -> None:
         """repo holds this manifest and everything it references."""
@@ -617,7 +630,12 @@ class Store:
         self.tags.set(MEMBERSHIP_SCHEMA, 1)
 
     def holds(self, registry: str, repo: str, digest: str) -> bool:
-        return member_key(registry, repo, digest) in self.tags
+        if member_key(registry, repo, digest) in self.tags:
+            return True
+        if self.shared is not None and self.shared.holds(registry, repo, digest):
+            self.tags.set(member_key(registry, repo, digest), time.time())  # learnt from the tier
+            return True
+        return False
 
     def iter_members(self):
         """(registry, repo, digest) for every membership entry."""
@@ -641,12 +659,18 @@ class Store:
     def get_public(self, registry: str, repo: str) -> tuple[bool | None, float]:
         """The remembered publicness verdict of a repository and when it was reached."""
         value = self.tags.get(public_key(registry, repo))
-        if value is None:
-            return None, 0.0
-        return bool(value[0]), float(value[1])
+        local = (None, 0.0) if value is None else (bool(value[0]), float(value[1]))
+        if self.shared is not None:
+            shared = self.shared.get_public(registry, repo)
+            if shared[0] is not None and shared[1] > local[1]:
+                return shared  # a more recent verdict of another node
+        return local
 
     def set_public(self, registry: str, repo: str, public: bool, checked: float | None = None) -> None:
-        self.tags.set(public_key(registry, repo), (public, time.time() if checked is None else checked))
+        checked = time.time() if checked is None else checked
+        self.tags.set(public_key(registry, repo), (public, checked))
+        if self.shared is not None:
+            self.shared.set_public(registry, repo, public, checked)
 
     def pin(self, registry: str, repo: str, reference: str) -> None:
         self.tags.set(pin_key(registry, repo, reference), time.time())

@@ -101,7 +101,7 @@ PROXY_ENV_VARS = {
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 _AUTO_PREFIX_RE = re.compile(r"^rc(\d+)[a-z]?$")
-_NS_SUFFIXES = ("up", "rt", "cl")
+_NS_SUFFIXES = ("up", "rt", "cl", "st")  # st: the cache tier's store (tier.py)
 _VETH_SUFFIXES = ("u0", "r0", "r1", "c0")
 _counter = itertools.count()
 _WORKDIR_SUBDIRS = ("pki", "certdir", "logs", "conf", "nginx", "registries", "images", "auth.json")

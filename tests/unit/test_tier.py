@@ -1,0 +1,214 @@
+"""tier.py: the `tier:` config, outage bookkeeping, the store's shared-knowledge hooks and the
+fills' source (object store first, one leader per digest). The real S3 + Redis are in
+tests/e2e/test_tier.py; these pin the decisions with stand-ins for the two backends."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+
+from regcachelib import tier as tiermod
+from regcachelib.config import ConfigError, parse_config
+from regcachelib.tier import Backend, SharedBlobResponse, TierSource, parse_tier
+
+from .helpers import random_bytes, sha256
+
+TIER_YAML = """
+tier:
+  node: n1
+  s3: {endpoint: "http://10.0.0.5:7480", bucket: cache, region: us-east-1, access_key_env: K, secret_key_env: S}
+  redis: {url: "redis://10.0.0.5:6379/0"}
+"""
+
+
+def test_tier_config_is_parsed():
+    config = parse_config(TIER_YAML)
+    assert config.tier.bucket == "cache" and config.tier.node == "n1"
+    assert config.tier.redis_url == "redis://10.0.0.5:6379/0" and config.tier.access_key_env == "K"
+    assert parse_config("size_limit: 1GiB").tier is None  # no section: a single node, as before
+    assert config.tier.redirect is False
+    assert parse_config(TIER_YAML + "  redirect: true\n").tier.redirect is True
+
+
+@pytest.mark.parametrize("section, why", [
+    ("tier: yes", "expected a mapping"),
+    ("tier: {s3: {bucket: b}}", "redis"),
+    ("tier: {redis: {url: 'redis://x'}}", "bucket"),
+    ("tier: {s3: {bucket: b, secret: x}, redis: {url: 'redis://x'}}", "unknown"),
+    ("tier: {s3: {bucket: b}, redis: {url: 'redis://x'}, nodes: 3}", "unknown"),
+    ("tier: {s3: {bucket: b}, redis: {url: 'redis://x'}, redirect: sometimes}", "true or false"),
+])
+def test_bad_tier_config_is_refused_with_its_location(section, why):
+    with pytest.raises(ConfigError, match=why) as e:
+        parse_config(section, "regcache.yml")
+    assert "regcache.yml:1" in str(e.value) and "tier" in str(e.value)
+
+
+def test_an_outage_is_logged_once_and_its_end_once(caplog):
+    backend = Backend("s3", "object store")
+    caplog.set_level(logging.INFO, logger="regcachelib.tier")
+    for _ in range(3):
+        backend.failed(ConnectionRefusedError("refused"))
+    assert not backend.usable and backend.outages == 1
+    backend.ok()
+    backend.ok()
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("unreachable" in m for m in lines) == 1 and sum("sharing resumes" in m for m in lines) == 1
+    backend.failed(TimeoutError("slow"))
+    assert backend.outages == 2
+
+
+class FakeShared:
+    """The knowledge half of a Tier, in memory."""
+
+    def __init__(self):
+        self.members, self.public, self.tags, self.manifests = set(), {}, {}, {}
+
+    def holds(self, registry, repo, digest):
+        return (registry, repo, digest) in self.members
+
+    def add_members(self, registry, repo, digests):
+        self.members.update((registry, repo, d) for d in digests)
+
+    def get_public(self, registry, repo):
+        return self.public.get((registry, repo), (None, 0.0))
+
+    def set_public(self, registry, repo, public, checked):
+        self.public[(registry, repo)] = (public, checked)
+
+    def tag_entries(self, registry, repo, tag):
+        return dict(self.tags.get((registry, repo, tag), {}))
+
+    def set_tag(self, registry, repo, tag, media_type, digest, checked):
+        self.tags.setdefault((registry, repo, tag), {})[media_type] = (digest, checked)
+
+    def put_manifest(self, digest, media_type, body):
+        self.manifests[digest] = (media_type, body)
+
+
+def test_store_shares_what_it_learns_and_reads_what_others_learnt(store):
+    shared = store.shared = FakeShared()
+    d1, d2 = sha256(b"one"), sha256(b"two")
+    store.add_members("docker.io", "library/a", [d1])
+    assert ("docker.io", "library/a", d1) in shared.members
+    shared.add_members("docker.io", "library/b", [d2])  # another node learnt it
+    assert store.holds("docker.io", "library/b", d2) and not store.holds("docker.io", "library/b", d1)
+
+    store.set_public("docker.io", "library/a", True, checked=100.0)
+    assert shared.public[("docker.io", "library/a")] == (True, 100.0)
+    shared.set_public("docker.io", "library/a", False, 200.0)  # a newer verdict of another node wins
+    assert store.get_public("docker.io", "library/a") == (False, 200.0)
+
+    mt = "application/vnd.oci.image.manifest.v1+json"
+    store.set_tag("docker.io", "library/a", "1", mt, d1, now=100.0)
+    assert shared.tags[("docker.io", "library/a", "1")][mt] == (d1, 100.0)
+    shared.set_tag("docker.io", "library/a", "1", mt, d2, 300.0)
+    entry = store.find_tag("docker.io", "library/a", "1", None)
+    assert (entry.digest, entry.checked_at) == (d2, 300.0)
+
+    store.put_manifest(d1, mt, b"{}")
+    store.put_manifest(d2, mt, b"{}", share=False)  # read from the tier: not written back
+    assert list(shared.manifests) == [d1]
+
+
+class FakeTier:
+    def __init__(self, objects=None, holder=None):
+        self.objects = dict(objects or {})
+        self.holder = holder  # node holding the lease, or None
+        self.s3_health = Backend("s3", "object store")
+        self.bytes_read = 0
+        self.leases = 0
+        self.looks = 0
+        self.appear_after = None  # (looks, digest, data): another node's object shows up
+
+    def open_blob(self, digest):
+        self.looks += 1
+        data = self.objects.get(digest)
+        return None if data is None else (io.BytesIO(data), len(data), "application/octet-stream")
+
+    def try_lease(self, digest):
+        if self.holder is not None:
+            return None
+        self.leases += 1
+        return tiermod.NoLease()
+
+    def lease_holder(self, digest):
+        self.looks_at_lease = getattr(self, "looks_at_lease", 0) + 1
+        if self.appear_after and self.looks_at_lease >= self.appear_after[0]:
+            self.holder = None  # the leader is done: its object is there
+            self.objects[self.appear_after[1]] = self.appear_after[2]
+        return self.holder
+
+
+class FakeUpstream:
+    def __init__(self):
+        self.requests = []
+
+    def request(self, method, target, path, headers):
+        self.requests.append((method, path))
+        return FakeResponse()
+
+
+class FakeResponse:
+    status = 200
+    headers = [("Content-Type", "application/octet-stream")]
+
+    def header(self, name):
+        return "application/octet-stream"
+
+    def close(self):
+        pass
+
+
+def test_source_reads_the_object_store_first(store):
+    data = random_bytes(3000)
+    digest = sha256(data)
+    upstream = FakeUpstream()
+    source = TierSource(upstream, FakeTier({digest: data}), store)
+    resp = source.request("GET", None, f"/v2/library/a/blobs/{digest}", [])
+    assert isinstance(resp, SharedBlobResponse) and resp.content_length == 3000
+    assert resp.read1(1 << 20) == data and upstream.requests == []
+
+
+def test_follower_waits_for_the_leaders_object_instead_of_fetching(store, monkeypatch):
+    monkeypatch.setattr(tiermod, "POLL_SECONDS", 0.01)
+    data = random_bytes(1000)
+    digest = sha256(data)
+    upstream, tier = FakeUpstream(), FakeTier(holder="node-b")
+    tier.appear_after = (4, digest, data)
+    resp = TierSource(upstream, tier, store).request("GET", None, f"/v2/r/blobs/{digest}", [])
+    assert isinstance(resp, SharedBlobResponse) and upstream.requests == [] and tier.leases == 0
+    assert tier.looks == 2  # the bucket is looked at before waiting and once the lease is gone
+
+
+def test_object_store_down_goes_straight_upstream(store):
+    digest = sha256(b"x")
+    upstream, tier = FakeUpstream(), FakeTier(holder="node-b")
+    tier.s3_health.failed(ConnectionRefusedError())
+    resp = TierSource(upstream, tier, store).request("GET", None, f"/v2/r/blobs/{digest}", [])
+    assert isinstance(resp, FakeResponse) and len(upstream.requests) == 1
+
+
+def test_leader_fetches_upstream_under_its_lease_and_manifests_pass_by(store):
+    digest = sha256(b"y")
+    upstream, tier = FakeUpstream(), FakeTier()
+    source = TierSource(upstream, tier, store)
+    resp = source.request("GET", None, f"/v2/r/blobs/{digest}", [])
+    assert isinstance(resp, tiermod.LeadingResponse) and tier.leases == 1
+    resp.close()  # nothing stored (no verified blob): nothing uploaded, the lease released
+    source.request("GET", None, "/v2/r/manifests/latest", [])
+    assert [p for _, p in upstream.requests] == [f"/v2/r/blobs/{digest}", "/v2/r/manifests/latest"]
+
+
+def test_a_corrupt_shared_object_is_removed_so_the_next_request_goes_upstream(store):
+    data = random_bytes(5000)
+    digest = sha256(data)
+    tier = FakeTier({digest: data[:-1] + b"!"})
+    tier.removed = []
+    tier.remove_blob = tier.removed.append
+    resp = TierSource(FakeUpstream(), tier, store).request("GET", None, f"/v2/r/blobs/{digest}", [])
+    while resp.read1(1024):
+        pass
+    assert tier.removed == [digest]
