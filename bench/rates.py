@@ -1,0 +1,489 @@
+"""Section 8 of python -m bench (issue 12, item 2): request rates at cluster start-up.
+
+Side by side in one run, at 64 and 512 concurrent keep-alive connections (bench/rateclient.py,
+asyncio, HTTP/1.1 over TLS, closed loop, in the client ns):
+
+- regcache through its mirror listener (TLS straight to :5000) and through HTTPS_PROXY (CONNECT to
+  :8080, then TLS), default config;
+- the CNCF distribution pull-through proxy (TLS, :5443; a client reaches it directly);
+- a bare mitmproxy addon (bench/bare_addon.py) on the same listeners as regcache, answering every
+  request from its ``request`` hook: the most any addon gets out of mitmproxy on this machine;
+
+for: manifest GET by tag within the TTL, by tag at revalidation (a second regcache with
+``tag_ttl: 0s``; the distribution proxy revalidates every tag GET anyway), by digest, blob HEAD,
+blob GET of 1 MiB and of 16 KiB (hits; a mirror client follows the 307 to the fast path, an
+HTTPS_PROXY client is served in-band), and the ``/v2/`` ping. Per row: requests/s, bytes/s for
+blobs, p50/p99 latency, the server's CPU per request, the load client's own CPU, upstream requests;
+regcache's VmRSS with 512 connections open and its VmHWM. py-spy profiles of regcache during
+manifest-by-digest and 1 MiB GET runs (a separate run, not in the table) go to the report and to
+bench/out/profiles/<run>/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.e2e.conftest import MITMDUMP
+
+from . import infra
+from .infra import UPSTREAM, DistProxy, RegcacheProc
+from .report import Row, profile_markdown
+
+SECTION_RATES = ("8. request rates at cluster start-up: keep-alive HTTP/1.1 over TLS, closed loop; "
+                 "references: distribution proxy, a bare mitmproxy addon")
+CLIENT = Path(__file__).resolve().parent / "rateclient.py"
+BARE_ADDON = Path(__file__).resolve().parent / "bare_addon.py"
+CONNS = (64, 512)
+SECONDS = 4.0
+MANIFEST_IMAGE = "quay.io/org/s2:1"
+TARGET_BARE = 0.8  # manifest, HEAD and ping rows: regcache's own work at most a quarter of mitmproxy's
+TARGET_DIST = 1.0  # tag rows (req/s) and blob rows (bytes/s) against the distribution proxy
+TARGET_RSS_MIB = 150.0
+PROFILE_RATE = 100
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass(frozen=True)
+class Kind:
+    key: str
+    label: str
+    method: str
+    blob: bool = False  # judged in bytes/s against the distribution proxy
+    tag: bool = False  # judged against the distribution proxy too
+
+
+KINDS = (
+    Kind("tag", "manifest GET by tag, within TTL", "GET", tag=True),
+    Kind("reval", "manifest GET by tag, revalidated (tag_ttl 0)", "GET", tag=True),
+    Kind("digest", "manifest GET by digest", "GET"),
+    Kind("head", "blob HEAD", "HEAD"),
+    Kind("blob1m", "blob GET 1 MiB, hit", "GET", blob=True),
+    Kind("blob16k", "blob GET 16 KiB, hit", "GET", blob=True),
+    Kind("ping", "/v2/ ping", "GET"),
+)
+KIND = {k.key: k for k in KINDS}
+VIAS = {"mirror": "mirror (TLS to :5000)", "proxy": "HTTPS_PROXY (CONNECT + TLS)"}
+
+
+# --------------------------------------------------------------------------- driving the client
+
+
+def server_sample(pid: int) -> tuple[float, float, float]:
+    """(monotonic time, process CPU seconds, event-loop thread CPU seconds)."""
+    cpu, main = infra.cpu_seconds(pid)
+    return time.monotonic(), cpu, main
+
+
+def log_lines(world, host: str = UPSTREAM) -> int:
+    try:
+        with open(world.access_log_path(host), "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+    except FileNotFoundError:
+        return 0
+
+
+class Session:
+    """One rateclient run: N connections to one target, phases driven one by one."""
+
+    def __init__(self, bench, name: str, target: dict, conns: int, phases: list[dict], server_pid: int,
+                 profile: set[str] = frozenset(), profile_title: str = ""):
+        self.bench, self.name, self.server_pid = bench, name, server_pid
+        self.plan = {"target": target, "conns": conns, "phases": phases, "connect_path": "/v2/"}
+        self.profile = profile
+        self.profile_title = profile_title
+        self.results: dict[str, dict] = {}
+        self.connected: dict = {}
+        self.rss_open: dict[str, int] = {}
+
+    def run(self) -> "Session":
+        bench, world = self.bench, self.bench.world
+        d = bench.work / "rates"
+        d.mkdir(parents=True, exist_ok=True)
+        plan_file = d / f"plan-{self.name}.json"
+        plan_file.write_text(json.dumps(self.plan))
+        err = open(d / f"client-{self.name}.stderr", "w")
+        proc = world.popen(world.ns_client, [sys.executable, str(CLIENT), str(plan_file)], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
+        err.close()
+        # a hung client must not hang the benchmark
+        limit = 90 + sum(p["seconds"] + 30 for p in self.plan["phases"])
+        timer = threading.Timer(limit, lambda: _kill(proc))
+        timer.start()
+        before = prof = None
+        try:
+            for line in proc.stdout:
+                ev = json.loads(line)
+                if ev["event"] == "connected":
+                    self.connected = ev
+                    if ev["conns"] < self.plan["conns"]:
+                        raise RuntimeError(f"{self.name}: only {ev['conns']} of {self.plan['conns']} connections: {ev['first_errors']}")
+                elif ev["event"] == "ready":
+                    if ev["phase"] == "close":
+                        # every connection still open: what the server holds for them
+                        self.rss_open = infra.read_status(self.server_pid)
+                    elif ev["phase"] in self.profile:
+                        prof = self.start_profile(ev["phase"])
+                    before = (server_sample(self.server_pid), log_lines(world))
+                    proc.stdin.write("go\n")
+                    proc.stdin.flush()
+                elif ev["event"] == "result":
+                    after = (server_sample(self.server_pid), log_lines(world))
+                    wall = after[0][0] - before[0][0]
+                    ev["server_cpu_s"] = after[0][1] - before[0][1]
+                    ev["server_loop_cpu_s"] = after[0][2] - before[0][2]
+                    ev["server_cores"] = ev["server_cpu_s"] / wall if wall > 0 else 0.0
+                    ev["upstream"] = after[1] - before[1]
+                    if prof is not None:
+                        self.stop_profile(prof, ev)
+                        prof = None
+                    self.results[ev["phase"]] = ev
+                elif ev["event"] == "done":
+                    break
+            proc.wait(30)
+        finally:
+            timer.cancel()
+            if prof is not None:
+                prof[0].stop()
+            _kill(proc)
+        if proc.returncode not in (0, None) or set(self.results) != {p["name"] for p in self.plan["phases"]}:
+            tail = (d / f"client-{self.name}.stderr").read_text(errors="replace")[-1500:]
+            raise RuntimeError(f"rate client {self.name} ended early (exit {proc.returncode}): {tail}")
+        bench.raw.setdefault("rates", {})[self.name] = {"connected": self.connected, "results": self.results,
+                                                       "rss_open_kB": self.rss_open}
+        return self
+
+    # -- py-spy
+    def start_profile(self, phase: str):
+        slug = "".join(c if c.isalnum() else "-" for c in f"rates-{self.name}-{phase}".lower())
+        out = infra.OUT / "profiles" / self.bench.run_id / f"{slug}.txt"
+        return native_profile(self.bench.py_spy, self.server_pid, out), out, phase
+
+    def stop_profile(self, prof, ev: dict) -> None:
+        p, out, phase = prof
+        path = p.stop()
+        title = (f"{self.profile_title}: {KIND[phase].label}, {self.plan['conns']} connections "
+                 f"({ev['rps']:,.0f} req/s while profiled)")
+        if path is None:
+            self.bench.profiles.append(f"### {title}\n\npy-spy wrote nothing; see {p.log}.\n")
+            return
+        note = (f"mitmdump CPU during the profiled phase: {ev['server_cpu_s']:.1f} s in {ev['wall']:.1f} s wall "
+                f"(event-loop thread {ev['server_loop_cpu_s']:.1f} s); py-spy {'--native, ' if p.native else ''}"
+                f"{'blocking' if p.native else '--nonblocking'} sampling slows the process: the rate above is not a figure.")
+        md = profile_markdown(title, infra.summarize_profile(path), path.relative_to(infra.BENCH.parent), PROFILE_RATE, note)
+        path.with_suffix(".md").write_text(md + "\n")
+        self.bench.profiles.append(md)
+
+
+class NativeProfile(infra.Profile):
+    """py-spy record with --native (C frames: OpenSSL, zlib, the interpreter), which py-spy only
+    does blocking; without --native if this py-spy cannot."""
+
+    def __init__(self, py_spy: str, pid: int, out: Path, native: bool):
+        self.out, self.native = out, native
+        out.parent.mkdir(parents=True, exist_ok=True)
+        self.log = out.with_suffix(".log")
+        mode = ["--native"] if native else ["--nonblocking"]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [py_spy, "record", "-p", str(pid), "-r", str(PROFILE_RATE), *mode, "--threads", "--format", "raw",
+                 "-d", "600", "-o", str(out)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+        time.sleep(0.7)  # attached
+
+
+def native_profile(py_spy: str, pid: int, out: Path) -> NativeProfile:
+    p = NativeProfile(py_spy, pid, out, native=True)
+    if p.proc.poll() is not None:  # this py-spy cannot unwind native frames here
+        p = NativeProfile(py_spy, pid, out, native=False)
+    return p
+
+
+def _kill(proc) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, 9)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+
+
+# --------------------------------------------------------------------------- servers and targets
+
+
+def bare_proc(world, workdir: Path) -> RegcacheProc:
+    """mitmdump with bench/bare_addon.py instead of regcache, with regcache's listeners and its
+    mitmdump options (same logging: mitmdump prints a line per flow for both)."""
+    proc = RegcacheProc(world, workdir)
+    confdir = workdir / "mitmproxy-conf"
+    proc.rc.argv = [MITMDUMP, "-s", str(BARE_ADDON), "--set", f"confdir={confdir}", "--set", "termlog_verbosity=info",
+                    "--set", "connection_strategy=lazy", "--set", "keep_host_header=true",
+                    "--mode", f"regular@{infra.PROXY_PORT}", "--mode", f"reverse:https://{UPSTREAM}@{infra.MIRROR_PORT}"]
+    return proc
+
+
+def target(world, via: str) -> dict:
+    ip = world.router_client_ip
+    if via == "mirror":
+        return {"host": ip, "port": infra.MIRROR_PORT, "tls": True, "host_header": f"{ip}:{infra.MIRROR_PORT}"}
+    if via == "proxy":
+        return {"proxy": f"{ip}:{infra.PROXY_PORT}", "connect": f"{UPSTREAM}:443", "sni": UPSTREAM, "host_header": UPSTREAM}
+    return {"host": ip, "port": infra.DISTPROXY_PORT, "tls": True, "host_header": f"{ip}:{infra.DISTPROXY_PORT}"}
+
+
+class Rates:
+    def __init__(self, bench):
+        self.bench = bench
+        self.world = bench.world
+        self.seconds = bench.args.rates_seconds
+        self.conns = bench.args.rates_conns
+        image = self.world.image(MANIFEST_IMAGE)
+        repo = image.repository
+        self.blob1m = infra.make_blob("blob-1m", MiB, log=bench.say)
+        self.blob16k = infra.make_blob("blob-16k", 16 * KiB, log=bench.say)
+        for blob in (self.blob1m, self.blob16k):
+            infra.push_blob(self.world, blob)
+        self.paths = {
+            "tag": f"/v2/{repo}/manifests/{image.tag}",
+            "reval": f"/v2/{repo}/manifests/{image.tag}",
+            "digest": f"/v2/{repo}/manifests/{image.digest}",
+            "head": self.blob1m.api_path(),
+            "blob1m": self.blob1m.api_path(),
+            "blob16k": self.blob16k.api_path(),
+            "ping": "/v2/",
+        }
+        self.sizes = {"blob1m": self.blob1m.size, "blob16k": self.blob16k.size}
+        self.res: dict[tuple[str, str, int, str], dict] = {}  # (system, via, conns, kind) -> client result
+        self.rss: dict[str, dict] = {}
+        self.n = 0
+
+    def phase(self, kind: str, via: str, seconds: float | None = None) -> dict:
+        k = KIND[kind]
+        return {"name": kind, "method": k.method, "path": self.paths[kind], "follow": via == "mirror",
+                "seconds": self.seconds if seconds is None else seconds}
+
+    def session(self, system: str, via: str, conns: int, kinds, pid: int, **kw) -> Session:
+        self.n += 1
+        self.bench.say(f"8. {system}, {VIAS.get(via, 'direct TLS')}, {conns} connections: {', '.join(kinds)}")
+        s = Session(self.bench, f"{self.n:02d}-{system}-{via}-{conns}", target(self.world, via), conns,
+                    [self.phase(k, via) for k in kinds], pid, **kw).run()
+        for kind, r in s.results.items():
+            self.res[(system, via, conns, kind)] = r
+            self.bench.say(f"  {kind}: {r['rps']:,.0f} req/s, p50 {fmt_ms(r['p50_ms'])}, p99 {fmt_ms(r['p99_ms'])}, "
+                           f"server {r['server_cores']:.2f} cores, client {r['client_cpu_share']:.2f} cores, statuses {r['statuses']}"
+                           + (f", {r['errors']} errors {r['first_errors'][:1]}" if r["errors"] else ""))
+        return s
+
+    def warm(self, system: str, via: str, kinds, pid: int) -> None:
+        """One connection, each path for a moment: the first request fills the cache."""
+        s = Session(self.bench, f"warm-{system}-{via}", target(self.world, via), 1,
+                    [self.phase(k, via, 0.3) for k in kinds], pid).run()
+        for kind, r in s.results.items():
+            if set(r["statuses"]) != {"200"}:
+                raise RuntimeError(f"warming {system} {via} {kind} ({self.paths[kind]}): statuses {r['statuses']} {r['first_errors']}")
+
+    # -- the systems
+    def run_dist(self) -> None:
+        kinds = [k.key for k in KINDS if k.key != "reval"]  # it revalidates every tag GET: "tag" is that row
+        dp = DistProxy(self.world, self.bench.work / "rates-distproxy").start()
+        try:
+            self.warm("dist", "dist", kinds, dp.pid)
+            for conns in self.conns:
+                self.session("dist", "dist", conns, kinds, dp.pid)
+            self.rss["dist"] = {"hwm": dp.hwm_mib()}
+        finally:
+            dp.stop()
+        self.bench.settle()
+
+    def run_bare(self) -> None:
+        bp = bare_proc(self.world, self.bench.work / "rates-bare").start((infra.PROXY_PORT, infra.MIRROR_PORT))
+        try:
+            for via in VIAS:
+                for conns in self.conns:
+                    self.session("bare", via, conns, ["tag", "head"], bp.pid)
+            self.rss["bare"] = {"hwm": bp.hwm_mib()}
+        finally:
+            bp.stop()
+        self.bench.settle()
+
+    def run_regcache(self) -> None:
+        kinds = [k.key for k in KINDS if k.key != "reval"]
+        rc = self.bench.fresh_regcache("rates-regcache")
+        rss = {}
+        try:
+            for via in VIAS:
+                self.warm("regcache", via, kinds, rc.pid)
+            for via in VIAS:
+                for conns in self.conns:
+                    s = self.session("regcache", via, conns, kinds, rc.pid)
+                    if conns == max(self.conns):
+                        rss[via] = s.rss_open.get("VmRSS", 0) / 1024
+            rss["hwm"] = rc.hwm_mib()
+            cpu = rc.cpu()
+            rss["cpu"] = cpu
+            self.rss["regcache"] = rss
+            if self.bench.args.profile != "none" and self.bench.py_spy:
+                for via in VIAS:
+                    self.bench.say(f"8. profiling regcache (py-spy), {VIAS[via]}, 64 connections: digest, blob1m")
+                    self.n += 1
+                    Session(self.bench, f"{self.n:02d}-profile-{via}", target(self.world, via), 64,
+                            [self.phase(k, via) for k in ("digest", "blob1m")], rc.pid, profile={"digest", "blob1m"},
+                            profile_title=f"regcache, {VIAS[via]}").run()
+        finally:
+            rc.stop()
+            shutil.rmtree(rc.cache_dir, ignore_errors=True)
+        self.bench.settle()
+
+    def run_reval(self) -> None:
+        rc = RegcacheProc(self.world, self.bench.work / "rates-regcache-ttl0", None,
+                          f"fastpath_port: {infra.FASTPATH_PORT}\ntag_ttl: 0s\n").start()
+        try:
+            for via in VIAS:
+                self.warm("regcache", via, ["reval"], rc.pid)
+            for via in VIAS:
+                for conns in self.conns:
+                    self.session("regcache", via, conns, ["reval"], rc.pid)
+            self.rss["regcache-ttl0"] = {"hwm": rc.hwm_mib()}
+        finally:
+            rc.stop()
+            shutil.rmtree(rc.cache_dir, ignore_errors=True)
+        self.bench.settle()
+
+    # -- the table
+    def rows(self) -> None:
+        b = self.bench
+        for conns in self.conns:
+            for k in KINDS:
+                dk = "tag" if k.key == "reval" else k.key
+                dist = self.res.get(("dist", "dist", conns, dk))
+                if k.key != "reval" and dist:
+                    b.row(SECTION_RATES, f"{k.label} · {conns} conns · distribution proxy (TLS) — reference",
+                          rate(dist), "req/s", note=self.note(dist, k))
+                for via, via_label in VIAS.items():
+                    bare = self.res.get(("bare", via, conns, "head" if k.key == "head" else "tag"))
+                    if bare and k.key in ("tag", "head"):
+                        b.row(SECTION_RATES, f"bare addon {'HEAD' if k.key == 'head' else 'GET'} · {conns} conns · {via_label} — reference",
+                              rate(bare), "req/s", note=self.note(bare, k))
+                    r = self.res.get(("regcache", via, conns, k.key))
+                    if r is None:
+                        continue
+                    self.judged_row(k, via_label, conns, r, dist, bare)
+        rc = self.rss.get("regcache", {})
+        hwm = max((v.get("hwm", 0.0) for key, v in self.rss.items() if key.startswith("regcache")), default=None)
+        big = max(self.conns)
+        for via, via_label in VIAS.items():
+            if via in rc:
+                b.row(SECTION_RATES, f"regcache VmRSS with {big} connections open, {via_label}", rc[via], "MiB",
+                      target=f"<= {TARGET_RSS_MIB:.0f} MiB", ok=rc[via] <= TARGET_RSS_MIB)
+        if hwm is not None:
+            others = ", ".join(f"{name} {v['hwm']:.0f} MiB" for name, v in self.rss.items() if not name.startswith("regcache"))
+            b.row(SECTION_RATES, "regcache peak RSS (VmHWM) over the section", hwm, "MiB", target=f"<= {TARGET_RSS_MIB:.0f} MiB",
+                  ok=hwm <= TARGET_RSS_MIB, note=f"peaks of the references: {others}")
+        shares = [r["client_cpu_share"] for r in self.res.values()]
+        if shares:
+            b.row(SECTION_RATES, "load client's own CPU (rateclient.py), busiest phase", max(shares) * 100, "%",
+                  note=f"median phase {sorted(shares)[len(shares) // 2] * 100:.0f} % of one core; it shares the 2 cores with the server under test")
+
+    def judged_row(self, k: Kind, via_label: str, conns: int, r: dict, dist: dict | None, bare: dict | None) -> None:
+        value = rate(r)
+        checks = []  # (text, ok)
+        primary = None
+        if k.blob:
+            if dist:
+                q = ratio(r["bytes_per_s"], dist["bytes_per_s"]) if ok_statuses(r) and ok_statuses(dist) else None
+                primary = q
+                checks.append((f">= {TARGET_DIST:.1f}x dist (bytes/s)", q is not None and q >= TARGET_DIST, q))
+        else:
+            if bare:
+                q = ratio(value, rate(bare))
+                primary = q
+                checks.append((f">= {TARGET_BARE:.1f}x bare", q is not None and q >= TARGET_BARE, q))
+            if k.tag and dist:
+                q = ratio(value, rate(dist))
+                checks.append((f">= {TARGET_DIST:.1f}x dist", q is not None and q >= TARGET_DIST, q))
+        if dist and r["p99_ms"] is not None and dist["p99_ms"] is not None:
+            checks.append(("p99 <= dist", value is not None and r["p99_ms"] <= dist["p99_ms"], None))
+        verdicts = "; ".join(f"{t}: {'' if q is None else f'{q:.2f}x '}{'PASS' if ok else 'MISS'}" for t, ok, q in checks)
+        note = self.note(r, k) + (f"; {verdicts}" if verdicts else "")
+        if dist:
+            note += f"; dist {rate(dist) or 0:,.0f} req/s, p99 {fmt_ms(dist['p99_ms'])}"
+        self.bench.row(SECTION_RATES, f"{k.label} · {conns} conns · regcache {via_label}", value, "req/s", primary,
+                       ", ".join(t for t, _, _ in checks), all(ok for _, ok, _ in checks) if checks else None, note)
+
+    def note(self, r: dict, k: Kind) -> str:
+        parts = []
+        if not ok_statuses(r):
+            parts.append(f"NOT ALL 200: statuses {r['statuses']}, {r['errors']} errors {r['first_errors'][:1]}")
+        if k.blob:
+            parts.append(f"{r['bytes_per_s'] / 1e6:,.0f} MB/s")
+        parts.append(f"p50 {fmt_ms(r['p50_ms'])}, p99 {fmt_ms(r['p99_ms'])}")
+        per_req = r["server_cpu_s"] / r["completed"] * 1e3 if r["completed"] else 0.0
+        parts.append(f"server {r['server_cores']:.2f} cores, {per_req:.2f} ms CPU/req")
+        parts.append(f"client {r['client_cpu_share']:.2f} cores")
+        if r["upstream"]:
+            parts.append(f"{r['upstream']} upstream requests")
+        if r["reconnects"]:
+            parts.append(f"{r['reconnects']} reconnects")
+        return "; ".join(parts)
+
+
+def ok_statuses(r: dict) -> bool:
+    return set(r["statuses"]) == {"200"} and not r["errors"]
+
+
+def rate(r: dict) -> float | None:
+    return r["rps"] if ok_statuses(r) else None
+
+
+def ratio(value, reference):
+    if value is None or not reference:
+        return None
+    return value / reference
+
+
+def fmt_ms(v) -> str:
+    return "n/a" if v is None else (f"{v:.1f} ms" if v < 100 else f"{v:,.0f} ms")
+
+
+def scenario_rates(bench) -> None:
+    rates = Rates(bench)
+    try:
+        for run in (rates.run_dist, rates.run_bare, rates.run_regcache, rates.run_reval):
+            run()
+    finally:
+        rates.rows()
+
+
+DETAILS = [
+    "- Section 8 (`python -m bench --only rates`): `bench/rateclient.py` (asyncio, HTTP/1.1 keep-alive, bodies counted",
+    "  not kept) in the client ns opens N connections (64, 512), each with one `/v2/` request, then runs each row for",
+    f"  `--rates-seconds` ({SECONDS:g} s) on those same connections, closed loop (each connection sends its next",
+    "  request when the last answer is complete); requests completed within the window count. Mirror: TLS straight to",
+    "  regcache's reverse listener :5000 (Host 10.77.2.1:5000); HTTPS_PROXY: `CONNECT quay.io:443` to :8080, then TLS,",
+    "  Host quay.io; distribution proxy: TLS to :5443. ALPN offers http/1.1 only. A mirror blob GET follows regcache's",
+    "  307 to the fast path on a second keep-alive connection of the same client slot: redirect + fetch count as one.",
+    f"- What is asked for: `{MANIFEST_IMAGE}` by tag and by digest, a 1 MiB and a 16 KiB random blob pushed to",
+    "  quay.io/bench/blobs (HEAD is of the 1 MiB one), `/v2/`. Each server is warmed (one connection, every path)",
+    "  first. Revalidation rows: a second regcache with `tag_ttl: 0s` (every tag GET is a HEAD upstream); the",
+    "  distribution proxy revalidates every tag GET anyway, so its tag row is the reference for both.",
+    "- Bare addon: `mitmdump -s bench/bare_addon.py` with regcache's listeners and options (lazy connections,",
+    "  `termlog_verbosity=info`, the flow line mitmdump prints), answering every request in its `request` hook with",
+    "  512 bytes: mitmproxy's own per-request cost, the ceiling of any addon. It is the reference of the manifest,",
+    "  HEAD and ping rows (its GET for GETs, its HEAD for HEAD), per listener and connection count.",
+    "- Server CPU: /proc/<pid>/stat around each row (cores = CPU-s per wall-s; per request = CPU / requests); the",
+    "  load client reports its own CPU (getrusage) the same way: it runs on the same 2 cores and takes from the",
+    "  server whatever it uses. Upstream requests: lines the quay.io access log grew by during the row.",
+    "- RSS: regcache's VmRSS read while all 512 connections are still open (after the last row), VmHWM at the end.",
+    "- Profiles: after the measured rows, the manifest-by-digest and 1 MiB rows run once more at 64 connections",
+    f"  under `py-spy record --native --threads -r {PROFILE_RATE}` (blocking; `--nonblocking` if --native fails), one",
+    "  profile per row; their rates are not in the table.",
+]
