@@ -587,6 +587,8 @@ def main(argv=None) -> int:
                     help=f"section 8: seconds each request-rate row runs (default {rates.SECONDS:g})")
     ap.add_argument("--rates-conns", default=list(rates.CONNS), type=lambda v: [int(x) for x in v.split(",")],
                     help="section 8: connection counts (default 64,512; RSS is read at the largest)")
+    ap.add_argument("--rates-native", action="store_true",
+                    help="section 8: profile with py-spy --native (C frames; blocking, slows regcache several times)")
     ap.add_argument("--src", help="run regcache from this source tree's src/ instead (to try a patch)")
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"), help="where to write the report (default bench/RESULTS.md)")
     args = ap.parse_args(argv)

@@ -11,8 +11,11 @@ like wrk). A 3xx answer to a GET is followed once on a second keep-alive connect
 worker (the mirror's 307 to the fast path), and the pair counts as one request. Bodies are counted,
 never kept (an asyncio.Protocol, no stream buffers): the client's own CPU per request stays small,
 and it reports that CPU so a reader can see what the load generator took from the shared cores.
-Requests completed within the phase's seconds are counted; those in flight at the end are awaited
-(connections stay clean for the next phase) but not counted.
+Each connection starts requests until the phase's seconds are over; the ones in flight then are
+awaited (connections stay clean for the next phase), and the rate is every completed request over the
+whole wall time. Counting only what completed within the window would be biased when latency nears
+the window (512 connections of 1 MiB each take seconds per round), and the server stays loaded with
+all connections until their last requests, which come in one round.
 """
 
 from __future__ import annotations
@@ -191,7 +194,8 @@ async def open_conn(target: dict, ctx: ssl.SSLContext) -> HttpConn:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # CONNECT by hand: a few bytes, read until the blank line
-        await loop.sock_sendall(sock, f"CONNECT {target['connect']} HTTP/1.1\r\nHost: {target['connect']}\r\n\r\n".encode())
+        connect = target["connect"]
+        await loop.sock_sendall(sock, f"CONNECT {connect} HTTP/1.1\r\nHost: {connect}\r\n\r\n".encode())
         reply = b""
         while b"\r\n\r\n" not in reply:
             chunk = await loop.sock_recv(sock, 4096)
@@ -200,7 +204,8 @@ async def open_conn(target: dict, ctx: ssl.SSLContext) -> HttpConn:
             reply += chunk
         if not reply.split(b"\r\n", 1)[0].split()[1].startswith(b"2"):
             raise ClosedError(f"CONNECT refused: {reply[:200]!r}")
-        _, proto = await loop.create_connection(HttpConn, sock=sock, ssl=ctx, server_hostname=sni or target["connect"].rsplit(":", 1)[0])
+        _, proto = await loop.create_connection(HttpConn, sock=sock, ssl=ctx,
+                                                server_hostname=sni or connect.rsplit(":", 1)[0])
         return proto
     use_tls = target.get("tls", False)
     _, proto = await loop.create_connection(HttpConn, target["host"], target["port"], ssl=ctx if use_tls else None,
@@ -232,7 +237,8 @@ class Worker:
             if self.side is not None:
                 self.side.close()
                 self.reconnects += 1
-            t = {"host": url.hostname, "port": url.port or (443 if url.scheme == "https" else 80), "tls": url.scheme == "https"}
+            tls = url.scheme == "https"
+            t = {"host": url.hostname, "port": url.port or (443 if tls else 80), "tls": tls}
             self.side, self.side_origin = await open_conn(t, self.ctx), origin
         return self.side
 
@@ -242,7 +248,8 @@ class Worker:
         if follow and status in REDIRECTS and location:
             url = urlsplit(location)
             side = await self.side_conn(url)
-            status, nbytes, _ = await side.request(method, url.path + (f"?{url.query}" if url.query else ""), url.netloc)
+            path = url.path + (f"?{url.query}" if url.query else "")
+            status, nbytes, _ = await side.request(method, path, url.netloc)
         return status, nbytes
 
     def close(self) -> None:
@@ -261,7 +268,7 @@ async def run_phase(workers: list[Worker], phase: dict) -> dict:
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     errors: list[str] = []
-    counted = [0, 0]  # requests, body bytes completed within the window
+    nbytes_total = [0]
     reconnects0 = sum(w.reconnects for w in workers)
     t0 = time.perf_counter()
     deadline = t0 + seconds
@@ -280,9 +287,7 @@ async def run_phase(workers: list[Worker], phase: dict) -> dict:
             end = time.perf_counter()
             latencies.append(end - start)
             statuses[str(status)] = statuses.get(str(status), 0) + 1
-            if end <= deadline:
-                counted[0] += 1
-                counted[1] += nbytes
+            nbytes_total[0] += nbytes
 
     cpu0 = cpu_now()
     await asyncio.gather(*(loop(w) for w in workers))
@@ -294,11 +299,13 @@ async def run_phase(workers: list[Worker], phase: dict) -> dict:
         return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else None
 
     return {
-        "event": "result", "phase": phase["name"], "requests": counted[0], "bytes": counted[1], "seconds": seconds,
-        "rps": counted[0] / seconds, "bytes_per_s": counted[1] / seconds, "completed": len(latencies), "wall": wall,
+        "event": "result", "phase": phase["name"], "requests": len(latencies), "bytes": nbytes_total[0],
+        "seconds": seconds,
+        "rps": len(latencies) / wall, "bytes_per_s": nbytes_total[0] / wall, "completed": len(latencies), "wall": wall,
         "statuses": statuses, "errors": len(errors), "first_errors": errors[:3],
         "reconnects": sum(w.reconnects for w in workers) - reconnects0,
-        "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99), "max_ms": latencies[-1] * 1000 if latencies else None,
+        "p50_ms": pct(0.50), "p90_ms": pct(0.90), "p99_ms": pct(0.99),
+        "max_ms": latencies[-1] * 1000 if latencies else None,
         "client_cpu_s": cpu, "client_cpu_share": cpu / wall if wall else 0.0,
     }
 
@@ -331,7 +338,8 @@ async def main_async(plan: dict) -> int:
     # connect in batches: 512 handshakes at once would only queue behind each other in the server's accept
     for i in range(0, n, 64):
         await asyncio.gather(*(connect(w) for w in workers[i:i + 64]))
-    say({"event": "connected", "conns": sum(1 for w in workers if w.conn and w.conn.usable), "seconds": time.perf_counter() - t0,
+    say({"event": "connected", "conns": sum(1 for w in workers if w.conn and w.conn.usable),
+         "seconds": time.perf_counter() - t0,
          "client_cpu_s": cpu_now() - cpu0, "errors": len(errors), "first_errors": errors[:3]})
     for phase in plan["phases"]:
         say({"event": "ready", "phase": phase["name"]})
