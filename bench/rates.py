@@ -105,62 +105,95 @@ class Session:
         self.rss_open: dict[str, int] = {}
 
     def run(self) -> "Session":
-        bench, world = self.bench, self.bench.world
-        d = bench.work / "rates"
+        """All phases back to back."""
+        self.start()
+        for phase in self.plan["phases"]:
+            self.step(phase["name"])
+        return self.finish()
+
+    def start(self) -> "Session":
+        """Start the client; returns once its connections are open and it waits for the first phase."""
+        d = self.bench.work / "rates"
         d.mkdir(parents=True, exist_ok=True)
         plan_file = d / f"plan-{self.name}.json"
         plan_file.write_text(json.dumps(self.plan))
-        err = open(d / f"client-{self.name}.stderr", "w")
-        proc = world.popen(world.ns_client, [sys.executable, str(CLIENT), str(plan_file)], stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
-        err.close()
-        # a hung client must not hang the benchmark
-        limit = 90 + sum(p["seconds"] + 30 for p in self.plan["phases"])
-        timer = threading.Timer(limit, lambda: _kill(proc))
-        timer.start()
-        before = prof = None
+        self.stderr_path = d / f"client-{self.name}.stderr"
+        world = self.bench.world
+        with open(self.stderr_path, "w") as err:
+            self.proc = world.popen(world.ns_client, [sys.executable, str(CLIENT), str(plan_file)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True, bufsize=1)
+        # a hung client must not hang the benchmark (sessions stay open while the others take their turns)
+        self.timer = threading.Timer(1800, lambda: _kill(self.proc))
+        self.timer.start()
         try:
-            for line in proc.stdout:
-                ev = json.loads(line)
-                if ev["event"] == "connected":
-                    self.connected = ev
-                    if ev["conns"] < self.plan["conns"]:
-                        raise RuntimeError(f"{self.name}: only {ev['conns']} of {self.plan['conns']} connections: "
-                                           f"{ev['first_errors']}")
-                elif ev["event"] == "ready":
-                    if ev["phase"] == "close":
-                        # every connection still open: what the server holds for them
-                        self.rss_open = infra.read_status(self.server_pid)
-                    elif ev["phase"] in self.profile:
-                        prof = self.start_profile(ev["phase"])
-                    before = (server_sample(self.server_pid), log_lines(world))
-                    proc.stdin.write("go\n")
-                    proc.stdin.flush()
-                elif ev["event"] == "result":
-                    after = (server_sample(self.server_pid), log_lines(world))
-                    wall = after[0][0] - before[0][0]
-                    ev["server_cpu_s"] = after[0][1] - before[0][1]
-                    ev["server_loop_cpu_s"] = after[0][2] - before[0][2]
-                    ev["server_cores"] = ev["server_cpu_s"] / wall if wall > 0 else 0.0
-                    ev["upstream"] = after[1] - before[1]
-                    if prof is not None:
-                        self.stop_profile(prof, ev)
-                        prof = None
-                    self.results[ev["phase"]] = ev
-                elif ev["event"] == "done":
-                    break
-            proc.wait(30)
+            self.connected = self.read("connected")
+            if self.connected["conns"] < self.plan["conns"]:
+                raise RuntimeError(f"{self.name}: only {self.connected['conns']} of {self.plan['conns']} connections: "
+                                   f"{self.connected['first_errors']}")
+            self.ready = self.read("ready")
+        except BaseException:
+            self.abort()
+            raise
+        return self
+
+    def read(self, event: str) -> dict:
+        line = self.proc.stdout.readline()
+        ev = json.loads(line) if line.strip() else {}
+        if ev.get("event") != event:
+            self.abort()
+            tail = self.stderr_path.read_text(errors="replace")[-1500:]
+            raise RuntimeError(f"rate client {self.name}: expected {event}, got {line.strip()[:200]!r} "
+                               f"(exit {self.proc.poll()}): {tail}")
+        return ev
+
+    def go(self) -> None:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def step(self, phase: str) -> dict:
+        """Run ``phase`` (the next one of the plan): the client's figures plus the server's CPU and the
+        upstream requests during it."""
+        if self.ready.get("phase") != phase:
+            raise RuntimeError(f"rate client {self.name}: next phase is {self.ready.get('phase')}, not {phase}")
+        world = self.bench.world
+        prof = self.start_profile(phase) if phase in self.profile else None
+        try:
+            before = (server_sample(self.server_pid), log_lines(world))
+            self.go()
+            ev = self.read("result")
+            after = (server_sample(self.server_pid), log_lines(world))
         finally:
-            timer.cancel()
             if prof is not None:
                 prof[0].stop()
-            _kill(proc)
-        if proc.returncode not in (0, None) or set(self.results) != {p["name"] for p in self.plan["phases"]}:
-            tail = (d / f"client-{self.name}.stderr").read_text(errors="replace")[-1500:]
-            raise RuntimeError(f"rate client {self.name} ended early (exit {proc.returncode}): {tail}")
-        bench.raw.setdefault("rates", {})[self.name] = {"connected": self.connected, "results": self.results,
-                                                       "rss_open_kB": self.rss_open}
+        wall = after[0][0] - before[0][0]
+        ev["server_cpu_s"] = after[0][1] - before[0][1]
+        ev["server_loop_cpu_s"] = after[0][2] - before[0][2]
+        ev["server_cores"] = ev["server_cpu_s"] / wall if wall > 0 else 0.0
+        ev["upstream"] = after[1] - before[1]
+        if prof is not None:
+            self.profile_report(prof, ev)
+        self.results[phase] = ev
+        self.ready = self.read("ready")
+        return ev
+
+    def finish(self) -> "Session":
+        """Read the server's memory while every connection is still open, then close them."""
+        try:
+            if self.ready.get("phase") != "close":
+                raise RuntimeError(f"rate client {self.name}: phase {self.ready.get('phase')} was never run")
+            self.rss_open = infra.read_status(self.server_pid)
+            self.go()
+            self.read("done")
+            self.proc.wait(30)
+        finally:
+            self.abort()
+        self.bench.raw.setdefault("rates", {})[self.name] = {"connected": self.connected, "results": self.results,
+                                                            "rss_open_kB": self.rss_open}
         return self
+
+    def abort(self) -> None:
+        self.timer.cancel()
+        _kill(self.proc)
 
     # -- py-spy
     def start_profile(self, phase: str):
@@ -169,9 +202,9 @@ class Session:
         native = getattr(self.bench.args, "rates_native", False)
         return start_profile(self.bench.py_spy, self.server_pid, out, native), out, phase
 
-    def stop_profile(self, prof, ev: dict) -> None:
+    def profile_report(self, prof, ev: dict) -> None:
         p, out, phase = prof
-        path = p.stop()
+        path = p.out if p.out.exists() else None
         title = (f"{self.profile_title}: {KIND[phase].label}, {self.plan['conns']} connections "
                  f"({ev['rps']:,.0f} req/s while profiled)")
         if path is None:
@@ -226,26 +259,48 @@ def _kill(proc) -> None:
 # --------------------------------------------------------------------------- servers and targets
 
 
+# Every server runs for the whole section, each on its own ports, so rows of the same kind are taken
+# back to back (server after server) and share whatever load the machine has at that moment.
+PORTS = {  # system -> (HTTPS_PROXY port, mirror port, fast-path port)
+    "regcache": (infra.PROXY_PORT, infra.MIRROR_PORT, infra.FASTPATH_PORT),
+    "regcache-ttl0": (8082, 5002, 5082),
+    "bare": (8081, 5001, None),
+}
+
+
+def regcache_proc(world, workdir: Path, system: str, config: str = "") -> RegcacheProc:
+    """regcache with the ports of ``system``."""
+    proxy, mirror, fast = PORTS[system]
+    proc = RegcacheProc(world, workdir, None, f"fastpath_port: {fast}\n{config}")
+    argv = proc.rc.argv
+    for i, arg in enumerate(argv):  # RegcacheProc names the default ports
+        if arg == f"regular@{infra.PROXY_PORT}":
+            argv[i] = f"regular@{proxy}"
+        elif arg.startswith("reverse:") and arg.endswith(f"@{infra.MIRROR_PORT}"):
+            argv[i] = f"{arg.rsplit('@', 1)[0]}@{mirror}"
+    return proc.start((proxy, mirror, fast))
+
+
 def bare_proc(world, workdir: Path) -> RegcacheProc:
-    """mitmdump with bench/bare_addon.py instead of regcache, with regcache's listeners and its
+    """mitmdump with bench/bare_addon.py instead of regcache, with regcache's kind of listeners and its
     mitmdump options (same logging: mitmdump prints a line per flow for both)."""
+    proxy, mirror, _ = PORTS["bare"]
     proc = RegcacheProc(world, workdir)
     confdir = workdir / "mitmproxy-conf"
     proc.rc.argv = [MITMDUMP, "-s", str(BARE_ADDON), "--set", f"confdir={confdir}", "--set", "termlog_verbosity=info",
                     "--set", "connection_strategy=lazy", "--set", "keep_host_header=true",
-                    "--mode", f"regular@{infra.PROXY_PORT}",
-                    "--mode", f"reverse:https://{UPSTREAM}@{infra.MIRROR_PORT}"]
-    return proc
+                    "--mode", f"regular@{proxy}", "--mode", f"reverse:https://{UPSTREAM}@{mirror}"]
+    return proc.start((proxy, mirror))
 
 
-def target(world, via: str) -> dict:
+def target(world, system: str, via: str) -> dict:
     ip = world.router_client_ip
+    if system == "dist":
+        return {"host": ip, "port": infra.DISTPROXY_PORT, "tls": True, "host_header": f"{ip}:{infra.DISTPROXY_PORT}"}
+    proxy, mirror, _ = PORTS[system]
     if via == "mirror":
-        return {"host": ip, "port": infra.MIRROR_PORT, "tls": True, "host_header": f"{ip}:{infra.MIRROR_PORT}"}
-    if via == "proxy":
-        return {"proxy": f"{ip}:{infra.PROXY_PORT}", "connect": f"{UPSTREAM}:443", "sni": UPSTREAM,
-                "host_header": UPSTREAM}
-    return {"host": ip, "port": infra.DISTPROXY_PORT, "tls": True, "host_header": f"{ip}:{infra.DISTPROXY_PORT}"}
+        return {"host": ip, "port": mirror, "tls": True, "host_header": f"{ip}:{mirror}"}
+    return {"proxy": f"{ip}:{proxy}", "connect": f"{UPSTREAM}:443", "sni": UPSTREAM, "host_header": UPSTREAM}
 
 
 class Rates:
@@ -272,6 +327,7 @@ class Rates:
         self.sizes = {"blob1m": self.blob1m.size, "blob16k": self.blob16k.size}
         self.res: dict[tuple[str, str, int, str], dict] = {}  # (system, via, conns, kind) -> client result
         self.rss: dict[str, dict] = {}
+        self.servers: dict = {}
         self.n = 0
 
     def phase(self, kind: str, via: str, seconds: float | None = None) -> dict:
@@ -279,94 +335,103 @@ class Rates:
         return {"name": kind, "method": k.method, "path": self.paths[kind], "follow": via == "mirror",
                 "seconds": self.seconds if seconds is None else seconds}
 
-    def session(self, system: str, via: str, conns: int, kinds, pid: int, **kw) -> Session:
-        self.n += 1
-        self.bench.say(f"8. {system}, {VIAS.get(via, 'direct TLS')}, {conns} connections: {', '.join(kinds)}")
-        s = Session(self.bench, f"{self.n:02d}-{system}-{via}-{conns}", target(self.world, via), conns,
-                    [self.phase(k, via) for k in kinds], pid, **kw).run()
-        for kind, r in s.results.items():
-            self.res[(system, via, conns, kind)] = r
-            self.bench.say(f"  {kind}: {r['rps']:,.0f} req/s, p50 {fmt_ms(r['p50_ms'])}, p99 {fmt_ms(r['p99_ms'])}, "
-                           f"server {r['server_cores']:.2f} cores, client {r['client_cpu_share']:.2f} cores, "
-                           f"statuses {r['statuses']}"
-                           + (f", {r['errors']} errors {r['first_errors'][:1]}" if r["errors"] else ""))
-        return s
+    def say_result(self, system: str, via: str, conns: int, kind: str, r: dict) -> None:
+        self.bench.say(f"  {kind}, {system}, {VIAS.get(via, 'direct TLS')}, {conns} conns: {r['rps']:,.0f} req/s, "
+                       f"p50 {fmt_ms(r['p50_ms'])}, p99 {fmt_ms(r['p99_ms'])}, server {r['server_cores']:.2f} cores, "
+                       f"client {r['client_cpu_share']:.2f} cores, statuses {r['statuses']}"
+                       + (f", {r['errors']} errors {r['first_errors'][:1]}" if r["errors"] else ""))
 
     def warm(self, system: str, via: str, kinds, pid: int) -> None:
         """One connection, each path for a moment: the first request fills the cache."""
-        s = Session(self.bench, f"warm-{system}-{via}", target(self.world, via), 1,
+        s = Session(self.bench, f"warm-{system}-{via}", target(self.world, system, via), 1,
                     [self.phase(k, via, 0.3) for k in kinds], pid).run()
         for kind, r in s.results.items():
             if set(r["statuses"]) != {"200"}:
                 raise RuntimeError(f"warming {system} {via} {kind} ({self.paths[kind]}): "
                                    f"statuses {r['statuses']} {r['first_errors']}")
 
-    # -- the systems
-    def run_dist(self) -> None:
-        kinds = [k.key for k in KINDS if k.key != "reval"]  # it revalidates every tag GET: "tag" is that row
-        dp = DistProxy(self.world, self.bench.work / "rates-distproxy").start()
-        try:
-            self.warm("dist", "dist", kinds, dp.pid)
-            for conns in self.conns:
-                self.session("dist", "dist", conns, kinds, dp.pid)
-            self.rss["dist"] = {"hwm": dp.hwm_mib()}
-        finally:
-            dp.stop()
+    def start_servers(self) -> None:
+        work = self.bench.work
+        self.bench.say("8. starting the distribution proxy, the bare addon, regcache and regcache with tag_ttl 0s")
+        self.servers["dist"] = DistProxy(self.world, work / "rates-distproxy").start()
+        self.servers["bare"] = bare_proc(self.world, work / "rates-bare")
+        self.servers["regcache"] = regcache_proc(self.world, work / "rates-regcache", "regcache")
+        self.servers["regcache-ttl0"] = regcache_proc(self.world, work / "rates-regcache-ttl0", "regcache-ttl0",
+                                                      "tag_ttl: 0s\n")
+        self.warm("dist", "dist", self.layout()[0][2], self.servers["dist"].pid)
+        for via in VIAS:
+            self.warm("regcache", via, self.layout()[2][2], self.servers["regcache"].pid)
+            self.warm("regcache-ttl0", via, ["reval"], self.servers["regcache-ttl0"].pid)
+
+    def stop_servers(self) -> None:
+        for name, server in self.servers.items():
+            try:
+                self.rss[name] = {"hwm": server.hwm_mib()}
+            except (OSError, KeyError):
+                pass
+            try:
+                server.stop()
+            except AssertionError as e:  # its log shows an Addon error or a traceback: a finding, not a crash
+                self.bench.say(f"8. {name}: {str(e)[:300]}")
+                self.bench.row(SECTION_RATES, f"{name}: its log shows an error", None, "req/s", ok=False,
+                               note=str(e)[:600])
+            if isinstance(server, RegcacheProc):
+                shutil.rmtree(server.cache_dir, ignore_errors=True)
+        self.servers.clear()
         self.bench.settle()
 
-    def run_bare(self) -> None:
-        bp = bare_proc(self.world, self.bench.work / "rates-bare").start((infra.PROXY_PORT, infra.MIRROR_PORT))
-        try:
-            for via in VIAS:
-                for conns in self.conns:
-                    self.session("bare", via, conns, ["tag", "head"], bp.pid)
-            self.rss["bare"] = {"hwm": bp.hwm_mib()}
-        finally:
-            bp.stop()
-        self.bench.settle()
+    def layout(self) -> list[tuple[str, str, list[str]]]:
+        """(system, via, kinds) of every client session, in the order each row's servers take turns."""
+        plain = [k.key for k in KINDS if k.key != "reval"]
+        # the distribution proxy revalidates every tag GET: its "tag" row is the reference of both tag rows
+        out = [("dist", "dist", plain)]
+        for via in VIAS:
+            out += [("bare", via, ["tag", "head"]), ("regcache", via, plain), ("regcache-ttl0", via, ["reval"])]
+        return out
 
-    def run_regcache(self) -> None:
-        kinds = [k.key for k in KINDS if k.key != "reval"]
-        rc = self.bench.fresh_regcache("rates-regcache")
-        rss = {}
-        try:
-            for via in VIAS:
-                self.warm("regcache", via, kinds, rc.pid)
-            for via in VIAS:
-                for conns in self.conns:
-                    s = self.session("regcache", via, conns, kinds, rc.pid)
-                    if conns == max(self.conns):
-                        rss[via] = s.rss_open.get("VmRSS", 0) / 1024
-            rss["hwm"] = rc.hwm_mib()
-            cpu = rc.cpu()
-            rss["cpu"] = cpu
-            self.rss["regcache"] = rss
-            if self.bench.args.profile != "none" and self.bench.py_spy:
-                for via in VIAS:
-                    self.bench.say(f"8. profiling regcache (py-spy), {VIAS[via]}, 64 connections: digest, blob1m")
-                    self.n += 1
-                    Session(self.bench, f"{self.n:02d}-profile-{via}", target(self.world, via), 64,
-                            [self.phase(k, via) for k in ("digest", "blob1m")], rc.pid, profile={"digest", "blob1m"},
-                            profile_title=f"regcache, {VIAS[via]}").run()
-        finally:
-            rc.stop()
-            shutil.rmtree(rc.cache_dir, ignore_errors=True)
-        self.bench.settle()
+    def measure(self, conns: int) -> None:
+        # One listener at a time: regcache's memory is then read with ``conns`` connections open, not twice as many.
+        # The distribution proxy has no second way in: it takes its turns with the mirror's rows.
+        for via in VIAS:
+            self.measure_group(conns, [(system, v, kinds) for system, v, kinds in self.layout()
+                                       if v == via or (v == "dist" and via == next(iter(VIAS)))])
 
-    def run_reval(self) -> None:
-        rc = RegcacheProc(self.world, self.bench.work / "rates-regcache-ttl0", None,
-                          f"fastpath_port: {infra.FASTPATH_PORT}\ntag_ttl: 0s\n").start()
+    def measure_group(self, conns: int, layout) -> None:
+        """Every session of ``layout`` open at once (``conns`` connections each); each row's servers take turns."""
+        sessions: dict[tuple[str, str], Session] = {}
         try:
-            for via in VIAS:
-                self.warm("regcache", via, ["reval"], rc.pid)
-            for via in VIAS:
-                for conns in self.conns:
-                    self.session("regcache", via, conns, ["reval"], rc.pid)
-            self.rss["regcache-ttl0"] = {"hwm": rc.hwm_mib()}
+            for system, via, kinds in layout:
+                self.n += 1
+                self.bench.say(f"8. {conns} connections to {system}, {VIAS.get(via, 'direct TLS')}")
+                sessions[(system, via)] = Session(self.bench, f"{self.n:02d}-{system}-{via}-{conns}",
+                                                  target(self.world, system, via), conns,
+                                                  [self.phase(k, via) for k in kinds],
+                                                  self.servers[system].pid).start()
+            for kind in KIND:
+                for (system, via), s in sessions.items():
+                    if any(p["name"] == kind for p in s.plan["phases"]):
+                        r = s.step(kind)
+                        key = ("regcache" if system == "regcache-ttl0" else system, via, conns, kind)
+                        self.res[key] = r
+                        self.say_result(system, via, conns, kind, r)
+            for (system, via), s in sessions.items():
+                s.finish()
+                if system == "regcache" and conns == max(self.conns):
+                    # the other regcache (tag_ttl 0) is another process: only this listener's connections are here
+                    self.rss.setdefault("regcache-open", {})[via] = s.rss_open.get("VmRSS", 0) / 1024
         finally:
-            rc.stop()
-            shutil.rmtree(rc.cache_dir, ignore_errors=True)
-        self.bench.settle()
+            for s in sessions.values():
+                s.abort()
+
+    def profile(self) -> None:
+        if self.bench.args.profile == "none" or not self.bench.py_spy:
+            return
+        for via in VIAS:
+            self.bench.say(f"8. profiling regcache (py-spy), {VIAS[via]}, 64 connections: digest, blob1m")
+            self.n += 1
+            Session(self.bench, f"{self.n:02d}-profile-{via}", target(self.world, "regcache", via), 64,
+                    [self.phase(k, via) for k in ("digest", "blob1m")], self.servers["regcache"].pid,
+                    profile={"digest", "blob1m"}, profile_title=f"regcache, {VIAS[via]}").run()
 
     # -- the table
     def rows(self) -> None:
@@ -388,8 +453,8 @@ class Rates:
                     if r is None:
                         continue
                     self.judged_row(k, via_label, conns, r, dist, bare)
-        rc = self.rss.get("regcache", {})
-        hwm = max((v.get("hwm", 0.0) for key, v in self.rss.items() if key.startswith("regcache")), default=None)
+        rc = self.rss.get("regcache-open", {})
+        hwm = max((v["hwm"] for key, v in self.rss.items() if key.startswith("regcache") and "hwm" in v), default=None)
         big = max(self.conns)
         for via, via_label in VIAS.items():
             if via in rc:
@@ -479,20 +544,14 @@ def fmt_ms(v) -> str:
 
 def scenario_rates(bench) -> None:
     rates = Rates(bench)
-    failed = []
     try:
-        for name, run in (("distribution proxy", rates.run_dist), ("bare addon", rates.run_bare),
-                          ("regcache", rates.run_regcache), ("regcache tag_ttl 0", rates.run_reval)):
-            try:
-                run()
-            except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as e:
-                # the other servers' rows are still worth having; the failure is in the table
-                bench.say(f"8. {name} FAILED: {e}")
-                failed.append((name, str(e)))
+        rates.start_servers()
+        for conns in rates.conns:
+            rates.measure(conns)
+        rates.profile()
     finally:
+        rates.stop_servers()
         rates.rows()
-        for name, why in failed:
-            bench.row(SECTION_RATES, f"{name}: FAILED, its rows are missing", None, "req/s", ok=False, note=why[-600:])
 
 
 DETAILS = [
@@ -505,9 +564,16 @@ DETAILS = [
     "  Host quay.io; distribution proxy: TLS to :5443. ALPN offers http/1.1 only. A mirror blob GET follows regcache's",
     "  307 to the fast path on a second keep-alive connection of the same client slot: redirect + fetch count as one.",
     f"- What is asked for: `{MANIFEST_IMAGE}` by tag and by digest, a 1 MiB and a 16 KiB random blob pushed to",
-    "  quay.io/bench/blobs (HEAD is of the 1 MiB one), `/v2/`. Each server is warmed (one connection, every path)",
-    "  first. Revalidation rows: a second regcache with `tag_ttl: 0s` (every tag GET is a HEAD upstream); the",
-    "  distribution proxy revalidates every tag GET anyway, so its tag row is the reference for both.",
+    "  quay.io/bench/blobs (HEAD is of the 1 MiB one), `/v2/`. Revalidation rows: a second regcache with",
+    "  `tag_ttl: 0s` (every tag GET is a HEAD upstream); the distribution proxy revalidates every tag GET anyway,",
+    "  so its tag row is the reference for both.",
+    "- Order: all four servers run for the whole section on their own ports (regcache 8080/5000/5080, regcache",
+    "  `tag_ttl: 0s` 8082/5002/5082, bare addon 8081/5001, distribution proxy 5443) and are warmed first (one",
+    "  connection, every path). For each connection count and listener (mirror with the distribution proxy, then",
+    "  HTTPS_PROXY) every client session is opened first (all 64 or 512 connections of each, idle until their turn);",
+    "  then each row's servers take turns, back to back, so regcache and the bare addon are measured seconds apart",
+    "  and share the machine's load of that moment (the distribution proxy's rows are up to a minute from the",
+    "  HTTPS_PROXY ones).",
     "- Bare addon: `mitmdump -s bench/bare_addon.py` with regcache's listeners and options (lazy connections,",
     "  `termlog_verbosity=info`, the flow line mitmdump prints), answering every request in its `request` hook with",
     "  512 bytes: mitmproxy's own per-request cost, the ceiling of any addon. It is the reference of the manifest,",
@@ -518,7 +584,8 @@ DETAILS = [
     "- On a busy machine the rates of rows taken one after another move with the other load (section 6 says how",
     "  much there was); the server's CPU milliseconds per request hardly do: each regcache row's notes give it as a",
     "  ratio to its reference's (bare addon; distribution proxy for blobs).",
-    "- RSS: regcache's VmRSS read while all 512 connections are still open (after the last row), VmHWM at the end.",
+    "- RSS: regcache's VmRSS read while the 512 connections of one listener are still open (after its last row;",
+    "  the HTTPS_PROXY figure after the mirror's 512 were closed), VmHWM at the end.",
     "- Profiles: after the measured rows, the manifest-by-digest and 1 MiB rows run once more at 64 connections",
     f"  under `py-spy record --nonblocking --threads -r {PROFILE_RATE}` (`--rates-native`: `--native`, blocking), one",
     "  profile per row; their rates are not in the table.",
