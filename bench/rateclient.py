@@ -265,6 +265,7 @@ def cpu_now() -> float:
 
 async def run_phase(workers: list[Worker], phase: dict) -> dict:
     method, path, follow, seconds = phase["method"], phase["path"], phase.get("follow", False), phase["seconds"]
+    expect_bytes = phase.get("expect_bytes")  # a blob GET: a shorter or longer body is an error, not a request
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     errors: list[str] = []
@@ -285,6 +286,9 @@ async def run_phase(workers: list[Worker], phase: dict) -> dict:
                 await asyncio.sleep(0.01)
                 continue
             end = time.perf_counter()
+            if expect_bytes is not None and status == 200 and nbytes != expect_bytes:
+                errors.append(f"body of {nbytes} bytes, not {expect_bytes}")
+                continue
             latencies.append(end - start)
             statuses[str(status)] = statuses.get(str(status), 0) + 1
             nbytes_total[0] += nbytes

@@ -35,7 +35,7 @@ from tests.e2e.conftest import MITMDUMP
 
 from . import infra
 from .infra import UPSTREAM, DistProxy, RegcacheProc
-from .report import Row, profile_markdown
+from .report import profile_markdown
 
 SECTION_RATES = ("8. request rates at cluster start-up: keep-alive HTTP/1.1 over TLS, closed loop; "
                  "references: distribution proxy, a bare mitmproxy addon")
@@ -333,7 +333,7 @@ class Rates:
     def phase(self, kind: str, via: str, seconds: float | None = None) -> dict:
         k = KIND[kind]
         return {"name": kind, "method": k.method, "path": self.paths[kind], "follow": via == "mirror",
-                "seconds": self.seconds if seconds is None else seconds}
+                "seconds": self.seconds if seconds is None else seconds, "expect_bytes": self.sizes.get(kind)}
 
     def say_result(self, system: str, via: str, conns: int, kind: str, r: dict) -> None:
         self.bench.say(f"  {kind}, {system}, {VIAS.get(via, 'direct TLS')}, {conns} conns: {r['rps']:,.0f} req/s, "
