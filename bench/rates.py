@@ -37,8 +37,7 @@ from . import infra
 from .infra import UPSTREAM, DistProxy, RegcacheProc
 from .report import profile_markdown
 
-SECTION_RATES = ("8. request rates at cluster start-up: keep-alive HTTP/1.1 over TLS, closed loop; "
-                 "references: distribution proxy, a bare mitmproxy addon")
+SECTION_RATES = "8. request rates, keep-alive TLS (references: distribution proxy, a bare mitmproxy addon)"
 CLIENT = Path(__file__).resolve().parent / "rateclient.py"
 BARE_ADDON = Path(__file__).resolve().parent / "bare_addon.py"
 CONNS = (64, 512)
@@ -455,6 +454,19 @@ class Rates:
                     if r is None:
                         continue
                     self.judged_row(k, via_label, conns, r, dist, bare)
+        for conns in self.conns:
+            for via, via_label in VIAS.items():
+                q = []
+                for k in KINDS:
+                    r, bare = self.res.get(("regcache", via, conns, k.key)), self.res.get(("bare", via, conns, k.key))
+                    if r and bare and not k.blob and cpu_per_req(bare):
+                        q.append((cpu_per_req(r) / cpu_per_req(bare), k.key))
+                if q:
+                    q.sort()
+                    b.row(SECTION_RATES, f"CPU per request, regcache ÷ bare addon · {conns} conns · {via_label}",
+                          q[len(q) // 2][0], "x", target="(<= 1.25x: the 0.8x rate target in CPU)",
+                          note="median of the manifest, HEAD and ping rows; "
+                               + ", ".join(f"{k} {v:.2f}x" for v, k in q))
         rc = self.rss.get("regcache-open", {})
         hwm = max((v["hwm"] for key, v in self.rss.items() if key.startswith("regcache") and "hwm" in v), default=None)
         big = max(self.conns)
