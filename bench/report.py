@@ -49,6 +49,8 @@ def fmt(value, unit: str) -> str:
         return f"{value:.2f} s" if value < 100 else f"{value:.0f} s"
     if unit == "MiB":
         return f"{value:.1f} MiB"
+    if unit == "x":
+        return f"{value:.2f}x"
     if unit == "%":
         return f"{value:.0f} %"
     if unit == "requests":
