@@ -21,7 +21,7 @@ import argparse
 import asyncio
 import hashlib
 import json
-import os
+import resource
 import shutil
 import ssl
 import statistics
@@ -65,39 +65,123 @@ class HTTPError(Exception):
     pass
 
 
+class _Receiver(asyncio.BufferedProtocol):
+    """Received bytes land in one preallocated buffer per connection (no bytes object per read,
+    no copies): a load generator's own costs must stay small next to what it measures."""
+
+    def __init__(self):
+        self.buf = bytearray(READ_CHUNK)
+        self.view = memoryview(self.buf)
+        self.lo = self.hi = 0  # unread bytes: buf[lo:hi]
+        self.waiter: asyncio.Future | None = None
+        self.closed = False
+        self.paused = False
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def get_buffer(self, sizehint):
+        if self.lo == self.hi:
+            self.lo = self.hi = 0
+        elif self.hi > len(self.buf) - 65536:  # compact: move what is unread to the front
+            n = self.hi - self.lo
+            self.buf[:n] = self.buf[self.lo:self.hi]
+            self.lo, self.hi = 0, n
+        return self.view[self.hi:]
+
+    def buffer_updated(self, nbytes):
+        self.hi += nbytes
+        if self.hi - self.lo > len(self.buf) - 65536 and not self.paused:
+            self.paused = True  # the reader falls behind: stop reading until it catches up
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self):
+        self.closed = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self._wake()
+
+    def _wake(self):
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def more(self) -> None:
+        """Wait for bytes beyond buf[lo:hi]."""
+        if self.paused:
+            self.paused = False
+            self.transport.resume_reading()
+        if self.closed:
+            raise asyncio.IncompleteReadError(b"", None)
+        self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    async def until(self, sep: bytes) -> bytes:
+        """The bytes up to and including ``sep``."""
+        while True:
+            i = self.buf.find(sep, self.lo, self.hi)
+            if i >= 0:
+                out = bytes(self.view[self.lo:i + len(sep)])
+                self.lo = i + len(sep)
+                return out
+            if self.hi - self.lo > 65536:
+                raise ValueError("line too long")
+            await self.more()
+
+    async def exactly(self, n: int, sink) -> None:
+        """Hand the next ``n`` bytes to ``sink`` (memoryviews into the buffer, valid during the call)."""
+        while n:
+            take = min(n, self.hi - self.lo)
+            if take:
+                sink(self.view[self.lo:self.lo + take])
+                self.lo += take
+                n -= take
+            else:
+                await self.more()
+
+
 class Conn:
     """One keep-alive HTTP/1.1 connection to an origin (scheme, host, port)."""
 
-    def __init__(self, origin: tuple[str, str, int], ssl_ctx, server_name: str | None, connect_to: str | None):
+    def __init__(self, origin: tuple[str, str, int], ssl_ctx, connect_to: str | None):
         self.origin = origin
         self.ssl_ctx = ssl_ctx if origin[0] == "https" else None
-        self.server_name = server_name
-        self.connect_to = connect_to  # an IP address for origin's host (the client ns resolves it too)
-        self.reader = self.writer = None
+        self.connect_to = connect_to  # an IP address for origin's host
+        self.rx: _Receiver | None = None
 
     async def open(self):
-        scheme, host, port = self.origin
-        kw = {"ssl": self.ssl_ctx, "server_hostname": self.server_name or host} if self.ssl_ctx else {}
-        self.reader, self.writer = await asyncio.open_connection(self.connect_to or host, port, limit=READ_CHUNK, **kw)
+        _scheme, host, port = self.origin
+        kw = {"ssl": self.ssl_ctx, "server_hostname": host} if self.ssl_ctx else {}
+        rx = _Receiver()
+        await asyncio.get_running_loop().create_connection(lambda: rx, self.connect_to or host, port, **kw)
+        self.rx = rx
 
     def close(self):
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
+        if self.rx is not None and self.rx.transport is not None:
+            self.rx.transport.close()
+        self.rx = None
 
     async def request(self, path: str, headers: dict, sink) -> tuple[int, dict]:
         """GET ``path``; the body goes to ``sink(chunk)``; (status, lower-cased headers)."""
         for attempt in (0, 1):  # a kept-alive connection the server closed meanwhile: once more, fresh
-            fresh = self.writer is None
+            fresh = self.rx is None or self.rx.closed
             if fresh:
+                self.close()
                 await self.open()
             host = self.origin[1] if self.origin[2] in (80, 443) else f"{self.origin[1]}:{self.origin[2]}"
             head = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: regcache-bench-fleet\r\n"
             head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
             try:
-                self.writer.write(head.encode())
-                raw = await self.reader.readuntil(b"\r\n\r\n")
-            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
+                self.rx.transport.write(head.encode())
+                raw = await self.rx.until(b"\r\n\r\n")
+            except (OSError, asyncio.IncompleteReadError, ValueError) as e:
                 self.close()
                 if fresh or attempt:
                     raise HTTPError(f"{self.origin} {path}: {type(e).__name__}: {e}") from None
@@ -120,25 +204,16 @@ class Conn:
         raise AssertionError("unreachable")
 
     async def _body(self, fields: dict, sink) -> None:
-        reader = self.reader
+        rx = self.rx
         if fields.get("transfer-encoding", "").lower() == "chunked":
             while True:
-                size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+                size = int((await rx.until(b"\r\n")).split(b";")[0], 16)
                 if size == 0:
-                    await reader.readuntil(b"\r\n")
+                    await rx.until(b"\r\n")
                     return
-                await self._exactly(size, sink)
-                await reader.readexactly(2)
-        await self._exactly(int(fields.get("content-length", "0")), sink)
-
-    async def _exactly(self, n: int, sink) -> None:
-        reader = self.reader
-        while n:
-            chunk = await reader.read(min(n, READ_CHUNK))
-            if not chunk:
-                raise asyncio.IncompleteReadError(b"", n)
-            n -= len(chunk)
-            sink(chunk)
+                await rx.exactly(size, sink)
+                await rx.until(b"\r\n")
+        await rx.exactly(int(fields.get("content-length", "0")), sink)
 
 
 class Node:
@@ -160,7 +235,7 @@ class Node:
         origin = (u.scheme, u.hostname, u.port or (443 if u.scheme == "https" else 80))
         pool = self.pools[slot]
         if origin not in pool:
-            pool[origin] = Conn(origin, self.ssl_ctx, None, self.connect_to.get(u.hostname))
+            pool[origin] = Conn(origin, self.ssl_ctx, self.connect_to.get(u.hostname))
         return pool[origin], u.path + (f"?{u.query}" if u.query else "")
 
     async def get(self, slot: int, path: str, headers=None, digest: str | None = None) -> bytes | None:
@@ -177,7 +252,7 @@ class Node:
                 h.update(chunk)
                 count[0] += len(chunk)
                 if digest is None:
-                    keep.append(chunk)
+                    keep.append(bytes(chunk))
 
             status, fields = await conn.request(target, headers or {}, sink)
             if status in (301, 302, 303, 307, 308):
@@ -212,8 +287,7 @@ class Node:
                 await asyncio.sleep(0.2 * (attempt + 1))
 
     async def pull(self) -> None:
-        status_ok = await self.get(0, "/v2/")
-        del status_ok
+        await self.get(0, "/v2/")
         body = await self.get(0, f"/v2/{self.repo}/manifests/{self.tag}", {"Accept": ACCEPT})
         got = "sha256:" + hashlib.sha256(body).hexdigest()
         if got != self.manifest_digest:
@@ -274,7 +348,8 @@ def client_main(argv) -> int:
     ap.add_argument("--connect-to", action="append", default=[], help="HOST=IP")
     args = ap.parse_args(argv)
     results = asyncio.run(run_nodes(args))
-    print(json.dumps(results))
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"nodes": results, "cpu": ru.ru_utime + ru.ru_stime}))
     return 0
 
 
@@ -359,6 +434,7 @@ def fleet_pull(bench, image: Image, nodes: int, base: str, cafile: str | None = 
             running.append((world.popen(world.ns_client, argv, env={"PYTHONPATH": str(ROOT)}, cwd=str(ROOT), stdout=fo, stderr=fe), out, err))
     results = []
     errors = []
+    client_cpu = 0.0
     for proc, out, err in running:
         try:
             proc.wait(timeout=900)
@@ -366,7 +442,9 @@ def fleet_pull(bench, image: Image, nodes: int, base: str, cafile: str | None = 
             proc.kill()
             proc.wait()
         try:
-            results += json.loads(out.read_text())
+            got = json.loads(out.read_text())
+            results += got["nodes"]
+            client_cpu += got["cpu"]
         except ValueError:
             errors.append(f"client exit {proc.returncode}: {err.read_text(errors='replace')[-500:]}")
     ok = [r for r in results if r["ok"]]
@@ -387,6 +465,7 @@ def fleet_pull(bench, image: Image, nodes: int, base: str, cafile: str | None = 
         "retries": sum(r["retries"] for r in results),
         "fastpath": sum(r["fastpath"] for r in results),
         "errors": errors,
+        "client_cpu": client_cpu,
     }
 
 
@@ -436,7 +515,7 @@ def scenario_fleet(bench) -> None:
     def note_of(fig: dict, entries: list[dict] | None, extra: str = "") -> str:
         parts = [f"{fig['nodes']} nodes" + ("" if fig["complete"] else " INCOMPLETE"),
                  f"p50 node {fig['p50']:.2f} s" if fig["p50"] is not None else "",
-                 f"{fig['bytes'] / 1e9:.1f} GB verified"]
+                 f"{fig['bytes'] / 1e9:.1f} GB verified", f"the simulated nodes' CPU {fig['client_cpu']:.1f} s"]
         if fig["retries"]:
             parts.append(f"{fig['retries']} layer retries")
         if entries is not None:
