@@ -586,8 +586,10 @@ def main(argv=None) -> int:
     ap.add_argument("--fleet-sizes", default=list(fleet.SIZES), type=lambda v: [int(x) for x in v.split(",")],
                     help="section 8: simulated nodes per fleet pull (default 50,200)")
     ap.add_argument("--fleet-layer-scale", type=float, default=fleet.LAYER_SCALE,
-                    help=f"section 8: the 10 layers are the issue's 1-50 MiB times this (default {fleet.LAYER_SCALE:g})")
-    ap.add_argument("--fleet-procs", type=int, default=2, help="section 8: client processes the simulated nodes are spread over (default 2)")
+                    help=f"section 8: the 10 layers are the issue's 1-50 MiB times this "
+                         f"(default {fleet.LAYER_SCALE:g})")
+    ap.add_argument("--fleet-procs", type=int, default=2,
+                    help="section 8: client processes the simulated nodes are spread over (default 2)")
     ap.add_argument("--src", help="run regcache from this source tree's src/ instead (to try a patch)")
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"), help="where to write the report (default bench/RESULTS.md)")
     args = ap.parse_args(argv)

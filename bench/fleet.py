@@ -33,7 +33,8 @@ from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SECTION_FLEET = "8. a fleet pulling one 10-layer image at once (time until the last node is done; reference: distribution proxy)"
+SECTION_FLEET = ("8. a fleet pulling one 10-layer image at once (time until the last node is done; "
+                 "reference: distribution proxy)")
 SIZES = (50, 200)
 # The issue's image: 10 layers of 1-50 MiB (199 MiB). --fleet-layer-scale shrinks every layer by the
 # same factor so that 200 nodes fit a few minutes on the 2-core machine (the default is below).
@@ -324,7 +325,8 @@ async def run_nodes(args) -> list[dict]:
             r["ok"] = True
         except Exception as e:  # noqa: BLE001 - every failure is a figure
             r["error"] = f"{type(e).__name__}: {e}"[:300]
-        r.update(start=t0, end=time.time(), bytes=node.bytes, retries=node.retries, redirects=node.redirects, fastpath=node.fastpath)
+        r.update(start=t0, end=time.time(), bytes=node.bytes, retries=node.retries, redirects=node.redirects,
+                 fastpath=node.fastpath)
         node.close()
         results.append(r)
 
@@ -388,7 +390,8 @@ def build_image(world, repo: str, tag: str, names_sizes: list[tuple[str, int]], 
     blobs = [infra.make_blob(name, size, log=log) for name, size in names_sizes]
     for b in blobs:
         infra.push_blob(world, b, repo=repo)
-    cfg = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [b.digest for b in blobs]},
+    cfg = json.dumps({"architecture": "amd64", "os": "linux",
+                      "rootfs": {"type": "layers", "diff_ids": [b.digest for b in blobs]},
                       "config": {}}, sort_keys=True).encode()
     cfg_path = infra.OUT / f"{repo.replace('/', '-')}-config.json"
     cfg_path.write_bytes(cfg)
@@ -402,8 +405,9 @@ def build_image(world, repo: str, tag: str, names_sizes: list[tuple[str, int]], 
     man_path = infra.OUT / f"{repo.replace('/', '-')}-manifest.json"
     man_path.write_bytes(manifest)
     base = f"http://127.0.0.1:{infra.REGISTRY_PORTS[infra.UPSTREAM]}"
-    r = world.run(world.ns_upstream, ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT", "-H", f"Content-Type: {OCI_MANIFEST}",
-                                      "--data-binary", f"@{man_path}", f"{base}/v2/{repo}/manifests/{tag}"])
+    r = world.run(world.ns_upstream, ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT",
+                                      "-H", f"Content-Type: {OCI_MANIFEST}", "--data-binary", f"@{man_path}",
+                                      f"{base}/v2/{repo}/manifests/{tag}"])
     if r.stdout.strip() != "201":
         raise RuntimeError(f"manifest PUT of {repo}:{tag} answered {r.stdout!r}: {r.stderr}")
     return Image(repo, tag, manifest, cfg_blob.digest, blobs)
@@ -412,7 +416,8 @@ def build_image(world, repo: str, tag: str, names_sizes: list[tuple[str, int]], 
 # =========================================================================== the section
 
 
-def fleet_pull(bench, image: Image, nodes: int, base: str, cafile: str | None = None, connect_to: dict | None = None) -> dict:
+def fleet_pull(bench, image: Image, nodes: int, base: str, cafile: str | None = None,
+               connect_to: dict | None = None) -> dict:
     """``nodes`` simulated nodes start pulling at the same moment, spread over --fleet-procs
     client processes in the client ns; returns their results and the figures."""
     world = bench.world
@@ -423,7 +428,8 @@ def fleet_pull(bench, image: Image, nodes: int, base: str, cafile: str | None = 
         share = nodes // procs + (1 if p < nodes % procs else 0)
         first = sum(nodes // procs + (1 if q < nodes % procs else 0) for q in range(p))
         argv = [sys.executable, "-m", "bench.fleet", "client", "--base", base, "--repo", image.repo, "--tag", image.tag,
-                "--manifest-digest", image.digest, "--nodes", str(share), "--first", str(first), "--start-at", f"{start_at:.3f}"]
+                "--manifest-digest", image.digest, "--nodes", str(share), "--first", str(first),
+                "--start-at", f"{start_at:.3f}"]
         if cafile:
             argv += ["--cafile", cafile]
         for host, ip in (connect_to or {}).items():
@@ -431,7 +437,9 @@ def fleet_pull(bench, image: Image, nodes: int, base: str, cafile: str | None = 
         out = bench.work / f"fleet-client-{p}.json"
         err = bench.work / f"fleet-client-{p}.err"
         with open(out, "wb") as fo, open(err, "wb") as fe:
-            running.append((world.popen(world.ns_client, argv, env={"PYTHONPATH": str(ROOT)}, cwd=str(ROOT), stdout=fo, stderr=fe), out, err))
+            proc = world.popen(world.ns_client, argv, env={"PYTHONPATH": str(ROOT)}, cwd=str(ROOT),
+                               stdout=fo, stderr=fe)
+            running.append((proc, out, err))
     results = []
     errors = []
     client_cpu = 0.0
@@ -488,7 +496,8 @@ def request_summary(entries: list[dict], image: Image) -> str:
     heads = sum(1 for e in entries if e.get("method") == "HEAD")
     conns = len({e.get("conn") for e in entries})
     spread = f"{per_blob[0]}" if len(per_blob) == 1 else f"{per_blob[0]}–{per_blob[-1]}"
-    return f"upstream: {spread} GETs per blob, {manifests} manifest GETs, {heads} HEADs, {len(entries)} requests on {conns} connections"
+    return (f"upstream: {spread} GETs per blob, {manifests} manifest GETs, {heads} HEADs, "
+            f"{len(entries)} requests on {conns} connections")
 
 
 def scenario_fleet(bench) -> None:
@@ -499,11 +508,13 @@ def scenario_fleet(bench) -> None:
     args = bench.args
     scale_f = args.fleet_layer_scale
     sizes = layer_sizes(scale_f)
-    bench.say(f"8. fleet image: {len(sizes)} layers, {sum(sizes) / infra.MiB:.1f} MiB (x{scale_f:g} of the issue's 1-50 MiB layers)")
+    bench.say(f"8. fleet image: {len(sizes)} layers, {sum(sizes) / infra.MiB:.1f} MiB "
+              f"(x{scale_f:g} of the issue's 1-50 MiB layers)")
     image = build_image(world, REPO, TAG, [(f"fleet-layer{i}-{s}", s) for i, s in enumerate(sizes)], log=bench.say)
-    small = build_image(world, SMALL_REPO, TAG, [(f"fleet-small{i}-{SMALL_LAYER_BYTES}", SMALL_LAYER_BYTES) for i in range(SMALL_LAYERS)],
-                        log=lambda _msg: None)
-    bench.say(f"  pushed {REPO}:{TAG} ({image.digest[:19]}…) and {SMALL_REPO}:{TAG} ({SMALL_LAYERS} layers) to {infra.UPSTREAM}")
+    small_layers = [(f"fleet-small{i}-{SMALL_LAYER_BYTES}", SMALL_LAYER_BYTES) for i in range(SMALL_LAYERS)]
+    small = build_image(world, SMALL_REPO, TAG, small_layers, log=lambda _msg: None)
+    bench.say(f"  pushed {REPO}:{TAG} ({image.digest[:19]}…) and {SMALL_REPO}:{TAG} ({SMALL_LAYERS} layers) "
+              f"to {infra.UPSTREAM}")
     ulog = infra.UpstreamLog(world, hosts=(infra.UPSTREAM,))
     rip = world.router_client_ip
     quay_ip = world.upstream_ips[infra.UPSTREAM]
@@ -531,7 +542,8 @@ def scenario_fleet(bench) -> None:
         # ---- the distribution proxy (reference) and regcache as a mirror (fast path as by default), both up
         # at once and pulled from in the order dist cold, regcache cold, regcache warm, dist warm: the machine
         # is shared, and this order spreads a drift of its load over both evenly.
-        bench.say(f"8. fleet {tag}: distribution proxy cold, regcache mirror (fast path) cold, regcache warm, distribution proxy warm")
+        bench.say(f"8. fleet {tag}: distribution proxy cold, regcache mirror (fast path) cold, regcache warm, "
+                  "distribution proxy warm")
         dp = DistProxy(world, bench.work / f"distproxy-fleet-{n}").start()
         rc = RegcacheProc(world, bench.work / f"rc-fleet-{n}").start()
         dist_base, rc_base = dp.base(), f"http://{rip}:{infra.MIRROR_PORT}"
@@ -561,7 +573,8 @@ def scenario_fleet(bench) -> None:
         dp.stop()
         warm_ratio = ratio_of(rwarm["last"], dwarm["last"])
         # a missed warm target: one more warm pull under py-spy (not in the table)
-        bench.maybe_profile(warm_ratio is None or warm_ratio > TARGET_WARM, f"fleet of {n}, warm pull, regcache mirror -> fast path", rc.pid,
+        bench.maybe_profile(warm_ratio is None or warm_ratio > TARGET_WARM,
+                            f"fleet of {n}, warm pull, regcache mirror -> fast path", rc.pid,
                             lambda: fleet_pull(bench, image, n, rc_base), rc)
         rc.stop()
         shutil.rmtree(rc.cache_dir, ignore_errors=True)
@@ -593,17 +606,22 @@ def scenario_fleet(bench) -> None:
             # On a real fleet every node has CPUs of its own; here the simulated nodes share the 2 cores with
             # the cache, so the wall times above include their work. The caches' own CPU does not.
             dc = dcpu_cold if phase == "cold" else dcpu_warm
-            row(f"{tag}, {phase}: CPU of the cache itself, regcache / distribution proxy", cpu, "CPU-s", ratio=ratio_of(cpu, dc),
+            row(f"{tag}, {phase}: CPU of the cache itself, regcache / distribution proxy", cpu, "CPU-s",
+                ratio=ratio_of(cpu, dc),
                 note=f"regcache {cpu:.1f} s, distribution proxy {dc:.1f} s; the simulated nodes took "
                      f"{r['client_cpu']:.1f} s and {d['client_cpu']:.1f} s of the same 2 cores")
         gets = blob_get_counts(rcold_up, image)
         worst = max(gets.values())
         row(f"{tag}, cold: regcache upstream GETs per blob", worst, "GETs", target="== 1",
             ok=worst == 1 and min(gets.values()) == 1 and rcold["complete"],
-            note=f"GETs per blob (config, layers largest first): {', '.join(str(gets[x]) for x in image.blob_digests())}")
-        row(f"{tag}: no cache, every node straight from upstream", direct["last"], ratio=ratio_of(direct["last"], dcold["last"]),
-            note=note_of(direct, None, f"{len(direct_up)} upstream requests") + "; ratio to the cold distribution proxy")
-        bench.rss(f"fleet of {n}, cold + warm pull of a {image.size / infra.MiB:.0f} MiB image, mirror -> fast path", hwm)
+            note="GETs per blob (config, layers largest first): "
+                 + ", ".join(str(gets[x]) for x in image.blob_digests()))
+        row(f"{tag}: no cache, every node straight from upstream", direct["last"],
+            ratio=ratio_of(direct["last"], dcold["last"]),
+            note=note_of(direct, None, f"{len(direct_up)} upstream requests")
+                 + "; ratio to the cold distribution proxy")
+        bench.rss(f"fleet of {n}, cold + warm pull of a {image.size / infra.MiB:.0f} MiB image, mirror -> fast path",
+                  hwm)
 
     # ---- keep-alive upstream: 50 small layers, one node, cold
     bench.say(f"8. {SMALL_LAYERS} small layers, cold, one node through regcache: upstream TLS connections")
@@ -615,9 +633,11 @@ def scenario_fleet(bench) -> None:
     shutil.rmtree(rc.cache_dir, ignore_errors=True)
     conns = len({e.get("conn") for e in entries})
     raw["small"] = {"fig": fig, "upstream": [(e["method"], e["path"], e["status"], e.get("conn")) for e in entries]}
-    row(f"cold pull of {SMALL_LAYERS} small layers ({SMALL_LAYER_BYTES // 1024} KiB), one node: upstream TLS connections",
+    row(f"cold pull of {SMALL_LAYERS} small layers ({SMALL_LAYER_BYTES // 1024} KiB), one node: "
+        "upstream TLS connections",
         conns if fig["complete"] else None, "connections", target="a handful (<= 8)", ok=fig["complete"] and conns <= 8,
-        note=f"{len(entries)} upstream requests on {conns} connections (distinct nginx `$pid-$connection`); pull {fig['last'] or 0:.2f} s"
+        note=f"{len(entries)} upstream requests on {conns} connections (distinct nginx `$pid-$connection`); "
+             f"pull {fig['last'] or 0:.2f} s"
              + ("; ERRORS: " + "; ".join(fig["errors"]) if fig["errors"] else ""))
 
 
@@ -628,19 +648,19 @@ def ratio_of(value, reference):
 
 
 DETAILS = [
-    "- Section 8 (fleet, `bench/fleet.py`): N simulated nodes in the client ns (`python -m bench.fleet client`, asyncio,",
-    "  split over `--fleet-procs` processes that all start at one wall-clock moment). Each node: `GET /v2/`, the manifest",
-    f"  by tag (digest checked), the config, then the layers with up to {CONCURRENT_LAYERS} downloads at a time, each",
-    "  on its own keep-alive connection per origin, redirects followed (the mirror's 307 to the fast path), every",
-    f"  sha256 verified; a failed layer download is retried (up to {MAX_ATTEMPTS} attempts) and counted. Time = from the",
-    "  common start until the last node is done; p50 = the median node's own pull time. Cold = a fresh, empty cache",
-    "  (regcache: a fresh mitmdump; distribution proxy: fresh storage), warm = the same cache again, within the",
-    "  tag TTL. The image (10 layers, sizes of the issue's 1-50 MiB times `--fleet-layer-scale`; random bytes under",
-    "  bench/out/) is pushed to the world's quay.io with the OCI monolithic upload, then an OCI manifest.",
-    "  Per N both caches run at once and are pulled from in the order distribution proxy cold, regcache cold, regcache",
-    "  warm, distribution proxy warm (a drift of the shared machine's load falls on both alike); then no cache.",
-    "  Upstream requests: quay.io's nginx access log during each pull. Upstream TLS connections of the 50-small-layer",
-    "  pull: distinct `$pid-$connection` values in that log.",
+    "- Section 8 (fleet, `bench/fleet.py`): N simulated nodes in the client ns (`python -m bench.fleet client`,",
+    "  asyncio, split over `--fleet-procs` processes that all start at one wall-clock moment). Each node:",
+    f"  `GET /v2/`, the manifest by tag (digest checked), the config, then the layers, {CONCURRENT_LAYERS} downloads",
+    "  at a time, each on its own keep-alive connection per origin, redirects followed (the mirror's 307 to the",
+    f"  fast path), every sha256 verified; a failed layer download is retried (up to {MAX_ATTEMPTS} attempts) and",
+    "  counted. Time = from the common start until the last node is done; p50 = the median node's own pull time.",
+    "  Cold = a fresh, empty cache (regcache: a fresh mitmdump; distribution proxy: fresh storage), warm = the same",
+    "  cache again, within the tag TTL. The image (10 layers, the issue's 1-50 MiB times `--fleet-layer-scale`;",
+    "  random bytes under bench/out/) is pushed to the world's quay.io with the OCI monolithic upload, then an OCI",
+    "  manifest. Per N both caches run at once and are pulled from in the order distribution proxy cold, regcache",
+    "  cold, regcache warm, distribution proxy warm (a drift of the shared machine's load falls on both alike);",
+    "  then no cache. Upstream requests: quay.io's nginx access log during each pull. Upstream TLS connections of",
+    "  the 50-small-layer pull: distinct `$pid-$connection` values in that log.",
 ]
 
 
