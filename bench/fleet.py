@@ -56,6 +56,8 @@ ACCEPT = ", ".join((OCI_MANIFEST, "application/vnd.oci.image.index.v1+json",
                     "application/vnd.docker.distribution.manifest.list.v2+json"))
 READ_CHUNK = 1 << 20
 MAX_ATTEMPTS = 5  # a runtime retries a failed layer download; every retry is counted and reported
+# A connect this slow waited for a retransmitted SYN (the first comes 1 s later): the listener's accept queue was full.
+SLOW_CONNECT = 0.9
 
 
 # =========================================================================== the simulated node
@@ -151,17 +153,21 @@ class _Receiver(asyncio.BufferedProtocol):
 class Conn:
     """One keep-alive HTTP/1.1 connection to an origin (scheme, host, port)."""
 
-    def __init__(self, origin: tuple[str, str, int], ssl_ctx, connect_to: str | None):
+    def __init__(self, origin: tuple[str, str, int], ssl_ctx, connect_to: str | None, on_connect=None):
         self.origin = origin
         self.ssl_ctx = ssl_ctx if origin[0] == "https" else None
         self.connect_to = connect_to  # an IP address for origin's host
+        self.on_connect = on_connect  # called with the seconds each connect (and TLS handshake) took
         self.rx: _Receiver | None = None
 
     async def open(self):
         _scheme, host, port = self.origin
         kw = {"ssl": self.ssl_ctx, "server_hostname": host} if self.ssl_ctx else {}
         rx = _Receiver()
+        t0 = time.monotonic()
         await asyncio.get_running_loop().create_connection(lambda: rx, self.connect_to or host, port, **kw)
+        if self.on_connect is not None:
+            self.on_connect(time.monotonic() - t0)
         self.rx = rx
 
     def close(self):
@@ -230,13 +236,15 @@ class Node:
         self.retries = 0
         self.redirects = 0
         self.fastpath = 0
+        self.connects: list[float] = []
+        self.retry_errors: list[str] = []
 
     def conn(self, slot: int, url: str) -> tuple[Conn, str]:
         u = urlsplit(url)
         origin = (u.scheme, u.hostname, u.port or (443 if u.scheme == "https" else 80))
         pool = self.pools[slot]
         if origin not in pool:
-            pool[origin] = Conn(origin, self.ssl_ctx, self.connect_to.get(u.hostname))
+            pool[origin] = Conn(origin, self.ssl_ctx, self.connect_to.get(u.hostname), self.connects.append)
         return pool[origin], u.path + (f"?{u.query}" if u.query else "")
 
     async def get(self, slot: int, path: str, headers=None, digest: str | None = None) -> bytes | None:
@@ -279,10 +287,11 @@ class Node:
             try:
                 await self.get(slot, f"/v2/{self.repo}/blobs/{digest}", digest=digest)
                 return
-            except HTTPError:
+            except HTTPError as e:
                 if attempt == MAX_ATTEMPTS - 1:
                     raise
                 self.retries += 1
+                self.retry_errors.append(str(e)[:200])
                 for c in self.pools[slot].values():
                     c.close()
                 await asyncio.sleep(0.2 * (attempt + 1))
@@ -326,7 +335,9 @@ async def run_nodes(args) -> list[dict]:
         except Exception as e:  # noqa: BLE001 - every failure is a figure
             r["error"] = f"{type(e).__name__}: {e}"[:300]
         r.update(start=t0, end=time.time(), bytes=node.bytes, retries=node.retries, redirects=node.redirects,
-                 fastpath=node.fastpath)
+                 fastpath=node.fastpath, connects=len(node.connects), retry_errors=node.retry_errors[:2],
+                 slow_connects=sum(1 for c in node.connects if c >= SLOW_CONNECT),
+                 max_connect=max(node.connects, default=0.0))
         node.close()
         results.append(r)
 
@@ -423,6 +434,7 @@ def fleet_pull(bench, image: Image, nodes: int, base: str, cafile: str | None = 
     world = bench.world
     procs = max(1, min(bench.args.fleet_procs, nodes))
     start_at = time.time() + 1.5 + 0.05 * procs  # every client process is up and waiting by then
+    overflows0 = listen_overflows(world)
     running = []
     for p in range(procs):
         share = nodes // procs + (1 if p < nodes % procs else 0)
@@ -455,6 +467,7 @@ def fleet_pull(bench, image: Image, nodes: int, base: str, cafile: str | None = 
             client_cpu += got["cpu"]
         except ValueError:
             errors.append(f"client exit {proc.returncode}: {err.read_text(errors='replace')[-500:]}")
+    overflows = listen_overflows(world) - overflows0
     ok = [r for r in results if r["ok"]]
     failed = [r for r in results if not r["ok"]]
     if failed:
@@ -471,10 +484,26 @@ def fleet_pull(bench, image: Image, nodes: int, base: str, cafile: str | None = 
         "max": durations[-1] if durations else None,
         "bytes": sum(r["bytes"] for r in ok),
         "retries": sum(r["retries"] for r in results),
+        "retry_errors": [e for r in results for e in r.get("retry_errors", [])][:3],
+        "connects": sum(r.get("connects", 0) for r in results),
+        "slow_connects": sum(r.get("slow_connects", 0) for r in results),
+        "max_connect": max((r.get("max_connect", 0.0) for r in results), default=0.0),
+        "listen_overflows": overflows,
         "fastpath": sum(r["fastpath"] for r in results),
         "errors": errors,
         "client_cpu": client_cpu,
     }
+
+
+def listen_overflows(world) -> int:
+    """TcpExt ListenOverflows of the router namespace (where the caches listen): SYNs dropped because a
+    listener's accept queue was full; the client retransmits them 1, 3, 7, 15 ... s later."""
+    r = world.run(world.ns_router, ["cat", "/proc/net/netstat"], check=False)
+    lines = [l.split() for l in r.stdout.splitlines() if l.startswith("TcpExt:")]
+    if len(lines) < 2:
+        return 0
+    fields = dict(zip(lines[0][1:], lines[1][1:]))
+    return int(fields.get("ListenOverflows", 0))
 
 
 def blob_get_counts(entries: list[dict], image: Image) -> dict[str, int]:
@@ -528,7 +557,11 @@ def scenario_fleet(bench) -> None:
                  f"p50 node {fig['p50']:.2f} s" if fig["p50"] is not None else "",
                  f"{fig['bytes'] / 1e6:,.0f} MB verified", f"the simulated nodes' CPU {fig['client_cpu']:.1f} s"]
         if fig["retries"]:
-            parts.append(f"{fig['retries']} layer retries")
+            parts.append(f"{fig['retries']} layer retries (e.g. {fig['retry_errors'][0][:120]})")
+        if fig["slow_connects"] or fig["listen_overflows"]:
+            parts.append(f"{fig['slow_connects']} of {fig['connects']} connects took >= {SLOW_CONNECT:g} s (slowest "
+                         f"{fig['max_connect']:.1f} s), {fig['listen_overflows']} accept-queue overflows "
+                         "in the router ns")
         if entries is not None:
             parts.append(request_summary(entries, image))
         if extra:
