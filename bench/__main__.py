@@ -11,8 +11,8 @@ the CNCF distribution pull-through proxy in front of the same upstream:
   5. warm skopeo copy of multi-layer images, and the upstream requests of a warm pull
   7. (--only scale) costs as the store grows: 1k/10k/100k-blob stores, hit latency and rate,
      mitmdump start, regcache stats/ls/gc/verify --help (bench/scale.py; written to bench/SCALE.md)
-  8. (--only rates) request rates at 64 and 512 keep-alive connections, mirror and HTTPS_PROXY:
-     regcache vs the distribution proxy and a bare mitmproxy addon (bench/rates.py)
+    ap.add_argument("--only", default="hits,misses,concurrency,skopeo,scale,rates,fleet", type=lambda v: set(v.split(",")),
+                    help="sections to run (comma list of hits, misses, concurrency, skopeo, scale, rates, fleet; default all)")
 
 prints a table with PASS/MISS per target and writes bench/RESULTS.md (section 7: bench/SCALE.md). Needs root (network
 namespaces). See bench/README.md.
@@ -40,7 +40,7 @@ if str(ROOT) not in sys.path:
 from tests.world import DEFAULT_SPECS, ImageSpec, LayerSpec, World  # noqa: E402
 from tests.world.images import KiB, MiB  # noqa: E402
 
-from . import infra, rates, scale  # noqa: E402
+from . import fleet, infra, rates, scale  # noqa: E402
 from .infra import GiB, UPSTREAM, Blob, DistProxy, Profile, RefNginx, RegcacheProc  # noqa: E402
 from .report import Row, machine_info, profile_markdown, rows_json, text_table, targets_summary, write_results  # noqa: E402
 
@@ -78,7 +78,8 @@ SECTION_SKOPEO = "5. warm skopeo copy (median wall time; reference: distribution
 SECTION_NOISE = "6. the machine is shared: CPU other processes took during each section (share of all cores)"
 SECTION_SCALE = scale.SECTION_SCALE
 SECTION_RATES = rates.SECTION_RATES
-SECTION_SHORT = {"1": "hits", "2": "misses", "3": "concurrency", "5": "skopeo", "7": "scale", "8": "rates"}
+SECTION_FLEET = fleet.SECTION_FLEET
+SECTION_SHORT = {"1": "hits", "2": "misses", "3": "concurrency", "5": "skopeo", "7": "scale", "8": "rates", "9": "fleet"}
 UPSTREAM_HOSTS = ("quay.io", "registry-1.docker.io", "auth.docker.io", "production.cloudflare.docker.com", "gcr.io", "registry.k8s.io", "ghcr.io")
 
 
@@ -189,7 +190,7 @@ class Bench:
     # ------------------------------------------------------------------ scenarios
 
     def run(self) -> int:
-        big_blobs = bool(self.args.only - {"scale", "rates"})  # sections 7 and 8 bring their own content
+        big_blobs = bool(self.args.only - {"scale", "rates", "fleet"})  # sections 7-9 bring their own content
         if big_blobs:
             self.say("blobs (generated once under bench/out/)")
             self.big = infra.make_blob("blob-1g", GiB, log=self.say)
@@ -213,6 +214,7 @@ class Bench:
                     (SECTION_SKOPEO, self.scenario_skopeo),
                     (SECTION_SCALE, lambda: scale.scenario_scale(self)),
                     (SECTION_RATES, lambda: rates.scenario_rates(self)),
+                    (SECTION_FLEET, lambda: fleet.scenario_fleet(self)),
                 ):
                     if SECTION_SHORT[section.split(".", 1)[0]] not in self.args.only:
                         continue
@@ -638,8 +640,8 @@ def main(argv=None) -> int:
     ap.add_argument("--miss-rounds", type=int, default=2, help="cold 1 GiB fetches per cache, interleaved (median is reported; default 2)")
     ap.add_argument("--skopeo-repeat", type=int, default=5, help="warm skopeo copies per image (default 5)")
     ap.add_argument("--profile", choices=("auto", "all", "none"), default="auto", help="py-spy profiles: for missed targets (auto), also for some met ones (all), never")
-    ap.add_argument("--only", default="hits,misses,concurrency,skopeo,scale,rates", type=lambda v: set(v.split(",")),
-                    help="sections to run (comma list of hits, misses, concurrency, skopeo, scale, rates; default all)")
+    ap.add_argument("--only", default="hits,misses,concurrency,skopeo,scale,rates,fleet", type=lambda v: set(v.split(",")),
+                    help="sections to run (comma list of hits, misses, concurrency, skopeo, scale, rates, fleet; default all)")
     ap.add_argument("--scale-sizes", default=list(scale.SIZES), type=lambda v: [int(x) for x in v.split(",")],
                     help="store sizes (blobs) of section 7, the first is the baseline (default 1000,10000,100000)")
     ap.add_argument("--scale-rounds", type=int, default=3, help="section 7: rounds over every store size, interleaved (median is reported; default 3)")
@@ -650,6 +652,13 @@ def main(argv=None) -> int:
                     help="section 8: connection counts (default 64,512; RSS is read at the largest)")
     ap.add_argument("--rates-native", action="store_true",
                     help="section 8: profile with py-spy --native (C frames; blocking, slows regcache several times)")
+    ap.add_argument("--fleet-sizes", default=list(fleet.SIZES), type=lambda v: [int(x) for x in v.split(",")],
+                    help="section 9: simulated nodes per fleet pull (default 50,200)")
+    ap.add_argument("--fleet-layer-scale", type=float, default=fleet.LAYER_SCALE,
+                    help=f"section 9: the 10 layers are the issue's 1-50 MiB times this "
+                         f"(default {fleet.LAYER_SCALE:g})")
+    ap.add_argument("--fleet-procs", type=int, default=2,
+                    help="section 9: client processes the simulated nodes are spread over (default 2)")
     ap.add_argument("--src", help="run regcache from this source tree's src/ instead (to try a patch)")
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "RESULTS.md"), help="where to write the report (default bench/RESULTS.md)")
     args = ap.parse_args(argv)
@@ -693,6 +702,8 @@ def main(argv=None) -> int:
     details = list(DETAILS)
     if "rates" in args.only:
         details += rates.DETAILS
+    if "fleet" in args.only:
+        details += fleet.DETAILS
     if args.src:
         details.insert(0, f"- regcache source: `{args.src}` (PYTHONPATH), not the installed tree.")
     # Section 7 has its own file: `--only scale` must not wipe the other sections' figures in RESULTS.md.

@@ -59,6 +59,8 @@ def fmt(value, unit: str) -> str:
         return f"{value:.2f} ms"
     if unit == "req/s":
         return f"{value:,.0f} req/s"
+    if unit == "CPU-s":
+        return f"{value:.1f} CPU-s"
     if unit == "GETs":
         return f"{int(value)} {unit}"
     if unit == "x":
