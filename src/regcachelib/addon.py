@@ -24,7 +24,7 @@ from mitmproxy.proxy import mode_specs
 
 from . import oci
 from .blobs import Follow, Hit, Redirect, Relay, Uncached
-from .blobserver import FASTPATH_PREFIX, BlobServer, Signer, Ticket
+from .blobserver import FASTPATH_PREFIX, BlobServer, Signer, Ticket, raise_listen_backlogs
 from .clients import ClientNetworks, ClientPolicy
 from .concurrency import Workers
 from .config import Config, ConfigError, CredentialError, load_config
@@ -436,6 +436,8 @@ class RegistryCache:
             else:
                 log.warning("fast path disabled, cannot listen on its default port %s: %s", where, e)
             await self.blobserver.start(None, None)
+        # mitmproxy's listeners are up by now (master starts them before `running`)
+        raise_listen_backlogs()
         log.info(
             "cache %s, %s, in-band blob server 127.0.0.1:%d%s",
             self._store.directory,

@@ -30,6 +30,8 @@ import ipaddress
 import logging
 import os
 import resource
+import socket
+import stat
 import time
 from asyncio import selector_events
 from collections import OrderedDict
@@ -88,6 +90,40 @@ def receive_whole_mitmproxy_reads() -> None:
     transport = getattr(selector_events, "_SelectorSocketTransport", None)
     if transport is not None and getattr(transport, "max_size", None) == ASYNCIO_RECV:
         transport.max_size = ASYNCIO_RECV // MITMPROXY_READ * MITMPROXY_READ
+
+
+# asyncio's default listen backlog is 100: a fleet of 200 nodes starting at once lost 96-277
+# connects to it (bench fleet, N=200) and waited for SYN retries. The kernel caps it at
+# net.core.somaxconn (4096 on Debian 12).
+LISTEN_BACKLOG = 1024
+
+
+def raise_listen_backlogs(backlog: int = LISTEN_BACKLOG) -> int:
+    """Give every listening TCP socket of this process (mitmproxy's listeners too, which it
+    opens with asyncio's default of 100 and no option to change) a longer accept queue.
+
+    listen() on a listening socket only changes its backlog; a dup of the descriptor reaches
+    the same socket. Returns how many sockets were raised (0 where /proc is missing)."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return 0
+    raised = 0
+    for fd in fds:
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue  # closed meanwhile (the listdir's own descriptor among them)
+        with sock:
+            try:
+                if sock.type == socket.SOCK_STREAM and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    sock.listen(backlog)
+                    raised += 1
+            except OSError:
+                pass
+    return raised
 
 
 @dataclass
@@ -301,12 +337,14 @@ class BlobServer:
 
     async def start(self, fastpath_host: str | None, fastpath_port: int | None) -> None:
         receive_whole_mitmproxy_reads()  # in-band bodies stream through mitmproxy from here on
-        inband = await asyncio.start_server(self._handle, "127.0.0.1", 0, limit=MAX_REQUEST_HEAD)
+        inband = await asyncio.start_server(self._handle, "127.0.0.1", 0, limit=MAX_REQUEST_HEAD,
+                                            backlog=LISTEN_BACKLOG)
         self.servers.append(inband)
         self.inband_port = inband.sockets[0].getsockname()[1]
         if fastpath_port is not None:
             fast = await asyncio.start_server(
-                self._handle_fastpath, fastpath_host or None, fastpath_port, limit=MAX_REQUEST_HEAD
+                self._handle_fastpath, fastpath_host or None, fastpath_port, limit=MAX_REQUEST_HEAD,
+                backlog=LISTEN_BACKLOG,
             )
             self.servers.append(fast)
             self.fastpath_port = fast.sockets[0].getsockname()[1]

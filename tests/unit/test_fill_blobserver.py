@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import ssl
+import subprocess
 import time
 from dataclasses import dataclass, field
 
@@ -715,3 +717,28 @@ def test_a_file_shorter_than_its_length_ends_the_response_short(tmp_path, monkey
             assert "file ends at" in caplog.text
 
     run(main())
+
+
+@pytest.mark.skipif(shutil.which("ss") is None or not os.path.isdir("/proc/self/fd"), reason="needs ss and /proc")
+def test_listen_backlogs_are_raised_for_every_listener_of_the_process():
+    """A fleet starting at once overflows asyncio's default accept queue of 100 (mitmproxy's
+    listeners use it too): every listening socket of the process gets LISTEN_BACKLOG."""
+
+    def backlog(port: int) -> int:
+        out = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+        return int(out.split()[2])  # State Recv-Q Send-Q: a listener's Send-Q is its backlog
+
+    async def main():
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # backlog 100, like mitmproxy's
+        port = server.sockets[0].getsockname()[1]
+        try:
+            assert backlog(port) == 100
+            assert blobserver.raise_listen_backlogs() >= 1
+            assert backlog(port) == blobserver.LISTEN_BACKLOG
+            # the listener still accepts
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+        finally:
+            server.close()
+
+    asyncio.run(main())
