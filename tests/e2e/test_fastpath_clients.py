@@ -163,8 +163,9 @@ def test_private_repository_stays_in_band_for_a_proxied_client(world, regcache_f
         assert counter.bytes() == 0
     log = rc.log_text()
     for digest in image.blobs:
-        line = f"GET blob registry=docker.io repo=private/secret digest={digest} outcome=HIT via=inband"
-        assert line in log, log[-3000:]
+        # a small blob is answered inline (its bytes logged), a larger one streams from the blob server
+        line = rf"GET blob registry=docker.io repo=private/secret digest={digest} outcome=HIT( bytes=\d+)? via=inband"
+        assert re.search(line, log), log[-3000:]
     assert "via=fastpath" not in log
 
 
@@ -250,6 +251,7 @@ def test_redirect_through_another_http_proxy_is_sent_back_in_band(world, regcach
     assert "sent back to https://registry-1.docker.io/v2/library/small/blobs/sha256:" in log
     for digest in image.blobs:
         # the cache hits of the second round: in-band, no more round trips through the other proxy
-        assert f"GET blob registry=docker.io repo=library/small digest={digest} outcome=HIT via=inband" in log, \
+        assert re.search(rf"GET blob registry=docker.io repo=library/small digest={digest} outcome=HIT( bytes=\d+)? via=inband",
+                         log), \
             f"{client}: {digest}:\n{log[-3000:]}"
         assert f"digest={digest} outcome=HIT via=fastpath" not in log, f"{client}: {digest}:\n{log[-3000:]}"
