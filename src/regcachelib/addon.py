@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -404,6 +405,8 @@ class RegistryCache:
         if self.blobserver is not None:
             # blob bodies must come from the store the addon now answers from
             self.blobserver.use(self.services.store, self.services.fills)
+            if self.services.tier is not None and self.blobserver.peer_port:
+                self.services.tier.serve_peers(self.blobserver.peer_port)
         for child in self.addons:
             use = getattr(child, "use", None)
             if use is not None:
@@ -434,6 +437,7 @@ class RegistryCache:
             else:
                 log.warning("fast path disabled, cannot listen on its default port %s: %s", where, e)
             await self.blobserver.start(None, None)
+        await self._serve_peers()
         # mitmproxy's listeners are up by now (master starts them before `running`)
         raise_listen_backlogs()
         log.info(
@@ -443,6 +447,24 @@ class RegistryCache:
             self.blobserver.inband_port,
             f", fast path port {self.blobserver.fastpath_port}" if self.blobserver.fastpath_port else "",
         )
+
+    async def _serve_peers(self) -> None:
+        """A cache tier node streams the fills it leads to the other nodes (tier.py)."""
+        tier = self.services.tier
+        if tier is None or not tier.config.peer_port or self.blobserver.peer_port:
+            return
+        try:
+            await self.blobserver.start_peer(tier.config.peer_port, self._verify_peer)
+        except OSError as e:
+            log.warning("tier: cannot listen for peers on port %d (tier.peer_port): %s; other nodes wait for "
+                        "this node's uploads instead of streaming its fills", tier.config.peer_port, e)
+            return
+        log.info("tier: other nodes stream fills in progress from %s", tier.serve_peers(self.blobserver.peer_port))
+        await asyncio.to_thread(tier.peer_key)
+
+    def _verify_peer(self, target: str) -> tuple[str | None, str]:
+        tier = self.services.tier if self.services is not None else None
+        return tier.verify_peer(target) if tier is not None else (None, "not a tier node")
 
     async def done(self):
         if self.blobserver:

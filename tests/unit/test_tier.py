@@ -123,10 +123,10 @@ class FakeTier:
         self.looks = 0
         self.appear_after = None  # (looks, digest, data): another node's object shows up
 
-    def open_blob(self, digest):
+    def open_blob(self, digest, start=0):
         self.looks += 1
         data = self.objects.get(digest)
-        return None if data is None else (io.BytesIO(data), len(data), "application/octet-stream")
+        return None if data is None else (io.BytesIO(data[start:]), len(data) - start, "application/octet-stream")
 
     def try_lease(self, digest):
         if self.holder is not None:
@@ -134,32 +134,51 @@ class FakeTier:
         self.leases += 1
         return tiermod.NoLease()
 
-    def lease_holder(self, digest):
+    def lease_info(self, digest):
         self.looks_at_lease = getattr(self, "looks_at_lease", 0) + 1
         if self.appear_after and self.looks_at_lease >= self.appear_after[0]:
             self.holder = None  # the leader is done: its object is there
             self.objects[self.appear_after[1]] = self.appear_after[2]
-        return self.holder
+        if self.holder is None:
+            return None
+        base = getattr(self, "peer_base", None)
+        return tiermod.LeaseInfo.parse(f"{self.holder}:1" + (f" {base}" if base else ""))
+
+    def peer_url(self, base, digest):
+        return f"{base}{tiermod.PEER_PREFIX}{digest}?exp=1&sig=x"
 
 
 class FakeUpstream:
     def __init__(self):
         self.requests = []
+        self.body = b""
 
     def request(self, method, target, path, headers):
         self.requests.append((method, path))
-        return FakeResponse()
+        return FakeResponse(self.body)
 
 
 class FakeResponse:
     status = 200
     headers = [("Content-Type", "application/octet-stream")]
 
+    def __init__(self, body=b""):
+        self._body = io.BytesIO(body)
+        self.content_length = len(body)
+
     def header(self, name):
         return "application/octet-stream"
 
+    def end_deadline(self):
+        pass
+
+    def read1(self, n):
+        return self._body.read(n)
+
     def close(self):
         pass
+
+    discard = close
 
 
 def test_source_reads_the_object_store_first(store):
@@ -212,3 +231,133 @@ def test_a_corrupt_shared_object_is_removed_so_the_next_request_goes_upstream(st
     while resp.read1(1024):
         pass
     assert tier.removed == [digest]
+
+
+# --- streaming a fill in progress from the leader (peer streaming) ----------------------------------------
+
+
+def test_peer_settings_are_parsed_and_checked():
+    config = parse_config(TIER_YAML + "  peer_port: 7001\n  peer_address: 10.0.0.7\n")
+    assert (config.tier.peer_port, config.tier.peer_address) == (7001, "10.0.0.7")
+    assert parse_config(TIER_YAML).tier.peer_port == tiermod.PEER_PORT
+    for bad, why in (("peer_port: 70000", "peer_port"), ("peer_port: yes", "peer_port"),
+                     ("peer_address: 'http://x/'", "peer_address")):
+        with pytest.raises(ConfigError, match=why):
+            parse_config(TIER_YAML + f"  {bad}\n")
+
+
+def test_a_lease_names_its_node_and_where_its_fill_streams_from():
+    info = tiermod.LeaseInfo.parse("node-a:0a1b2c http://10.0.0.1:5081")
+    assert (info.node, info.peer_base) == ("node-a", "http://10.0.0.1:5081")
+    assert tiermod.LeaseInfo.parse("node-a:0a1b2c").peer_base is None  # a node without a peer listener
+
+
+class FakeRedis:
+    def __init__(self):
+        self.values = {}
+
+    def set(self, key, value, nx=False, px=None):
+        if nx and key in self.values:
+            return None
+        self.values[key] = value.encode() if isinstance(value, str) else value
+        return True
+
+    def get(self, key):
+        return self.values.get(key)
+
+
+def make_tier(redis_client, node="n1"):
+    config = parse_config(TIER_YAML).tier
+    return tiermod.Tier(tiermod.TierConfig(**{**config.__dict__, "node": node}), s3=object(),
+                        redis_client=redis_client)
+
+
+def test_peer_urls_are_good_only_signed_with_the_tiers_key_and_until_they_expire():
+    shared = FakeRedis()
+    leader, follower = make_tier(shared, "a"), make_tier(shared, "b")
+    leader.serve_peers(5081)
+    assert leader.peer_key() == follower.peer_key()  # created once (SET NX), read by the other
+    digest = sha256(b"blob")
+    url = follower.peer_url(leader.peer_base, digest, now=1000.0)
+    target = url[url.index(tiermod.PEER_PREFIX):]
+    assert leader.verify_peer(target, now=1010.0) == (digest, "")
+    assert leader.verify_peer(target, now=1000.0 + tiermod.PEER_URL_TTL + 1)[1] == "peer URL expired"
+    other = sha256(b"another blob")
+    assert leader.verify_peer(target.replace(digest, other), now=1010.0)[0] is None  # altered
+    assert leader.verify_peer(target.split("?")[0], now=1010.0)[0] is None  # unsigned
+    outsider = make_tier(FakeRedis(), "x")  # another tier's key
+    forged = outsider.peer_url(leader.peer_base, digest, now=1000.0)
+    assert leader.verify_peer(forged[forged.index(tiermod.PEER_PREFIX):], now=1010.0)[0] is None
+
+
+def test_leases_carry_the_peer_url_only_once_the_node_serves_peers():
+    shared = FakeRedis()
+    tier = make_tier(shared, "a")
+    digest = sha256(b"x")
+    assert tier.try_lease(digest) is not None
+    assert tier.lease_info(digest).peer_base is None
+    shared.values.clear()
+    tier.serve_peers(6001)
+    lease = tier.try_lease(digest)
+    info = tier.lease_info(digest)
+    assert info.node == "a" and info.peer_base.endswith(":6001") and lease.token == info.token
+    lease._stop.set()
+
+
+class BreakingPeer:
+    """A leader's peer listener that promises the whole blob and dies after part of it."""
+
+    def __init__(self, data: bytes, cut: int):
+        import http.server
+        import threading
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[:cut])
+                self.wfile.flush()
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("taken_over_by", ["object store", "this node"])
+def test_a_broken_peer_stream_continues_from_whoever_takes_over(store, monkeypatch, taken_over_by):
+    """The leader dies mid-stream: the follower's response goes on from the byte where it broke,
+    read from the object store once the blob is there, or from upstream under its own lease
+    (skipping what it had); the bytes together are the blob."""
+    monkeypatch.setattr(tiermod, "POLL_SECONDS", 0.01)
+    data = random_bytes(300_000)
+    digest = sha256(data)
+    peer = BreakingPeer(data, 100_000)
+    try:
+        tier = FakeTier(holder="node-a")
+        tier.peer_base = peer.base
+        if taken_over_by == "object store":
+            tier.appear_after = (3, digest, data)
+        upstream = FakeUpstream()
+        upstream.body = data
+        source = TierSource(upstream, tier, store)
+        resp = source.request("GET", None, f"/v2/r/blobs/{digest}", [])
+        assert isinstance(resp, tiermod.PeerBlobResponse) and resp.content_length == len(data)
+        got = b""
+        while chunk := resp.read1(65536):
+            got += chunk
+            if len(got) >= 100_000 and taken_over_by == "this node":
+                tier.holder = None  # the dead leader's lease expired
+        resp.close()
+    finally:
+        peer.close()
+    assert got == data
+    assert (len(upstream.requests), tier.leases) == ((0, 0) if taken_over_by == "object store" else (1, 1))
