@@ -52,7 +52,9 @@ def tier(world, store_host, tmp_path, request):
         port = NODE_PORTS[name]
         workdir = tmp_path / f"node-{name}-{len(nodes)}"
         workdir.mkdir()
-        config = store_host.tier_config(bucket_name or bucket, f"node-{name}", redirect) + "fastpath: off\n"
+        # every node of the world runs in the router namespace: a peer port of its own each
+        config = (store_host.tier_config(bucket_name or bucket, f"node-{name}", redirect, peer_port=port + 1)
+                  + "fastpath: off\n")
         rc = Regcache(world, workdir, cache_dir or workdir / "cache", [f"regular@{port}"], {}, config, expected)
         rc.env = store_host.node_env()
         rc.port = port
@@ -215,6 +217,56 @@ def test_three_nodes_pull_one_cold_blob_with_one_upstream_fetch(world, tier, tmp
     assert len(cdn_gets(world, digest)) - before == 1
     listing = wait_shared(tier.host, tier.bucket, [digest])
     assert listing["objects"][f"blobs/sha256/{digest.split(':')[1]}"] == size and not listing["uploads"]
+
+
+def test_followers_stream_a_shared_miss_from_the_fetching_node_as_it_arrives(world, tier, tmp_path):
+    """A client on node B asks for a cold blob node A is fetching from a slow upstream: B's
+    client gets its first bytes while A's fetch is still running (streamed from A's peer
+    listener, not after A's upload), the whole tier makes one upstream GET, both digests right."""
+    digest, size = big_layer(world)
+    a, b = tier.start("a"), tier.start("b")
+    token = pull_token(world, "library/big")
+    auth = [f"Authorization: Bearer {token}"]
+    before = len(cdn_gets(world, digest))
+    with throttled_upstream(world, "24mbit"):  # ~10 s for 30 MiB
+        started = time.monotonic()
+        ca = curl_via(world, a, blob_url("library/big", digest), tmp_path / "ca", headers=auth).start()
+        ca.wait_received(2 * 1024 * 1024, timeout=60)  # A is fetching, well before its end
+        assert lease_holder(tier, digest).startswith("node-a")
+        asked = time.monotonic()
+        cb = curl_via(world, b, blob_url("library/big", digest), tmp_path / "cb", headers=auth).start()
+        deadline = time.monotonic() + 60
+        while cb.received() == 0:
+            assert cb.proc.poll() is None, cb.wait().describe() + b.log_text()[-3000:]
+            assert time.monotonic() < deadline, b.log_text()[-3000:]
+            time.sleep(0.02)
+        first_byte = time.monotonic() - asked
+        a_running = ca.proc.poll() is None
+        ca.wait(120)
+        a_total = time.monotonic() - started
+        cb.wait(120)
+    assert ca.exit_code == 0 and ca.status == 200 and sha256_file(ca.out) == digest, ca.describe()
+    assert cb.exit_code == 0 and cb.status == 200 and sha256_file(cb.out) == digest, cb.describe()
+    assert a_running, f"B's first byte after {first_byte:.1f} s came only once A's fetch was over"
+    assert first_byte < a_total / 3, (first_byte, a_total)
+    assert f"tier: blob {digest} streams from node node-a" in b.log_text()
+    settle_logs()
+    assert len(cdn_gets(world, digest)) - before == 1
+    listing = wait_shared(tier.host, tier.bucket, [digest])
+    assert listing["objects"][f"blobs/sha256/{digest.split(':')[1]}"] == size and not listing["uploads"]
+
+
+def test_peer_listener_refuses_unsigned_and_forged_requests(world, tier, tmp_path):
+    """Only members of the tier (holders of its key in Redis) may read a node's fills over the
+    peer port: others get a 403 with an OCI error body."""
+    digest, _size = big_layer(world)
+    a = tier.start("a")
+    peer = f"http://{world.router_client_ip}:{NODE_PORTS['a'] + 1}/_regcache/peer/{digest}"
+    for name, url in (("unsigned", peer), ("forged", f"{peer}?exp={int(time.time()) + 60}&sig={'0' * 64}")):
+        p = world.run(world.ns_client, ["curl", "-sS", "-o", tmp_path / name, "-w", "%{http_code}", url])
+        assert p.stdout == "403", p.stdout + p.stderr
+        assert '"code": "DENIED"' in (tmp_path / name).read_text()
+    assert "refused peer request" in a.log_text()
 
 
 def lease_holder(tier, digest: str) -> str:
