@@ -76,6 +76,9 @@ SLICE = 8 * 1024 * 1024
 SMALL_BODY = 64 * 1024
 # A peer's request may come before upstream answered the fill it follows: wait this long for that.
 PEER_HEADERS_WAIT = 30.0
+# Peer streams one node sends at once: each costs the leader's NIC a copy of the blob, so beyond a
+# few the bucket serves better (the others wait for the leader's upload, as without peer streaming).
+MAX_PEER_STREAMS = 16
 
 
 # mitmproxy reads what it streams 65,535 bytes at a time (proxy/server.py), out of what asyncio
@@ -339,6 +342,7 @@ class BlobServer:
         # a cache tier's peer listener (tier.py): other nodes stream fills in progress from it
         self.peer_port = 0
         self.peer_verify: Callable[[str], tuple[str | None, str]] | None = None
+        self.peer_streams = 0  # being sent now
 
     async def start(self, fastpath_host: str | None, fastpath_port: int | None) -> None:
         receive_whole_mitmproxy_reads()  # in-band bodies stream through mitmproxy from here on
@@ -357,7 +361,8 @@ class BlobServer:
 
     async def start_peer(self, port: int, verify: Callable[[str], tuple[str | None, str]]) -> int:
         """Listen for the other nodes of a cache tier on port (all addresses). They get only
-        what verify(target) grants: (digest, "") for a URL signed with the tier's key."""
+        what verify(target) grants: (digest, "") for a URL signed with the tier's key. A fixed port:
+        with 0, each address family would get a port of its own."""
         server = await asyncio.start_server(self._handle_peer, None, port, limit=MAX_REQUEST_HEAD,
                                             backlog=LISTEN_BACKLOG)
         self.servers.append(server)
@@ -570,7 +575,16 @@ class BlobServer:
             except TimeoutError:
                 await self._send_error(writer, 504, "Gateway Timeout", "UNAVAILABLE", "upstream has not answered yet")
                 return True
-        return await self._send_blob(writer, method, digest, headers.get("range"), "PEER", [])
+        if self.peer_streams >= MAX_PEER_STREAMS:
+            self.throttle.log(logging.INFO, "peer-busy", "%d peer streams under way (the cap): %s waits for the "
+                              "object instead", MAX_PEER_STREAMS, peer_address)
+            await self._send_error(writer, 503, "Service Unavailable", "UNAVAILABLE", "too many peer streams")
+            return True
+        self.peer_streams += 1
+        try:
+            return await self._send_blob(writer, method, digest, headers.get("range"), "PEER", [])
+        finally:
+            self.peer_streams -= 1
 
     async def _send_blob(self, writer, method, digest, range_header, cache_status, extra) -> bool:
         fill = self.fills.get(digest)

@@ -265,6 +265,9 @@ class FakeRedis:
     def get(self, key):
         return self.values.get(key)
 
+    def eval(self, script, numkeys, *args):  # a lease's renewal and release
+        return 0
+
 
 def make_tier(redis_client, node="n1"):
     config = parse_config(TIER_YAML).tier
@@ -294,14 +297,14 @@ def test_leases_carry_the_peer_url_only_once_the_node_serves_peers():
     shared = FakeRedis()
     tier = make_tier(shared, "a")
     digest = sha256(b"x")
-    assert tier.try_lease(digest) is not None
+    tier.try_lease(digest).release()
     assert tier.lease_info(digest).peer_base is None
     shared.values.clear()
     tier.serve_peers(6001)
     lease = tier.try_lease(digest)
     info = tier.lease_info(digest)
     assert info.node == "a" and info.peer_base.endswith(":6001") and lease.token == info.token
-    lease._stop.set()
+    lease.release()
 
 
 class BreakingPeer:
@@ -361,3 +364,56 @@ def test_a_broken_peer_stream_continues_from_whoever_takes_over(store, monkeypat
         peer.close()
     assert got == data
     assert (len(upstream.requests), tier.leases) == ((0, 0) if taken_over_by == "object store" else (1, 1))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_peer_listener_serves_signed_requests_only_and_caps_its_streams(store, monkeypatch):
+    """A blob this node holds (or is fetching) goes to a peer that presents a URL signed with the
+    tier's key, ranges included; anything else gets a 403 OCI error; past the cap, a 503."""
+    import asyncio
+    import os
+
+    from regcachelib import blobserver
+    from regcachelib.blobserver import BlobServer, Signer
+    from regcachelib.fill import Fills
+
+    from .helpers import http_request, stage_and_commit
+
+    data = random_bytes(200_000)
+    digest = stage_and_commit(store, data)
+    leader = make_tier(FakeRedis(), "a")
+    follower = make_tier(leader.redis, "b")
+
+    async def scenario():
+        server = BlobServer(store, Fills(store, FakeUpstream()), Signer(os.urandom(32)))
+        await server.start(None, None)
+        try:
+            port = await server.start_peer(free_port(), leader.verify_peer)
+            base = leader.serve_peers(port)  # the requests below go to 127.0.0.1:port
+            leader.peer_key()  # read when the listener starts (addon.py), off the event loop
+            url = follower.peer_url(base, digest)
+            path = url[url.index(tiermod.PEER_PREFIX):]
+            whole = await http_request(port, path)
+            ranged = await http_request(port, path, {"Range": "bytes=1000-"})
+            unsigned = await http_request(port, path.split("?")[0])
+            other = make_tier(FakeRedis(), "x").peer_url(base, digest)
+            forged = await http_request(port, other[other.index(tiermod.PEER_PREFIX):])
+            monkeypatch.setattr(blobserver, "MAX_PEER_STREAMS", 0)
+            busy = await http_request(port, path)
+            return whole, ranged, unsigned, forged, busy
+        finally:
+            await server.stop()
+
+    whole, ranged, unsigned, forged, busy = asyncio.run(scenario())
+    assert whole.status == 200 and whole.body == data
+    assert ranged.status == 206 and ranged.body == data[1000:]
+    for refused in (unsigned, forged):
+        assert refused.status == 403 and b'"DENIED"' in refused.body
+    assert busy.status == 503
