@@ -163,8 +163,28 @@ class Blobs(_ServiceChild):
                        "HIT")
                 record(flow, "HIT", None, "tier-redirect")
             elif isinstance(result, Uncached):
-                pass_through(flow, req, req.forward_credentials, req.offline)
-                record(flow, "UNCACHED")
+                shared = await self._shared_copy(req, result)
+                if shared is not None:
+                    # a tier node with a full disk: the bucket's copy streams through, not upstream's
+                    flow.request.url = shared
+                    flow.request.headers.pop("authorization", None)
+                    record(flow, "UNCACHED", None, "tier")
+                else:
+                    pass_through(flow, req, req.forward_credentials, req.offline)
+                    record(flow, "UNCACHED")
+
+    async def _shared_copy(self, req: RegistryRequest, result: Uncached) -> str | None:
+        """A presigned URL of the tier's copy of a blob this node cannot store (its disk is
+        full), once this client passed the access rule; None: the request goes upstream."""
+        tier = self.services.tier
+        if tier is None or req.method != "GET" or result.reason != "cache disk full":
+            return None
+        digest = str(req.digest)
+        url = await self.cache.workers.store_write(tier.presigned_blob_url, digest)
+        if url is not None:
+            await self.services.access.require(req, digest)  # before any byte of the bucket's
+            log.info("blob %s streams from the tier's object store uncached (cache disk full)", digest)
+        return url
 
     def _serve(self, flow: http.HTTPFlow, req: RegistryRequest, cache_status: str, fastpath: bool) -> None:
         digest = str(req.digest)

@@ -20,6 +20,7 @@ import pytest
 from tests.world.tier import StoreHost, tier_available
 
 from .conftest import Regcache, dir_manifest_digest, log_errors_expected, skopeo_copy
+from .test_faults import small_tmpfs  # noqa: F401 - a fixture: a 20 MiB tmpfs for a cache dir
 from .test_singleflight import (big_layer, blob_url, cdn_gets, client_bundle, curl, pull_token, settle_logs,
                                 sha256_file, throttled_upstream)
 
@@ -267,6 +268,47 @@ def test_peer_listener_refuses_unsigned_and_forged_requests(world, tier, tmp_pat
         assert p.stdout == "403", p.stdout + p.stderr
         assert '"code": "DENIED"' in (tmp_path / name).read_text()
     assert "refused peer request" in a.log_text()
+
+
+def test_a_node_with_a_full_disk_serves_its_clients_and_the_others_read_the_bucket(world, tier, tmp_path,
+                                                                                   small_tmpfs):
+    """Node A's cache disk (a 20 MiB tmpfs) cannot hold the 30 MiB layer: A's clients still get
+    the right bytes (passed through from upstream while the tier lacks it, streamed from the
+    bucket once it has it: no upstream GET then), and A leaves nothing partial for the others,
+    who read the copy node B shared."""
+    img = world.image("docker.io/library/big:1")
+    digest, size = big_layer(world)
+    a, b = tier.start("a", cache_dir=small_tmpfs), tier.start("b")
+    ref = "docker://registry-1.docker.io/library/big:1"
+
+    r = skopeo_copy(world, ref, tmp_path / "a1", env_for(world, a))
+    assert r.returncode == 0, r.stderr + a.log_text()[-3000:]
+    assert dir_manifest_digest(tmp_path / "a1") == img.manifest_digest
+    assert sha256_file(tmp_path / "a1" / digest.split(":")[1]) == digest
+    assert "cache disk full" in a.log_text()
+    assert tier.host.bucket(tier.bucket)["objects"].get(f"blobs/sha256/{digest.split(':')[1]}") is None
+
+    r = skopeo_copy(world, ref, tmp_path / "b1", env_for(world, b))
+    assert r.returncode == 0, r.stderr + b.log_text()[-3000:]
+    listing = wait_shared(tier.host, tier.bucket, img.blobs)
+    assert listing["objects"][f"blobs/sha256/{digest.split(':')[1]}"] == size and not listing["uploads"]
+
+    settle_logs()
+    before = len(cdn_gets(world, digest))
+    r = skopeo_copy(world, ref, tmp_path / "a2", env_for(world, a))
+    assert r.returncode == 0, r.stderr + a.log_text()[-3000:]
+    assert sha256_file(tmp_path / "a2" / digest.split(":")[1]) == digest
+    settle_logs()
+    assert len(cdn_gets(world, digest)) == before, "node A fetched the layer upstream, not from the bucket"
+    assert f"blob {digest} streams from the tier's object store uncached" in a.log_text()
+    c = tier.start("c")
+    r = skopeo_copy(world, ref, tmp_path / "c1", env_for(world, c))
+    assert r.returncode == 0, r.stderr + c.log_text()[-3000:]
+    assert sha256_file(tmp_path / "c1" / digest.split(":")[1]) == digest
+    assert f"tier: blob {digest} from the object store" in c.log_text()
+    settle_logs()
+    assert len(cdn_gets(world, digest)) == before, "the layer was fetched upstream again"
+    assert a.proc.poll() is None
 
 
 def lease_holder(tier, digest: str) -> str:
