@@ -865,7 +865,7 @@ class TierSource:
                     raise
                 return LeadingResponse(resp, self.tier, self.store, digest, lease)
             leader = self.tier.lease_info(digest)
-            if leader is not None and leader.peer_base and leader.token not in tried:
+            if self._streamable(leader, tried):
                 tried.add(leader.token)
                 stream = self._open_peer(digest, leader, start)
                 if stream is not None:
@@ -877,13 +877,19 @@ class TierSource:
             # Wait on the lease (a cheap Redis read), not on the bucket: the object store sees
             # one look per follower when the leader is done, not four a second while it works.
             while (leader := self.tier.lease_info(digest)) is not None:
-                if leader.peer_base and leader.token not in tried:
+                if self._streamable(leader, tried):
                     break  # a new leader (the last one died): its stream
                 if time.monotonic() > deadline:
                     log.warning("tier: waited %.0f s for blob %s; fetching it from upstream", self.max_wait,
                                 digest)
                     return fetch()
                 time.sleep(POLL_SECONDS)
+
+    def _streamable(self, leader: LeaseInfo | None, tried: set[str]) -> bool:
+        """Whether to ask the lease holder for its stream: it has a peer listener, is not this
+        node (a fill of a replaced service set, after a reload), and was not tried already."""
+        return (leader is not None and bool(leader.peer_base) and leader.node != self.tier.config.node
+                and leader.token not in tried)
 
     def _open_peer(self, digest: str, leader: LeaseInfo, start: int) -> PeerStream | None:
         for attempt in (1, 2):

@@ -118,6 +118,7 @@ class FakeTier:
         self.objects = dict(objects or {})
         self.holder = holder  # node holding the lease, or None
         self.s3_health = Backend("s3", "object store")
+        self.config = tiermod.TierConfig(None, "b", None, None, None, "redis://x", "this-node")
         self.bytes_read = 0
         self.leases = 0
         self.looks = 0
@@ -417,3 +418,25 @@ def test_the_peer_listener_serves_signed_requests_only_and_caps_its_streams(stor
     for refused in (unsigned, forged):
         assert refused.status == 403 and b'"DENIED"' in refused.body
     assert busy.status == 503
+
+
+def test_a_node_never_streams_from_itself_nor_twice_from_a_leader_that_failed(store, monkeypatch):
+    """A lease of this very node (a fill of a replaced service set) or a leader whose stream
+    could not be opened is waited for (its object), not asked again and again."""
+    monkeypatch.setattr(tiermod, "POLL_SECONDS", 0.01)
+    data = random_bytes(1000)
+    digest = sha256(data)
+    for holder, base in (("this-node", "http://127.0.0.1:9"), ("node-b", "http://127.0.0.1:9")):
+        tier = FakeTier(holder=holder)
+        tier.peer_base = base  # port 9: nobody listens
+        tier.appear_after = (6, digest, data)
+        opened = []
+
+        def refused(cls, *args):
+            opened.append(args)
+            raise ConnectionRefusedError("refused")
+
+        monkeypatch.setattr(tiermod.PeerStream, "open", classmethod(refused))
+        resp = TierSource(FakeUpstream(), tier, store).request("GET", None, f"/v2/r/blobs/{digest}", [])
+        assert isinstance(resp, SharedBlobResponse)
+        assert len(opened) == (0 if holder == "this-node" else 1)
