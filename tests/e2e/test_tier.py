@@ -317,9 +317,10 @@ def lease_holder(tier, digest: str) -> str:
 
 
 def test_leader_killed_mid_fetch_others_take_over(world, tier, tmp_path):
-    """kill -9 of the node fetching a shared miss: another node takes over once the lease
-    expires, the other clients get the exact bytes, the bucket never holds a partial object,
-    and the restarted node sweeps its leftover staging file."""
+    """kill -9 of the node fetching a shared miss while the other nodes' clients stream it from
+    that node: another node takes over once the lease expires, the other clients' responses go
+    on and end with the exact bytes, the bucket never holds a partial object, and the restarted
+    node sweeps its leftover staging file."""
     digest, size = big_layer(world)
     key = f"blobs/sha256/{digest.split(':')[1]}"
     a, b, c = (tier.start(n) for n in "abc")
@@ -335,6 +336,8 @@ def test_leader_killed_mid_fetch_others_take_over(world, tier, tmp_path):
                      for n, rc in (("b", b), ("c", c))]
         time.sleep(1.5)
         assert tier.host.bucket(tier.bucket)["objects"].get(key) is None
+        # the followers' clients stream A's download already; A's death must not cut them short
+        streaming = [f.received() for f in followers]
         a.kill9()
         ca.wait(30)
         for f in followers:
@@ -344,6 +347,8 @@ def test_leader_killed_mid_fetch_others_take_over(world, tier, tmp_path):
         assert f.exit_code == 0 and f.status == 200, f.describe()
         assert sha256_file(f.out) == digest
     assert any("waiting for its object" in rc.log_text() for rc in (b, c))
+    assert all(n > 0 for n in streaming), streaming
+    assert all(f"stream of blob {digest} from node node-a broke" in rc.log_text() for rc in (b, c))
     listing = wait_shared(tier.host, tier.bucket, [digest])
     assert listing["objects"][key] == size and not listing["uploads"], listing
 
