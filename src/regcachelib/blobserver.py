@@ -79,6 +79,9 @@ PEER_HEADERS_WAIT = 30.0
 # Peer streams one node sends at once: each costs the leader's NIC a copy of the blob, so beyond a
 # few the bucket serves better (the others wait for the leader's upload, as without peer streaming).
 MAX_PEER_STREAMS = 16
+# Open connections on the peer port at most (signed or not, each holds a descriptor until its head
+# times out): beyond, new ones are closed at once.
+MAX_PEER_CONNECTIONS = 128
 
 
 # mitmproxy reads what it streams 65,535 bytes at a time (proxy/server.py), out of what asyncio
@@ -343,6 +346,7 @@ class BlobServer:
         self.peer_port = 0
         self.peer_verify: Callable[[str], tuple[str | None, str]] | None = None
         self.peer_streams = 0  # being sent now
+        self.peer_connections = 0  # open now
 
     async def start(self, fastpath_host: str | None, fastpath_port: int | None) -> None:
         receive_whole_mitmproxy_reads()  # in-band bodies stream through mitmproxy from here on
@@ -371,7 +375,16 @@ class BlobServer:
         return self.peer_port
 
     async def _handle_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await self._handle(reader, writer, from_tier=True)
+        if self.peer_connections >= MAX_PEER_CONNECTIONS:
+            writer.transport.abort()
+            self.throttle.log(logging.WARNING, "peer-cap", "peer port: %d connections open (the cap); closed a "
+                              "new one", MAX_PEER_CONNECTIONS)
+            return
+        self.peer_connections += 1
+        try:
+            await self._handle(reader, writer, from_tier=True)
+        finally:
+            self.peer_connections -= 1
 
     def _install_accept_error_throttle(self) -> None:
         """asyncio reports accept() failing for want of file descriptors (EMFILE) to the loop's

@@ -375,9 +375,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_the_peer_listener_serves_signed_requests_only_and_caps_its_streams(store, monkeypatch):
+def test_the_peer_listener_serves_signed_requests_only_and_caps_streams_and_connections(store, monkeypatch):
     """A blob this node holds (or is fetching) goes to a peer that presents a URL signed with the
-    tier's key, ranges included; anything else gets a 403 OCI error; past the cap, a 503."""
+    tier's key, ranges included; anything else gets a 403 OCI error; past the stream cap, a 503;
+    past the connection cap, a closed connection."""
     import asyncio
     import os
 
@@ -408,6 +409,9 @@ def test_the_peer_listener_serves_signed_requests_only_and_caps_its_streams(stor
             forged = await http_request(port, other[other.index(tiermod.PEER_PREFIX):])
             monkeypatch.setattr(blobserver, "MAX_PEER_STREAMS", 0)
             busy = await http_request(port, path)
+            monkeypatch.setattr(blobserver, "MAX_PEER_CONNECTIONS", 0)
+            with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+                await http_request(port, path)  # closed before it is read
             return whole, ranged, unsigned, forged, busy
         finally:
             await server.stop()
