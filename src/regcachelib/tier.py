@@ -10,6 +10,11 @@ local miss, looks in the shared layer before it asks upstream:
     Redis   what nodes learn that others need: membership (registry, repo) -> digests,
             publicness verdicts with their time, tag -> {media type: (digest, checked)}, and
             leases (SET NX PX, renewed) so one node of the tier fetches a blob from upstream.
+            A lease names the node and its peer listener: the other nodes stream the fill in
+            progress from there (URLs signed with regcache:peer-key, made once with SET NX).
+    peers   GET /_regcache/peer/<digest> on a node's peer_port: its fill in progress (or its
+            stored blob), for a URL signed with the tier's key; a follower whose stream breaks
+            goes on from that byte with whoever takes over (PeerBlobResponse).
 
 Redis because these are small per-request reads on the hit path that need an atomic
 set-if-absent (a lease); S3 has neither cheap small reads nor conditional writes on every
