@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -162,8 +163,28 @@ class Blobs(_ServiceChild):
                        "HIT")
                 record(flow, "HIT", None, "tier-redirect")
             elif isinstance(result, Uncached):
-                pass_through(flow, req, req.forward_credentials, req.offline)
-                record(flow, "UNCACHED")
+                shared = await self._shared_copy(req, result)
+                if shared is not None:
+                    # a tier node with a full disk: the bucket's copy streams through, not upstream's
+                    flow.request.url = shared
+                    flow.request.headers.pop("authorization", None)
+                    record(flow, "UNCACHED", None, "tier")
+                else:
+                    pass_through(flow, req, req.forward_credentials, req.offline)
+                    record(flow, "UNCACHED")
+
+    async def _shared_copy(self, req: RegistryRequest, result: Uncached) -> str | None:
+        """A presigned URL of the tier's copy of a blob this node cannot store (its disk is
+        full), once this client passed the access rule; None: the request goes upstream."""
+        tier = self.services.tier
+        if tier is None or req.method != "GET" or result.reason != "cache disk full":
+            return None
+        digest = str(req.digest)
+        url = await self.cache.workers.store_write(tier.presigned_blob_url, digest)
+        if url is not None:
+            await self.services.access.require(req, digest)  # before any byte of the bucket's
+            log.info("blob %s streams from the tier's object store uncached (cache disk full)", digest)
+        return url
 
     def _serve(self, flow: http.HTTPFlow, req: RegistryRequest, cache_status: str, fastpath: bool) -> None:
         digest = str(req.digest)
@@ -404,6 +425,8 @@ class RegistryCache:
         if self.blobserver is not None:
             # blob bodies must come from the store the addon now answers from
             self.blobserver.use(self.services.store, self.services.fills)
+            if self.services.tier is not None and self.blobserver.peer_port:
+                self.services.tier.serve_peers(self.blobserver.peer_port)
         for child in self.addons:
             use = getattr(child, "use", None)
             if use is not None:
@@ -434,6 +457,7 @@ class RegistryCache:
             else:
                 log.warning("fast path disabled, cannot listen on its default port %s: %s", where, e)
             await self.blobserver.start(None, None)
+        await self._serve_peers()
         # mitmproxy's listeners are up by now (master starts them before `running`)
         raise_listen_backlogs()
         log.info(
@@ -443,6 +467,24 @@ class RegistryCache:
             self.blobserver.inband_port,
             f", fast path port {self.blobserver.fastpath_port}" if self.blobserver.fastpath_port else "",
         )
+
+    async def _serve_peers(self) -> None:
+        """A cache tier node streams the fills it leads to the other nodes (tier.py)."""
+        tier = self.services.tier
+        if tier is None or not tier.config.peer_port or self.blobserver.peer_port:
+            return
+        try:
+            await self.blobserver.start_peer(tier.config.peer_port, self._verify_peer)
+        except OSError as e:
+            log.warning("tier: cannot listen for peers on port %d (tier.peer_port): %s; other nodes wait for "
+                        "this node's uploads instead of streaming its fills", tier.config.peer_port, e)
+            return
+        log.info("tier: other nodes stream fills in progress from %s", tier.serve_peers(self.blobserver.peer_port))
+        await asyncio.to_thread(tier.peer_key)
+
+    def _verify_peer(self, target: str) -> tuple[str | None, str]:
+        tier = self.services.tier if self.services is not None else None
+        return tier.verify_peer(target) if tier is not None else (None, "not a tier node")
 
     async def done(self):
         if self.blobserver:

@@ -74,6 +74,14 @@ SLICE = 8 * 1024 * 1024
 # for a small blob, where loop.sendfile would cost a head segment of its own and more event-loop
 # work (waiting for the buffer to empty, pausing and resuming reading) than copying the bytes.
 SMALL_BODY = 64 * 1024
+# A peer's request may come before upstream answered the fill it follows: wait this long for that.
+PEER_HEADERS_WAIT = 30.0
+# Peer streams one node sends at once: each costs the leader's NIC a copy of the blob, so beyond a
+# few the bucket serves better (the others wait for the leader's upload, as without peer streaming).
+MAX_PEER_STREAMS = 16
+# Open connections on the peer port at most (signed or not, each holds a descriptor until its head
+# times out): beyond, new ones are closed at once.
+MAX_PEER_CONNECTIONS = 128
 
 
 # mitmproxy reads what it streams 65,535 bytes at a time (proxy/server.py), out of what asyncio
@@ -334,6 +342,11 @@ class BlobServer:
         self.fast_connections: dict[asyncio.StreamWriter, _FastConnection] = {}
         self.throttle = LogThrottle()
         self._loop_handlers = None  # (loop, the exception handler before ours, ours)
+        # a cache tier's peer listener (tier.py): other nodes stream fills in progress from it
+        self.peer_port = 0
+        self.peer_verify: Callable[[str], tuple[str | None, str]] | None = None
+        self.peer_streams = 0  # being sent now
+        self.peer_connections = 0  # open now
 
     async def start(self, fastpath_host: str | None, fastpath_port: int | None) -> None:
         receive_whole_mitmproxy_reads()  # in-band bodies stream through mitmproxy from here on
@@ -349,6 +362,29 @@ class BlobServer:
             self.servers.append(fast)
             self.fastpath_port = fast.sockets[0].getsockname()[1]
             self._install_accept_error_throttle()
+
+    async def start_peer(self, port: int, verify: Callable[[str], tuple[str | None, str]]) -> int:
+        """Listen for the other nodes of a cache tier on port (all addresses). They get only
+        what verify(target) grants: (digest, "") for a URL signed with the tier's key. A fixed port:
+        with 0, each address family would get a port of its own."""
+        server = await asyncio.start_server(self._handle_peer, None, port, limit=MAX_REQUEST_HEAD,
+                                            backlog=LISTEN_BACKLOG)
+        self.servers.append(server)
+        self.peer_verify = verify
+        self.peer_port = server.sockets[0].getsockname()[1]
+        return self.peer_port
+
+    async def _handle_peer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.peer_connections >= MAX_PEER_CONNECTIONS:
+            writer.transport.abort()
+            self.throttle.log(logging.WARNING, "peer-cap", "peer port: %d connections open (the cap); closed a "
+                              "new one", MAX_PEER_CONNECTIONS)
+            return
+        self.peer_connections += 1
+        try:
+            await self._handle(reader, writer, from_tier=True)
+        finally:
+            self.peer_connections -= 1
 
     def _install_accept_error_throttle(self) -> None:
         """asyncio reports accept() failing for want of file descriptors (EMFILE) to the loop's
@@ -448,7 +484,8 @@ class BlobServer:
             self.fast_connections[conn.writer] = conn
 
     async def _handle(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _FastConnection | None = None
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _FastConnection | None = None,
+        from_tier: bool = False,
     ) -> None:
         loop = asyncio.get_running_loop()
         peer = writer.get_extra_info("peername")
@@ -473,7 +510,8 @@ class BlobServer:
                 self._waiting(conn, busy=True)
                 method, target, headers = req
                 keep_alive = headers.get("connection", "").lower() != "close"
-                if not await self._respond(method, target, headers, writer, peer_address):
+                respond = self._respond_peer if from_tier else self._respond
+                if not await respond(method, target, headers, writer, peer_address):
                     return
                 if not keep_alive:
                     return
@@ -530,6 +568,36 @@ class BlobServer:
             range_header = headers.get("range")
             cache_status = "HIT"
         return await self._send_blob(writer, method, digest, range_header, cache_status, extra)
+
+    async def _respond_peer(self, method: str, target: str, headers: dict[str, str], writer,
+                            peer_address: str) -> bool:
+        """Another node of the tier asks for a blob this node is fetching (or holds)."""
+        if method not in ("GET", "HEAD"):
+            await self._send_error(writer, 405, "Method Not Allowed", "UNSUPPORTED", "only GET and HEAD", close=True)
+            return False
+        digest, why = self.peer_verify(target) if self.peer_verify is not None else (None, "no tier")
+        if digest is None:
+            self.throttle.log(logging.WARNING, "peer-denied", "refused peer request from %s: %s", peer_address, why)
+            await self._send_error(writer, 403, "Forbidden", "DENIED", why)
+            return True
+        fill = self.fills.get(digest)
+        if fill is not None and not fill.headers_ready.is_set():
+            # the lease names this node as soon as it takes it: upstream may not have answered yet
+            try:
+                await asyncio.wait_for(fill.headers_ready.wait(), PEER_HEADERS_WAIT)
+            except TimeoutError:
+                await self._send_error(writer, 504, "Gateway Timeout", "UNAVAILABLE", "upstream has not answered yet")
+                return True
+        if self.peer_streams >= MAX_PEER_STREAMS:
+            self.throttle.log(logging.INFO, "peer-busy", "%d peer streams under way (the cap): %s waits for the "
+                              "object instead", MAX_PEER_STREAMS, peer_address)
+            await self._send_error(writer, 503, "Service Unavailable", "UNAVAILABLE", "too many peer streams")
+            return True
+        self.peer_streams += 1
+        try:
+            return await self._send_blob(writer, method, digest, headers.get("range"), "PEER", [])
+        finally:
+            self.peer_streams -= 1
 
     async def _send_blob(self, writer, method, digest, range_header, cache_status, extra) -> bool:
         fill = self.fills.get(digest)

@@ -10,6 +10,11 @@ local miss, looks in the shared layer before it asks upstream:
     Redis   what nodes learn that others need: membership (registry, repo) -> digests,
             publicness verdicts with their time, tag -> {media type: (digest, checked)}, and
             leases (SET NX PX, renewed) so one node of the tier fetches a blob from upstream.
+            A lease names the node and its peer listener: the other nodes stream the fill in
+            progress from there (URLs signed with regcache:peer-key, made once with SET NX).
+    peers   GET /_regcache/peer/<digest> on a node's peer_port: its fill in progress (or its
+            stored blob), for a URL signed with the tier's key; a follower whose stream breaks
+            goes on from that byte with whoever takes over (PeerBlobResponse).
 
 Redis because these are small per-request reads on the hit path that need an atomic
 set-if-absent (a lease); S3 has neither cheap small reads nor conditional writes on every
@@ -20,13 +25,17 @@ to upstream, with one log line per outage; when it answers again sharing resumes
 from __future__ import annotations
 
 import hashlib
+import hmac
+import http.client
 import json
 import logging
 import os
+import select
 import socket
 import threading
 import time
 from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
 
 from . import oci
 
@@ -41,6 +50,17 @@ POLL_SECONDS = 0.25
 MULTIPART_THRESHOLD = 64 * 1024 * 1024
 MULTIPART_CHUNK = 16 * 1024 * 1024
 KEY_PREFIX = "regcache:"
+# Peer streaming: a follower reads the leader's fill in progress from the leader's peer listener.
+PEER_PORT = 5081
+PEER_PREFIX = "/_regcache/peer/"
+PEER_KEY = f"{KEY_PREFIX}peer-key"
+PEER_KEY_TTL = 60.0  # a node re-reads the tier's peer key this often (a flushed Redis gets a new one)
+PEER_URL_TTL = 60  # a signed peer URL is good this long after it was made (it is used at once)
+PEER_CONNECT_TIMEOUT = 2.0
+# No byte from the leader for this long: the stream is taken for broken and the follower takes over
+# (longer than the default upstream_timeout, so a live leader ends a stalled fill first). A leader
+# killed on a live host is noticed at once (its kernel resets the connection).
+PEER_READ_TIMEOUT = 45.0
 
 
 @dataclass(frozen=True)
@@ -54,15 +74,27 @@ class TierConfig:
     node: str
     redirect: bool = False  # answer a blob the bucket holds with a presigned URL (bytes bypass the node)
     redirect_ttl: float = 60.0
+    # where other nodes stream a fill in progress from: this node's peer listener (0: none, followers
+    # wait for the object) and the address they reach it on (None: the one this node reaches Redis from)
+    peer_port: int = PEER_PORT
+    peer_address: str | None = None
 
 
 def parse_tier(value) -> TierConfig:
     """The `tier:` config section (config.py calls this; errors name the key)."""
     if not isinstance(value, dict):
         raise ValueError("expected a mapping with s3:, redis: and optionally node:")
-    unknown = set(value) - {"s3", "redis", "node", "redirect"}
+    known = {"s3", "redis", "node", "redirect", "peer_port", "peer_address"}
+    unknown = set(value) - known
     if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)} (known: s3, redis, node, redirect)")
+        raise ValueError(f"unknown key(s) {sorted(unknown)} (known: {', '.join(sorted(known))})")
+    peer_port = value.get("peer_port", PEER_PORT)
+    if not isinstance(peer_port, int) or isinstance(peer_port, bool) or not 0 <= peer_port <= 65535:
+        raise ValueError("peer_port: expected a port number (0: no peer streaming)")
+    peer_address = value.get("peer_address")
+    if peer_address is not None and (not isinstance(peer_address, str) or not peer_address
+                                     or any(c.isspace() or c in "/?#@" for c in peer_address)):
+        raise ValueError("peer_address: expected a host name or IP address")
     redirect = value.get("redirect", False)
     if not isinstance(redirect, bool):
         raise ValueError("redirect: expected true or false")
@@ -79,10 +111,11 @@ def parse_tier(value) -> TierConfig:
     if not isinstance(redis, dict) or not isinstance(redis.get("url"), str) or not redis["url"]:
         raise ValueError("redis: expected a mapping with url: (redis://host:6379/0)")
     node = value.get("node") or f"{socket.gethostname()}-{os.getpid()}"
-    if not isinstance(node, str):
-        raise ValueError("node: expected a string")
+    if not isinstance(node, str) or any(c.isspace() for c in node):
+        raise ValueError("node: expected a string without spaces")
     return TierConfig(s3.get("endpoint"), s3["bucket"], s3.get("region"), s3.get("access_key_env"),
-                      s3.get("secret_key_env"), redis["url"], node, redirect)
+                      s3.get("secret_key_env"), redis["url"], node, redirect, peer_port=peer_port,
+                      peer_address=peer_address)
 
 
 def blob_object(digest: str) -> str:
@@ -155,6 +188,35 @@ class Lease:
         self.tier._redis_call(lambda r: r.eval(self._RELEASE, 1, self.key, self.token), None)
 
 
+@dataclass(frozen=True)
+class LeaseInfo:
+    token: str  # the whole lease value: a new one means a new leader (or the same node again)
+    node: str
+    peer_base: str | None  # http://address:port of the leader's peer listener
+
+    @classmethod
+    def parse(cls, value: str) -> "LeaseInfo":
+        head, _, base = value.partition(" ")
+        return cls(value, head.rsplit(":", 1)[0], base or None)
+
+
+def _peer_mac(key: bytes, digest: str, expires: int) -> str:
+    return hmac.new(key, f"{digest}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def local_address_towards(url: str) -> str:
+    """The local address this host reaches the host of url from (no packet is sent): the
+    address other members, which reach the same Redis, most likely reach this node on."""
+    parts = urlsplit(url)
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in (parts.hostname or "") else socket.AF_INET,
+                           socket.SOCK_DGRAM) as s:
+            s.connect((parts.hostname or "127.0.0.1", parts.port or 6379))
+            return s.getsockname()[0]
+    except OSError:
+        return socket.gethostbyname(socket.gethostname())
+
+
 class NoLease:
     """Redis is down: no coordination, this node fetches on its own."""
 
@@ -173,6 +235,11 @@ class Tier:
         self.bytes_read = 0
         self.bytes_uploaded = 0
         self._bucket_checked = False
+        # http://address:port of this node's peer listener once it serves peers (named in its leases)
+        self.peer_base: str | None = None
+        self._peer_key: bytes | None = None
+        self._peer_key_read = float("-inf")
+        self._peer_key_lock = threading.Lock()
 
     # --- clients ---------------------------------------------------------------------------
 
@@ -261,9 +328,12 @@ class Tier:
     def has_blob(self, digest: str) -> bool:
         return self.blob_size(digest) is not None
 
-    def open_blob(self, digest: str):
-        """(body stream, size, content type) of a shared blob, or None (missing or store down)."""
-        got = self._s3_call(lambda s3: s3.get_object(Bucket=self.config.bucket, Key=blob_object(digest)), None)
+    def open_blob(self, digest: str, start: int = 0):
+        """(body stream, size, content type) of a shared blob from byte start on (size counts
+        from there), or None (missing or store down)."""
+        ranged = {"Range": f"bytes={start}-"} if start else {}
+        got = self._s3_call(lambda s3: s3.get_object(Bucket=self.config.bucket, Key=blob_object(digest), **ranged),
+                            None)
         if not got:
             return None
         # when a blob was last read: the shared store's gc removes the least recently read first
@@ -355,15 +425,81 @@ class Tier:
         another node holds it."""
         if not self.redis_health.usable:
             return NoLease()
-        key, token = self._lease_key(digest), f"{self.config.node}:{os.urandom(6).hex()}"
+        # "node:nonce", and where followers stream the fill from while it runs
+        token = f"{self.config.node}:{os.urandom(6).hex()}"
+        if self.peer_base and self.peer_key() is not None:
+            token += f" {self.peer_base}"
+        key = self._lease_key(digest)
         got = self._redis_call(lambda r: r.set(key, token, nx=True, px=LEASE_MS), "down")
         if got == "down":
             return NoLease()
         return Lease(self, key, token) if got else None
 
-    def lease_holder(self, digest: str) -> str | None:
+    def lease_info(self, digest: str) -> "LeaseInfo | None":
+        """Who holds the digest's lease and where its fill streams from; None: nobody."""
         value = self._redis_call(lambda r: r.get(self._lease_key(digest)), None)
-        return value.decode(errors="replace").rsplit(":", 1)[0] if value else None
+        return LeaseInfo.parse(value.decode(errors="replace")) if value else None
+
+    def lease_holder(self, digest: str) -> str | None:
+        info = self.lease_info(digest)
+        return info.node if info else None
+
+    # --- peer streaming -----------------------------------------------------------------------------
+
+    def serve_peers(self, port: int) -> str:
+        """This node's peer listener is up on port: its leases name it from now on."""
+        address = self.config.peer_address or local_address_towards(self.config.redis_url)
+        host = f"[{address}]" if ":" in address else address
+        self.peer_base = f"http://{host}:{port}"
+        return self.peer_base
+
+    def peer_key(self, refresh: bool = False) -> bytes | None:
+        """The tier's shared key for peer URLs: created once by whichever node needs it first
+        (SET NX), read by every other; re-read after PEER_KEY_TTL. None while Redis is down."""
+        with self._peer_key_lock:
+            if not refresh and self._peer_key is not None and time.monotonic() - self._peer_key_read < PEER_KEY_TTL:
+                return self._peer_key
+
+            def get(r):
+                r.set(PEER_KEY, os.urandom(32).hex(), nx=True)
+                return r.get(PEER_KEY)
+
+            value = self._redis_call(get, None)
+            if value:
+                self._peer_key, self._peer_key_read = bytes(value), time.monotonic()
+            return self._peer_key
+
+    def peer_url(self, base: str, digest: str, now: float | None = None) -> str | None:
+        """The signed URL of a leader's fill in progress (base from its lease), or None (no key)."""
+        key = self.peer_key()
+        if key is None:
+            return None
+        expires = int((now if now is not None else time.time()) + PEER_URL_TTL)
+        return f"{base}{PEER_PREFIX}{digest}?exp={expires}&sig={_peer_mac(key, digest, expires)}"
+
+    def verify_peer(self, target: str, now: float | None = None) -> tuple[str | None, str]:
+        """(digest, "") when a request on the peer listener carries a good signature, else
+        (None, why not). Runs on the event loop: only the key read earlier is used; a mismatch
+        has it re-read in the background (Redis was flushed and another node made a new one)."""
+        parts = urlsplit(target)
+        if not parts.path.startswith(PEER_PREFIX):
+            return None, "not a peer URL"
+        digest = oci.valid_digest(parts.path[len(PEER_PREFIX):])
+        query = parse_qs(parts.query)
+        try:
+            expires, sig = int(query["exp"][0]), query["sig"][0]
+        except (KeyError, ValueError, IndexError):
+            return None, "unsigned peer URL"
+        key = self._peer_key
+        if digest is None or key is None or not sig.isascii() or not hmac.compare_digest(
+                sig, _peer_mac(key, digest, expires)):
+            if time.monotonic() - self._peer_key_read > 5.0:
+                self._peer_key_read = time.monotonic()
+                threading.Thread(target=self.peer_key, args=(True,), name="regcache-peer-key", daemon=True).start()
+            return None, "peer URL not signed with the tier's key"
+        if expires < (now if now is not None else time.time()):
+            return None, "peer URL expired"
+        return digest, ""
 
     # --- shared knowledge ------------------------------------------------------------------------
 
@@ -425,12 +561,14 @@ class SharedBlobResponse:
     reason = "OK"
     from_tier = True
 
-    def __init__(self, tier: Tier, body, size: int, content_type: str, digest: str | None = None):
+    def __init__(self, tier: Tier, body, length: int, content_type: str, digest: str | None = None,
+                 size: int | None = None):
         self.tier = tier
         self._body = body
         self._digest = digest
         self._hasher = hashlib.sha256() if digest and digest.startswith("sha256:") else None
-        self.headers = [("Content-Type", content_type), ("Content-Length", str(size))]
+        self.headers = [("Content-Type", content_type), ("Content-Length", str(length))]
+        self.size = size if size is not None else length  # of the whole blob (a take-over reads a range)
         self.url = ""
 
     def end_deadline(self) -> None:
@@ -513,10 +651,146 @@ class LeadingResponse:
                 log.warning("tier: blob %s not uploaded: %s", self._digest, e)
 
 
+class PeerStream:
+    """The body of a leader's fill in progress, read from its peer listener (a plain HTTP GET
+    of its signed peer URL), from byte start on."""
+
+    def __init__(self, conn: http.client.HTTPConnection, resp: http.client.HTTPResponse, size: int, node: str):
+        self._conn = conn
+        self._resp = resp
+        self.size = size  # of the whole blob
+        self.node = node
+
+    @classmethod
+    def open(cls, url: str, node: str, start: int = 0) -> "PeerStream":
+        """Raises OSError / http.client.HTTPException / PeerRefused when the leader does not stream it."""
+        parts = urlsplit(url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=PEER_CONNECT_TIMEOUT)
+        try:
+            conn.connect()
+            conn.sock.settimeout(PEER_READ_TIMEOUT)  # the leader answers once its upstream did
+            conn.request("GET", f"{parts.path}?{parts.query}", headers={"Range": f"bytes={start}-"} if start else {})
+            resp = conn.getresponse()
+            size = _peer_size(resp, start)
+            if size is None:
+                detail = resp.read(1024).decode(errors="replace") if resp.status >= 400 else ""
+                raise PeerRefused(resp.status, f"{resp.status} {resp.reason} {detail}".strip())
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn, resp, size, node)
+
+    def read1(self, n: int) -> bytes:
+        return self._resp.read1(n)
+
+    def more_ready(self) -> bool:
+        sock = self._conn.sock
+        try:
+            return sock is not None and bool(select.select([sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
+
+    def close(self) -> None:
+        self._conn.close()
+
+    discard = close
+
+
+class PeerRefused(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _peer_size(resp: http.client.HTTPResponse, start: int) -> int | None:
+    """The whole blob's size a peer's answer promises from byte start on, or None (not that)."""
+    if start == 0 and resp.status == 200:
+        length = resp.getheader("Content-Length") or ""
+        return int(length) if length.isdigit() else None
+    content_range = resp.getheader("Content-Range") or ""
+    if resp.status == 206 and content_range.startswith(f"bytes {start}-") and "/" in content_range:
+        total = content_range.rsplit("/", 1)[1]
+        return int(total) if total.isdigit() else None
+    return None
+
+
+class PeerBlobResponse:
+    """A blob streamed from the node fetching it for the tier, as a Fill reads an upstream
+    response. The Fill hashes and verifies it like any download. If the stream breaks (the
+    leader died), the rest comes from whoever takes over, from the byte where it broke: the
+    object store once the blob is there, another leader's stream, or upstream under this
+    node's own lease (the bytes before that point are skipped). The Fill's hash covers every
+    byte either way, so a wrong or short stream never becomes a cache entry."""
+
+    status = 200
+    reason = "OK"
+    url = ""
+
+    def __init__(self, source: "TierSource", digest: str, stream: PeerStream, fetch, tried: set[str]):
+        self._source = source
+        self._digest = digest
+        self._current = stream  # what the bytes come from now: read1, more_ready, close, discard
+        self._fetch = fetch  # the upstream request, for a take-over
+        self._tried = tried  # lease tokens whose streams were tried
+        self.size = stream.size
+        self._offset = 0
+        self.headers = [("Content-Type", "application/octet-stream"), ("Content-Length", str(self.size))]
+
+    @property
+    def from_tier(self) -> bool:
+        """Whether the bytes came from the tier, not from upstream (stats count upstream bytes)."""
+        return getattr(self._current, "from_tier", isinstance(self._current, PeerStream))
+
+    def end_deadline(self) -> None:
+        pass
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    @property
+    def content_length(self) -> int:
+        return self.size
+
+    def read1(self, n: int) -> bytes:
+        while True:
+            try:
+                data = self._current.read1(n)
+                why = "connection closed"
+            except (OSError, http.client.HTTPException) as e:
+                data, why = b"", f"{e.__class__.__name__}: {e}"
+            if data or self._offset >= self.size:
+                self._offset += len(data)
+                return data
+            self._take_over(why)
+
+    read = read1
+
+    def _take_over(self, why: str) -> None:
+        log.warning("tier: stream of blob %s from node %s broke at %d of %d bytes (%s); continuing from "
+                    "whoever takes over", self._digest, getattr(self._current, "node", "?"), self._offset,
+                    self.size, why)
+        self._current.discard()
+        self._current = self._source.resume(self._digest, self._offset, self.size, self._fetch, self._tried)
+
+    def more_ready(self) -> bool:
+        more_ready = getattr(self._current, "more_ready", None)
+        return bool(more_ready and more_ready())
+
+    def read_all(self, limit: int) -> bytes:
+        return self.read1(limit)
+
+    def close(self) -> None:
+        self._current.close()
+
+    def discard(self) -> None:
+        self._current.discard()
+
+
 class TierSource:
     """What the Fills download blobs from on a tier node: the shared object store when it holds
     the blob; else upstream, fetched by one node of the tier (a Redis lease per digest) while
-    the others wait for its object. Object store down: straight upstream."""
+    the others stream its fill in progress from it (its peer listener, named in the lease), or
+    wait for its object when they cannot. Object store down: straight upstream."""
 
     def __init__(self, upstream, tier: Tier, store, max_wait: float = 600.0):
         self.upstream = upstream
@@ -531,41 +805,118 @@ class TierSource:
         digest = _blob_digest(path)
         if method != "GET" or digest is None:
             return self.upstream.request(method, target, path, headers, *args, **kwargs)
+
+        def fetch():
+            return self.upstream.request(method, target, path, headers, *args, **kwargs)
+
+        tried: set[str] = set()
+        resp = self._acquire(digest, fetch, tried)
+        if isinstance(resp, PeerStream):
+            return PeerBlobResponse(self, digest, resp, fetch, tried)
+        return resp
+
+    def resume(self, digest: str, offset: int, size: int, fetch, tried: set[str]):
+        """The rest of a blob whose leader's stream broke at offset: a source of its bytes from
+        there on (read1, close, discard). Raises when there is none (the Fill then fails)."""
+        resp = self._acquire(digest, fetch, tried, start=offset)
+        if isinstance(resp, (PeerStream, SharedBlobResponse)):
+            if resp.size != size:
+                resp.discard()
+                raise OSError(f"blob {digest} is {resp.size} bytes there, not {size}")
+            return resp  # starts at offset
+        try:
+            if resp.status != 200 or resp.content_length not in (None, size):
+                raise OSError(f"upstream answered {resp.status} ({resp.content_length} bytes) for blob {digest}")
+            resp.end_deadline()
+            skip = offset
+            while skip:
+                got = resp.read1(min(skip, 1024 * 1024))
+                if not got:
+                    raise OSError(f"upstream ended blob {digest} at {offset - skip} bytes")
+                skip -= len(got)
+        except BaseException:
+            resp.discard()
+            raise
+        log.info("tier: blob %s continues from upstream at byte %d", digest, offset)
+        return resp
+
+    def _acquire(self, digest: str, fetch, tried: set[str], start: int = 0):
+        """A SharedBlobResponse or a PeerStream from byte start on, or an upstream response
+        (LeadingResponse under this node's lease) of the whole blob."""
         deadline = time.monotonic() + self.max_wait
         waited = False
         while True:
-            shared = self.tier.open_blob(digest)
+            shared = self.tier.open_blob(digest, start)
             if shared is not None:
                 log.info("tier: blob %s from the object store%s", digest, " (after waiting for its leader)"
                          if waited else "")
-                return SharedBlobResponse(self.tier, *shared, digest=digest)
+                # a range cannot be checked against the digest here; the Fill checks the whole
+                return SharedBlobResponse(self.tier, *shared, digest=None if start else digest,
+                                          size=shared[1] + start)
             if not self.tier.s3_health.usable:
-                return self.upstream.request(method, target, path, headers, *args, **kwargs)
+                return fetch()
             lease = self.tier.try_lease(digest)
             if lease is not None:
                 # The leader may have finished between the look and the lease.
-                shared = self.tier.open_blob(digest) if waited else None
+                shared = self.tier.open_blob(digest, start) if waited else None
                 if shared is not None:
                     lease.release()
-                    return SharedBlobResponse(self.tier, *shared, digest=digest)
+                    return SharedBlobResponse(self.tier, *shared, digest=None if start else digest,
+                                              size=shared[1] + start)
                 try:
-                    resp = self.upstream.request(method, target, path, headers, *args, **kwargs)
+                    resp = fetch()
                 except BaseException:
                     lease.release()
                     raise
                 return LeadingResponse(resp, self.tier, self.store, digest, lease)
+            leader = self.tier.lease_info(digest)
+            if self._streamable(leader, tried):
+                tried.add(leader.token)
+                stream = self._open_peer(digest, leader, start)
+                if stream is not None:
+                    return stream
             if not waited:
                 log.info("tier: blob %s is being fetched by node %s; waiting for its object", digest,
-                         self.tier.lease_holder(digest))
+                         leader.node if leader else None)
                 waited = True
             # Wait on the lease (a cheap Redis read), not on the bucket: the object store sees
             # one look per follower when the leader is done, not four a second while it works.
-            while self.tier.lease_holder(digest) is not None:
+            while (leader := self.tier.lease_info(digest)) is not None:
+                if self._streamable(leader, tried):
+                    break  # a new leader (the last one died): its stream
                 if time.monotonic() > deadline:
                     log.warning("tier: waited %.0f s for blob %s; fetching it from upstream", self.max_wait,
                                 digest)
-                    return self.upstream.request(method, target, path, headers, *args, **kwargs)
+                    return fetch()
                 time.sleep(POLL_SECONDS)
+
+    def _streamable(self, leader: LeaseInfo | None, tried: set[str]) -> bool:
+        """Whether to ask the lease holder for its stream: it has a peer listener, is not this
+        node (a fill of a replaced service set, after a reload), and was not tried already."""
+        return (leader is not None and bool(leader.peer_base) and leader.node != self.tier.config.node
+                and leader.token not in tried)
+
+    def _open_peer(self, digest: str, leader: LeaseInfo, start: int) -> PeerStream | None:
+        for attempt in (1, 2):
+            url = self.tier.peer_url(leader.peer_base, digest)
+            if url is None:
+                return None
+            try:
+                stream = PeerStream.open(url, leader.node, start)
+            except PeerRefused as e:
+                if e.status == 403 and attempt == 1:
+                    self.tier.peer_key(refresh=True)  # Redis lost the key and a node made a new one
+                    continue
+                why = str(e)
+            except (OSError, http.client.HTTPException) as e:
+                why = f"{e.__class__.__name__}: {e}"
+            else:
+                log.info("tier: blob %s streams from node %s while it fetches it%s", digest, leader.node,
+                         f" (from byte {start})" if start else "")
+                return stream
+            log.info("tier: blob %s cannot stream from node %s (%s)", digest, leader.node, why[:200])
+            return None
+        return None
 
 
 def _blob_digest(path: str) -> str | None:

@@ -20,6 +20,7 @@ import pytest
 from tests.world.tier import StoreHost, tier_available
 
 from .conftest import Regcache, dir_manifest_digest, log_errors_expected, skopeo_copy
+from .test_faults import small_tmpfs  # noqa: F401 - a fixture: a 20 MiB tmpfs for a cache dir
 from .test_singleflight import (big_layer, blob_url, cdn_gets, client_bundle, curl, pull_token, settle_logs,
                                 sha256_file, throttled_upstream)
 
@@ -52,7 +53,9 @@ def tier(world, store_host, tmp_path, request):
         port = NODE_PORTS[name]
         workdir = tmp_path / f"node-{name}-{len(nodes)}"
         workdir.mkdir()
-        config = store_host.tier_config(bucket_name or bucket, f"node-{name}", redirect) + "fastpath: off\n"
+        # every node of the world runs in the router namespace: a peer port of its own each
+        config = (store_host.tier_config(bucket_name or bucket, f"node-{name}", redirect, peer_port=port + 1)
+                  + "fastpath: off\n")
         rc = Regcache(world, workdir, cache_dir or workdir / "cache", [f"regular@{port}"], {}, config, expected)
         rc.env = store_host.node_env()
         rc.port = port
@@ -217,15 +220,107 @@ def test_three_nodes_pull_one_cold_blob_with_one_upstream_fetch(world, tier, tmp
     assert listing["objects"][f"blobs/sha256/{digest.split(':')[1]}"] == size and not listing["uploads"]
 
 
+def test_followers_stream_a_shared_miss_from_the_fetching_node_as_it_arrives(world, tier, tmp_path):
+    """A client on node B asks for a cold blob node A is fetching from a slow upstream: B's
+    client gets its first bytes while A's fetch is still running (streamed from A's peer
+    listener, not after A's upload), the whole tier makes one upstream GET, both digests right."""
+    digest, size = big_layer(world)
+    a, b = tier.start("a"), tier.start("b")
+    token = pull_token(world, "library/big")
+    auth = [f"Authorization: Bearer {token}"]
+    before = len(cdn_gets(world, digest))
+    with throttled_upstream(world, "24mbit"):  # ~10 s for 30 MiB
+        started = time.monotonic()
+        ca = curl_via(world, a, blob_url("library/big", digest), tmp_path / "ca", headers=auth).start()
+        ca.wait_received(2 * 1024 * 1024, timeout=60)  # A is fetching, well before its end
+        assert lease_holder(tier, digest).startswith("node-a")
+        asked = time.monotonic()
+        cb = curl_via(world, b, blob_url("library/big", digest), tmp_path / "cb", headers=auth).start()
+        deadline = time.monotonic() + 60
+        while cb.received() == 0:
+            assert cb.proc.poll() is None, cb.wait().describe() + b.log_text()[-3000:]
+            assert time.monotonic() < deadline, b.log_text()[-3000:]
+            time.sleep(0.02)
+        first_byte = time.monotonic() - asked
+        a_running = ca.proc.poll() is None
+        ca.wait(120)
+        a_total = time.monotonic() - started
+        cb.wait(120)
+    assert ca.exit_code == 0 and ca.status == 200 and sha256_file(ca.out) == digest, ca.describe()
+    assert cb.exit_code == 0 and cb.status == 200 and sha256_file(cb.out) == digest, cb.describe()
+    assert a_running, f"B's first byte after {first_byte:.1f} s came only once A's fetch was over"
+    assert first_byte < a_total / 3, (first_byte, a_total)
+    assert f"tier: blob {digest} streams from node node-a" in b.log_text()
+    settle_logs()
+    assert len(cdn_gets(world, digest)) - before == 1
+    listing = wait_shared(tier.host, tier.bucket, [digest])
+    assert listing["objects"][f"blobs/sha256/{digest.split(':')[1]}"] == size and not listing["uploads"]
+
+
+def test_peer_listener_refuses_unsigned_and_forged_requests(world, tier, tmp_path):
+    """Only members of the tier (holders of its key in Redis) may read a node's fills over the
+    peer port: others get a 403 with an OCI error body."""
+    digest, _size = big_layer(world)
+    a = tier.start("a")
+    peer = f"http://{world.router_client_ip}:{NODE_PORTS['a'] + 1}/_regcache/peer/{digest}"
+    for name, url in (("unsigned", peer), ("forged", f"{peer}?exp={int(time.time()) + 60}&sig={'0' * 64}")):
+        p = world.run(world.ns_client, ["curl", "-sS", "-o", tmp_path / name, "-w", "%{http_code}", url])
+        assert p.stdout == "403", p.stdout + p.stderr
+        assert '"code": "DENIED"' in (tmp_path / name).read_text()
+    assert "refused peer request" in a.log_text()
+
+
+def test_a_node_with_a_full_disk_serves_its_clients_and_the_others_read_the_bucket(world, tier, tmp_path,
+                                                                                   small_tmpfs):
+    """Node A's cache disk (a 20 MiB tmpfs) cannot hold the 30 MiB layer: A's clients still get
+    the right bytes (passed through from upstream while the tier lacks it, streamed from the
+    bucket once it has it: no upstream GET then), and A leaves nothing partial for the others,
+    who read the copy node B shared."""
+    img = world.image("docker.io/library/big:1")
+    digest, size = big_layer(world)
+    a, b = tier.start("a", cache_dir=small_tmpfs), tier.start("b")
+    ref = "docker://registry-1.docker.io/library/big:1"
+
+    r = skopeo_copy(world, ref, tmp_path / "a1", env_for(world, a))
+    assert r.returncode == 0, r.stderr + a.log_text()[-3000:]
+    assert dir_manifest_digest(tmp_path / "a1") == img.manifest_digest
+    assert sha256_file(tmp_path / "a1" / digest.split(":")[1]) == digest
+    assert "cache disk full" in a.log_text()
+    assert tier.host.bucket(tier.bucket)["objects"].get(f"blobs/sha256/{digest.split(':')[1]}") is None
+
+    r = skopeo_copy(world, ref, tmp_path / "b1", env_for(world, b))
+    assert r.returncode == 0, r.stderr + b.log_text()[-3000:]
+    listing = wait_shared(tier.host, tier.bucket, img.blobs)
+    assert listing["objects"][f"blobs/sha256/{digest.split(':')[1]}"] == size and not listing["uploads"]
+
+    settle_logs()
+    before = len(cdn_gets(world, digest))
+    r = skopeo_copy(world, ref, tmp_path / "a2", env_for(world, a))
+    assert r.returncode == 0, r.stderr + a.log_text()[-3000:]
+    assert sha256_file(tmp_path / "a2" / digest.split(":")[1]) == digest
+    settle_logs()
+    assert len(cdn_gets(world, digest)) == before, "node A fetched the layer upstream, not from the bucket"
+    assert f"blob {digest} streams from the tier's object store uncached" in a.log_text()
+    c = tier.start("c")
+    r = skopeo_copy(world, ref, tmp_path / "c1", env_for(world, c))
+    assert r.returncode == 0, r.stderr + c.log_text()[-3000:]
+    assert sha256_file(tmp_path / "c1" / digest.split(":")[1]) == digest
+    assert f"tier: blob {digest} from the object store" in c.log_text()
+    settle_logs()
+    assert len(cdn_gets(world, digest)) == before, "the layer was fetched upstream again"
+    assert a.proc.poll() is None
+
+
 def lease_holder(tier, digest: str) -> str:
     return tier.host.world.run(tier.host.ns, ["redis-cli", "-h", tier.host.ip, "get",
                                               f"regcache:lease:{digest}"]).stdout.strip()
 
 
 def test_leader_killed_mid_fetch_others_take_over(world, tier, tmp_path):
-    """kill -9 of the node fetching a shared miss: another node takes over once the lease
-    expires, the other clients get the exact bytes, the bucket never holds a partial object,
-    and the restarted node sweeps its leftover staging file."""
+    """kill -9 of the node fetching a shared miss while the other nodes' clients stream it from
+    that node: another node takes over once the lease expires, the other clients' responses go
+    on and end with the exact bytes, the bucket never holds a partial object, and the restarted
+    node sweeps its leftover staging file."""
     digest, size = big_layer(world)
     key = f"blobs/sha256/{digest.split(':')[1]}"
     a, b, c = (tier.start(n) for n in "abc")
@@ -241,6 +336,8 @@ def test_leader_killed_mid_fetch_others_take_over(world, tier, tmp_path):
                      for n, rc in (("b", b), ("c", c))]
         time.sleep(1.5)
         assert tier.host.bucket(tier.bucket)["objects"].get(key) is None
+        # the followers' clients stream A's download already; A's death must not cut them short
+        streaming = [f.received() for f in followers]
         a.kill9()
         ca.wait(30)
         for f in followers:
@@ -250,6 +347,8 @@ def test_leader_killed_mid_fetch_others_take_over(world, tier, tmp_path):
         assert f.exit_code == 0 and f.status == 200, f.describe()
         assert sha256_file(f.out) == digest
     assert any("waiting for its object" in rc.log_text() for rc in (b, c))
+    assert all(n > 0 for n in streaming), streaming
+    assert all(f"stream of blob {digest} from node node-a broke" in rc.log_text() for rc in (b, c))
     listing = wait_shared(tier.host, tier.bucket, [digest])
     assert listing["objects"][key] == size and not listing["uploads"], listing
 

@@ -142,11 +142,12 @@ class StoreHost:
                                      bucket], timeout=60)
         return json.loads(p.stdout)
 
-    def tier_config(self, bucket: str, node: str, redirect: bool = False) -> str:
+    def tier_config(self, bucket: str, node: str, redirect: bool = False, peer_port: int | None = None) -> str:
         """The `tier:` section of a node's regcache config (credentials by environment name)."""
         return (f"tier:\n  node: {node}\n  s3:\n    endpoint: {self.endpoint}\n    bucket: {bucket}\n"
                 f"    region: us-east-1\n    access_key_env: TIER_TEST_KEY\n    secret_key_env: TIER_TEST_SECRET\n"
-                f"  redis:\n    url: {self.redis_url}\n" + ("  redirect: true\n" if redirect else ""))
+                f"  redis:\n    url: {self.redis_url}\n" + ("  redirect: true\n" if redirect else "")
+                + (f"  peer_port: {peer_port}\n" if peer_port is not None else ""))
 
     def node_env(self) -> dict:
         return {"TIER_TEST_KEY": self.access_key, "TIER_TEST_SECRET": self.secret_key,
