@@ -24,6 +24,7 @@ listeners; and repeated errors are logged once per LOG_INTERVAL with a count.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -659,6 +660,25 @@ class BlobServer:
             return await self._send_body(writer, digest, f, fill, start, end)
 
     async def _send_body(self, writer, digest: str, f, fill: Fill | None, start: int, end: int) -> bool:
+        # A stored body goes out corked: with asyncio's TCP_NODELAY, each sendfile call that the
+        # emptying socket buffer allows pushed out its own short segments; corked, the kernel sends
+        # full ones. Fast-path 1 GiB hit vs nginx's sendfile of the same file, quiet machine (bench
+        # `--only hits`): 2,783 -> 5,352 MB/s, 0.52x -> 0.98x nginx, 0.24 -> 0.19 CPU s per GiB.
+        # A body following a download in progress stays uncorked (it goes out as it arrives).
+        # Uncorked at the end: what is left goes now, and a kept-alive connection's next answer
+        # is not held back for the kernel's 200 ms.
+        sock = writer.get_extra_info("socket")
+        corked = fill is None and sock is not None and hasattr(socket, "TCP_CORK")
+        if corked:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
+        try:
+            return await self._send_body_slices(writer, digest, f, fill, start, end)
+        finally:
+            if corked and not writer.transport.is_closing():
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
+
+    async def _send_body_slices(self, writer, digest: str, f, fill: Fill | None, start: int, end: int) -> bool:
         loop = asyncio.get_running_loop()
         offset = start
         while offset < end:

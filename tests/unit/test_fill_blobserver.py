@@ -742,3 +742,36 @@ def test_listen_backlogs_are_raised_for_every_listener_of_the_process():
             server.close()
 
     asyncio.run(main())
+
+
+def test_a_kept_alive_connection_is_uncorked_after_a_large_body(tmp_path):
+    """A stored body above SMALL_BODY goes out with TCP_CORK; the next answer on the same
+    connection (a small blob: head and body in one short write) must not wait for the kernel
+    to flush a cork left on (200 ms)."""
+    big = random_bytes(4 * 1024 * 1024, seed=11)
+    small = random_bytes(100, seed=12)
+
+    async def main():
+        async with FastPath(str(tmp_path / "cache"), 8) as fp:
+            for body in (big, small):
+                path, f = fp.store.new_staging_file(sha256(body))
+                with f:
+                    f.write(body)
+                fp.store.commit_blob(sha256(body), path, len(body))
+            big_url = fp.signer.sign(sha256(big), "127.0.0.1")
+            small_url = fp.signer.sign(sha256(small), "127.0.0.1")
+            reader, writer = await asyncio.open_connection("127.0.0.1", fp.port)
+            try:
+                waits = []
+                for url, body in ((big_url, big), (small_url, small), (small_url, small)):
+                    started = time.monotonic()
+                    writer.write(f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+                    head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)).decode("latin-1")
+                    length = int(head.lower().split("content-length:")[1].split("\r\n")[0])
+                    assert await asyncio.wait_for(reader.readexactly(length), 10) == body
+                    waits.append(time.monotonic() - started)
+            finally:
+                writer.close()
+            assert max(waits[1:]) < 0.15, waits
+
+    run(main())
