@@ -11,8 +11,9 @@ asyncio, HTTP/1.1 over TLS, closed loop, in the client ns):
 
 for: manifest GET by tag within the TTL, by tag at revalidation (a second regcache with
 ``tag_ttl: 0s``; the distribution proxy revalidates every tag GET anyway), by digest, blob HEAD,
-blob GET of 1 MiB and of 16 KiB (hits; every client follows the 307 to the fast path, as the
-default config sends to HTTPS_PROXY clients too, which reach it directly: NO_PROXY), and the ``/v2/`` ping. Per row: requests/s, bytes/s for
+blob GET of 1 MiB and of 16 KiB (hits; the 1 MiB one by the 307 to the fast path, which every
+client follows directly, HTTPS_PROXY ones as with NO_PROXY; the 16 KiB one inline, both as the
+default config answers), and the ``/v2/`` ping. Per row: requests/s, bytes/s for
 blobs, p50/p99 latency, the server's CPU per request, the load client's own CPU, upstream requests;
 regcache's VmRSS with 512 connections open and its VmHWM. py-spy profiles of regcache during
 manifest-by-digest and 1 MiB GET runs (a separate run, not in the table) go to the report and to

@@ -28,7 +28,7 @@ from .blobs import Follow, Hit, Redirect, Relay, Uncached
 from .blobserver import FASTPATH_PREFIX, BlobServer, Signer, Ticket, raise_listen_backlogs
 from .clients import ClientNetworks, ClientPolicy
 from .concurrency import Workers
-from .config import Config, ConfigError, CredentialError, load_config
+from .config import INLINE_MAX, Config, ConfigError, CredentialError, load_config
 from .destinations import DestinationPolicy
 from .manifests import Answer
 from .metrics import Monitor
@@ -46,7 +46,7 @@ DEFAULT_DIR = os.path.join(os.getcwd(), "regcache-cache")
 # Stored blobs up to this size are answered in-band from the request hook itself (read whole,
 # like a manifest): the loopback hop through the blob server cost more than the bytes. Larger
 # ones stream from the blob server with bounded memory.
-INLINE_BLOB_MAX = 64 * 1024
+INLINE_BLOB_MAX = INLINE_MAX
 _HOP = ("content-length", "transfer-encoding", "connection", "content-encoding")
 _SSL_OPTIONS = {"ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir"}
 
@@ -192,6 +192,17 @@ class Blobs(_ServiceChild):
         signer = self.cache.signer
         if fastpath and not req.direct and signer.sent_back(req.client):
             fastpath = False  # this proxied client's redirects reach the fast path through another proxy
+        range_header = flow.request.headers.get("range")
+        if cache_status == "HIT" and range_header is None:
+            # small stored blobs inline: in-band always, on the fast path up to fastpath_inline_max
+            limit = min(INLINE_BLOB_MAX, self.services.config.fastpath_inline_max) if fastpath else INLINE_BLOB_MAX
+            body = self._small_stored_blob(digest, limit) if limit > 0 else None
+            if body is not None:
+                headers = [("Content-Type", "application/octet-stream"), ("Docker-Content-Digest", digest),
+                           ("Accept-Ranges", "bytes")]
+                answer(flow, 200, body, headers, "HIT")
+                record(flow, "HIT", len(body), "inband")  # its bytes are counted when the flow ends
+                return
         if fastpath:
             host = self.services.config.fastpath_host or _local_address_for(flow)
             netloc = f"[{host}]" if ":" in host else host
@@ -201,25 +212,17 @@ class Blobs(_ServiceChild):
             answer(flow, 307, b"", [("Location", location), ("Docker-Content-Digest", digest)], cache_status)
             record(flow, cache_status, None, "fastpath")
         else:
-            range_header = flow.request.headers.get("range")
-            body = self._small_stored_blob(digest) if cache_status == "HIT" and range_header is None else None
-            if body is not None:
-                headers = [("Content-Type", "application/octet-stream"), ("Docker-Content-Digest", digest),
-                           ("Accept-Ranges", "bytes")]
-                answer(flow, 200, body, headers, "HIT")
-                record(flow, "HIT", len(body), "inband")  # its bytes are counted when the flow ends
-                return
             self.cache.route_to_blobserver(flow, Ticket(digest, cache_status, range_header))
             record(flow, cache_status, None, "inband")
 
-    def _small_stored_blob(self, digest: str) -> bytes | None:
-        """A stored blob's bytes if it is small enough to answer inline, else None."""
+    def _small_stored_blob(self, digest: str, limit: int) -> bytes | None:
+        """A stored blob's bytes if it is at most limit bytes, else None."""
         f = self.services.store.open_blob(digest)
         if f is None:
             return None  # evicted meanwhile: the blob server answers (404)
         with f:
             size = os.fstat(f.fileno()).st_size
-            if size > INLINE_BLOB_MAX:
+            if size > limit:
                 return None
             body = f.read(size + 1)
         return body if len(body) == size else None

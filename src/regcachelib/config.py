@@ -111,6 +111,12 @@ class Config:
     fastpath: str = "auto"
     # true: also repositories not known to be public; their bytes would leave TLS, so not by default
     fastpath_private: bool = False
+    # Stored blobs up to this size are answered inline (inside TLS, from the request hook) even
+    # when the fast path is open: one request instead of a 307 and a second one on another
+    # connection (bench `rates`, 16 KiB hits: 1,045-1,067 req/s inline, 1,011-1,024 by the 307).
+    # 0: every blob GET of a fast-path client gets the 307. At most INLINE_MAX: an inline body
+    # is held in memory.
+    fastpath_inline_max: int = 64 * 1024
     fastpath_port: int = 5080
     fastpath_host: str | None = None  # address clients reach the fast path on; default: the one they reached us on
     fastpath_bind: str = "0.0.0.0"
@@ -194,6 +200,16 @@ def parse_size(value) -> int:
     else:
         multiplier = _UNITS[unit.rstrip("b") if unit != "b" else "b"]
     return int(number * multiplier)
+
+
+INLINE_MAX = 64 * 1024
+
+
+def _inline_max(value) -> int:
+    size = parse_size(value)
+    if size > INLINE_MAX:
+        raise ValueError(f"at most 64KiB (inline bodies are held in memory), got {value!r}")
+    return size
 
 
 def parse_duration(value) -> float:
@@ -372,6 +388,7 @@ _KEYS = {
     "upstream_backoff": ("upstream_backoff", parse_duration),
     "fastpath": ("fastpath", _fastpath_mode),
     "fastpath_private": ("fastpath_private", _bool),
+    "fastpath_inline_max": ("fastpath_inline_max", _inline_max),
     "fastpath_port": ("fastpath_port", _port),
     "fastpath_host": ("fastpath_host", _opt_str),
     "fastpath_bind": ("fastpath_bind", _opt_str),

@@ -22,6 +22,9 @@ PROXY_PORT = 8080
 TRANSPARENT_PORT = 8081
 MIRROR_PORT = 5000
 FASTPATH_PORT = 5080
+# Small stored blobs are answered inline by default, fast-path clients too; tests that prove a
+# client follows the fast-path redirect for its hits (the world's images are small) turn that off.
+FASTPATH_EVERY_BLOB = "fastpath_inline_max: 0\n"
 WORLD_UPSTREAM_NET = "10.77.1.0/24"  # tests.world's upstream hosts, the blob CDN among them
 
 # A mitmdump log holding one of these shows a bug (an exception escaped regcache or mitmproxy),

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, pull_twice, stop_process_group
+from .conftest import FASTPATH_EVERY_BLOB, MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, pull_twice, stop_process_group
 
 pytestmark = [pytest.mark.e2e]
 NEEDS = [n for n in ("containerd", "ctr") if shutil.which(n) is None]
@@ -195,7 +195,7 @@ def test_containerd_https_proxy(world, regcache_factory, containerd):
 
 
 def test_containerd_transparent(world, regcache_factory, containerd, transparent):
-    rc = regcache_factory(modes=[f"transparent@{TRANSPARENT_PORT}"])
+    rc = regcache_factory(modes=[f"transparent@{TRANSPARENT_PORT}"], config=FASTPATH_EVERY_BLOB)
     pull_with_containerd(world, rc, containerd, BASIC, ctr_env={"SSL_CERT_FILE": str(rc.client_bundle())})
     log = rc.log_text()
     assert "outcome=MISS" in log and "outcome=HIT" in log

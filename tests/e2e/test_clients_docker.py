@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, pull_twice, stop_process_group
+from .conftest import FASTPATH_EVERY_BLOB, MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, pull_twice, stop_process_group
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -208,7 +208,7 @@ def test_docker_https_proxy(world, regcache_factory, dockerd):
 def test_docker_transparent(world, regcache_factory, dockerd, transparent):
     """No proxy configuration at all: the router redirects the client's port 443 to regcache;
     dockerd only trusts regcache's CA (SSL_CERT_FILE)."""
-    rc = regcache_factory(modes=[f"transparent@{TRANSPARENT_PORT}"])
+    rc = regcache_factory(modes=[f"transparent@{TRANSPARENT_PORT}"], config=FASTPATH_EVERY_BLOB)
     env = {"SSL_CERT_FILE": str(rc.client_bundle())}
     pull_with_docker(world, rc, dockerd, env, [(DOCKER_IO, None), (OTHER, None)])
     log = rc.log_text()

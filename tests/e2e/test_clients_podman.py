@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, mirror_registries_conf, pull_twice
+from .conftest import FASTPATH_EVERY_BLOB, MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, mirror_registries_conf, pull_twice
 
 pytestmark = [pytest.mark.e2e]
 if shutil.which("podman") is None:
@@ -143,7 +143,7 @@ def test_podman_https_proxy(world, regcache_factory, podman):
 
 
 def test_podman_transparent(world, regcache_factory, podman, transparent):
-    rc = regcache_factory(modes=[f"transparent@{TRANSPARENT_PORT}"])
+    rc = regcache_factory(modes=[f"transparent@{TRANSPARENT_PORT}"], config=FASTPATH_EVERY_BLOB)
     # trust via --cert-dir (system roots + the *.crt files in it), no SSL_CERT_FILE
     p = podman(cert_dir=rc.cert_dir())
     pull_with_podman(world, rc, p)

@@ -3,7 +3,7 @@
 
 import pytest
 
-from .conftest import FASTPATH_PORT, MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, dir_manifest_digest, mirror_registries_conf, pull_twice, skopeo_copy
+from .conftest import FASTPATH_EVERY_BLOB, FASTPATH_PORT, MIRROR_PORT, PROXY_PORT, TRANSPARENT_PORT, dir_manifest_digest, mirror_registries_conf, pull_twice, skopeo_copy
 
 pytestmark = pytest.mark.e2e
 
@@ -28,7 +28,7 @@ def test_skopeo_https_proxy(world, regcache_factory, tmp_path):
 
 
 def test_skopeo_transparent(world, regcache_factory, tmp_path, transparent):
-    rc = regcache_factory(modes=[f"transparent@{TRANSPARENT_PORT}"])
+    rc = regcache_factory(modes=[f"transparent@{TRANSPARENT_PORT}"], config=FASTPATH_EVERY_BLOB)
     env = {"SSL_CERT_FILE": str(rc.client_bundle())}
     pull_with_skopeo(world, rc, tmp_path, env, IMAGES)
     assert "outcome=MISS" in rc.log_text() and "outcome=HIT" in rc.log_text()
@@ -60,7 +60,7 @@ def test_skopeo_https_proxy_fastpath_always(world, regcache_factory, tmp_path, n
     """fastpath: always sends HTTPS_PROXY clients to the fast path too. With the cache host in
     NO_PROXY the body goes direct; without, the redirect comes back through the proxy and is
     served anyway."""
-    rc = regcache_factory(config="fastpath: always\n")
+    rc = regcache_factory(config="fastpath: always\n" + FASTPATH_EVERY_BLOB)
     env = {"HTTPS_PROXY": f"http://{world.router_client_ip}:{PROXY_PORT}", "SSL_CERT_FILE": str(rc.client_bundle())}
     if no_proxy:
         env["NO_PROXY"] = world.router_client_ip

@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from .conftest import FASTPATH_PORT, PROXY_PORT, dir_manifest_digest, pull_twice, skopeo_copy
+from .conftest import FASTPATH_EVERY_BLOB, FASTPATH_PORT, PROXY_PORT, dir_manifest_digest, pull_twice, skopeo_copy
 # the client fixtures of the per-client matrices, used here through request.getfixturevalue
 from .test_clients_containerd import containerd  # noqa: F401
 from .test_clients_docker import dockerd  # noqa: F401
@@ -36,6 +36,7 @@ pytestmark = pytest.mark.e2e
 
 PUBLIC = "docker.io/library/small:1"  # token auth and blob GETs 307'd to the CDN upstream
 PRIVATE = "docker.io/private/secret:1"
+BIG = "docker.io/library/big:1"  # one 30 MiB layer
 
 CLIENTS = {
     # client -> commands it needs
@@ -117,7 +118,7 @@ def client_driver(name: str, world, rc, request, tmp_path, env: dict):
 @pytest.mark.parametrize("client", [pytest.param(c, marks=[pytest.mark.slow] if c == "dockerd" else [])
                                     for c in CLIENTS])
 def test_https_proxy_client_takes_the_fast_path_by_default(world, regcache_factory, request, tmp_path, client, way):
-    rc = regcache_factory()  # the default configuration: nothing about the fast path
+    rc = regcache_factory(config=FASTPATH_EVERY_BLOB)  # default config, but small blobs too by the fast path
     env = proxy_env(world, rc, way)
     image = world.image(PUBLIC)
     blob_bytes = sum(image.layer_sizes[d] for d in image.blobs)
@@ -148,6 +149,34 @@ def test_https_proxy_client_takes_the_fast_path_by_default(world, regcache_facto
     assert "refused fast-path request" not in log
 
 
+def test_default_config_answers_small_hits_inline_and_large_ones_by_the_fast_path(world, regcache_factory, request,
+                                                                                  tmp_path):
+    """By default a stored blob of up to 64 KiB is answered inline (one request, inside TLS), a
+    larger one with the 307 to the fast path: a proxied skopeo gets both right from the cache."""
+    rc = regcache_factory()
+    env = proxy_env(world, rc, "NO_PROXY-direct")
+    small, big = world.image(PUBLIC), world.image(BIG)
+    big_layer = max(big.blobs, key=big.layer_sizes.get)
+    make_client, pull = client_driver("skopeo", world, rc, request, tmp_path, env)
+    with FastPathCounter(world) as counter:
+        before = {}
+
+        def client_of_round(round_name):
+            before[round_name] = counter.bytes()
+            return make_client(round_name)
+
+        pull_twice(world, [PUBLIC, BIG], pull, client=client_of_round)
+        sent_in_hits = counter.bytes() - before["b"]
+    log = rc.log_text()
+    for digest in small.blobs:
+        size = small.layer_sizes[digest]
+        assert re.search(rf"repo=library/small digest={digest} outcome=HIT bytes={size} via=inband", log), \
+            f"{digest} ({size} bytes) not answered inline:\n{log[-3000:]}"
+        assert f"digest={digest} outcome=HIT via=fastpath" not in log
+    assert re.search(rf"repo=library/big digest={big_layer} outcome=HIT via=fastpath", log), log[-3000:]
+    assert big.layer_sizes[big_layer] <= sent_in_hits < big.layer_sizes[big_layer] + 64 * 1024, sent_in_hits
+
+
 def test_private_repository_stays_in_band_for_a_proxied_client(world, regcache_factory, tmp_path):
     """fastpath_private is false by default: a repository not known to be public is served
     inside TLS through the proxy even where the client could reach the fast path directly."""
@@ -172,7 +201,7 @@ def test_private_repository_stays_in_band_for_a_proxied_client(world, regcache_f
 def test_redirect_back_through_the_proxy_is_bound_to_the_client(world, regcache_factory, tmp_path):
     """The URL a proxied client was redirected to works through the proxy for that client and
     is refused from any other address (here: the router's own, through the same proxy)."""
-    rc = regcache_factory()
+    rc = regcache_factory(config=FASTPATH_EVERY_BLOB)
     env = proxy_env(world, rc, "HTTP_PROXY-back-through-proxy")
     ref = "ghcr.io/owner/small:1"  # an open registry: a plain curl may ask for its blobs
     image = world.image(ref)
@@ -237,7 +266,7 @@ def test_redirect_through_another_http_proxy_is_sent_back_in_band(world, regcach
     Instead of a 403 that fails the pull, the blob server sends it back to the https URL the
     client asked for, which comes through HTTPS_PROXY and is served in-band; from then on this
     client gets its blobs in-band straight away."""
-    rc = regcache_factory()
+    rc = regcache_factory(config=FASTPATH_EVERY_BLOB)
     env = proxy_env(world, rc, "HTTPS_PROXY-only")
     env["HTTP_PROXY"] = other_http_proxy
     image = world.image(PUBLIC)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import FASTPATH_PORT, MIRROR_PORT, PROXY_PORT, Regcache, skopeo_copy, dir_manifest_digest
+from .conftest import FASTPATH_EVERY_BLOB, FASTPATH_PORT, MIRROR_PORT, PROXY_PORT, Regcache, skopeo_copy, dir_manifest_digest
 from .test_singleflight import _mirror_blob_redirect, client_bundle, curl
 
 pytestmark = pytest.mark.e2e
@@ -51,7 +51,7 @@ def denied(status: int, body: bytes) -> bool:
 def test_fastpath_url_is_good_only_for_the_client_it_was_issued_to(world, regcache_factory, tmp_path):
     """The 307's URL serves the client that got it (directly and when its proxy settings send
     the redirect back through regcache); the same URL from another host is 403 DENIED."""
-    rc = regcache_factory(modes=MODES, wait_ports=[MIRROR_PORT, PROXY_PORT, FASTPATH_PORT])
+    rc = regcache_factory(modes=MODES, wait_ports=[MIRROR_PORT, PROXY_PORT, FASTPATH_PORT], config=FASTPATH_EVERY_BLOB)
     digest = small_layer(world)
     location = _mirror_blob_redirect(world, rc, tmp_path, "library/small", digest, "redirect")
     proxy = f"http://{world.router_client_ip}:{PROXY_PORT}"
@@ -116,7 +116,7 @@ def test_half_sent_requests_on_the_fast_path_do_not_stop_the_cache(world, tmp_pa
     small and free of tracebacks."""
     workdir = tmp_path / "rc"
     workdir.mkdir()
-    rc = Regcache(world, workdir, workdir / "cache", MODES, {}, None)
+    rc = Regcache(world, workdir, workdir / "cache", MODES, {}, FASTPATH_EVERY_BLOB)
     rc.argv = ["prlimit", "--nofile=1024:1024", *rc.argv]
     rc.start([MIRROR_PORT, PROXY_PORT, FASTPATH_PORT])
     flood = None

@@ -25,7 +25,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import pytest
 
-from .conftest import FASTPATH_PORT, MIRROR_PORT, PROXY_PORT, Regcache
+from .conftest import FASTPATH_EVERY_BLOB, FASTPATH_PORT, MIRROR_PORT, PROXY_PORT, Regcache
 
 pytestmark = pytest.mark.e2e
 
@@ -417,7 +417,8 @@ def test_fastpath_url_expires(world, tmp_path):
     clock.write_text("+0\n")
     workdir = tmp_path / "rc"
     workdir.mkdir()
-    rc = Regcache(world, workdir, workdir / "cache", [f"reverse:https://registry-1.docker.io@{MIRROR_PORT}"], {}, None)
+    rc = Regcache(world, workdir, workdir / "cache", [f"reverse:https://registry-1.docker.io@{MIRROR_PORT}"], {},
+                  FASTPATH_EVERY_BLOB)
     rc.argv = ["env", f"LD_PRELOAD={FAKETIME_LIB}", f"FAKETIME_TIMESTAMP_FILE={clock}", "FAKETIME_NO_CACHE=1",
                "FAKETIME_DONT_FAKE_MONOTONIC=1", *rc.argv]
     rc.start([MIRROR_PORT, FASTPATH_PORT])

@@ -249,3 +249,15 @@ def test_clients_name_only_listed_registries_even_with_intercept_all():
     assert not cfg.is_listed_registry("evil.example")  # but no client may name it as a registry
     assert not cfg.is_listed_registry("127.0.0.1:9090")
     assert all(cfg.is_listed_registry(h) for h in ("quay.io", "eu.gcr.io", "Mirror.Corp."))
+
+
+@pytest.mark.parametrize("text, expected", [("", 64 * 1024), ("fastpath_inline_max: 0\n", 0),
+                                            ("fastpath_inline_max: 16KiB\n", 16 * 1024)])
+def test_fastpath_inline_max(text, expected):
+    assert parse_config(text).fastpath_inline_max == expected
+
+
+def test_fastpath_inline_max_is_at_most_64kib():
+    # an inline body is held whole in memory: larger blobs must stream
+    with pytest.raises(ConfigError, match="fastpath_inline_max: at most 64KiB"):
+        parse_config("fastpath_inline_max: 1MiB\n")
