@@ -9,15 +9,21 @@ token auth and its blob CDN (whose access log counts every upstream download).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
 import sys
 import time
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
+from urllib.parse import urlencode
 
 import pytest
 
 from tests.world.tier import StoreHost, tier_available
+from tests.world.world import DOCKER_HOST, REGISTRY_PORTS
 
 from .conftest import Regcache, dir_manifest_digest, log_errors_expected, skopeo_copy
 from .test_faults import small_tmpfs  # noqa: F401 - a fixture: a 20 MiB tmpfs for a cache dir
@@ -199,10 +205,41 @@ def test_private_content_stays_isolated_across_nodes(world, tier, tmp_path):
     assert len(cdn_gets(world, layer)) == before
 
 
+def pushed_blob(world, tmp_path: Path, repo: str, size: int) -> tuple[str, int]:
+    """A fresh random blob of size bytes pushed into the world's docker.io registry under repo
+    (OCI monolithic upload, straight to the registry in the upstream namespace)."""
+    path = tmp_path / f"blob-{size}"
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        for _ in range(size // (1 << 20)):
+            chunk = os.urandom(1 << 20)
+            h.update(chunk)
+            f.write(chunk)
+    digest = f"sha256:{h.hexdigest()}"
+    base = f"http://127.0.0.1:{REGISTRY_PORTS[DOCKER_HOST]}"
+    query = urlencode({"service": "registry.docker.io", "scope": f"repository:{repo}:pull,push"})
+    token = json.loads(world.run(world.ns_client, ["curl", "-sS", "--fail", "--cacert", world.ca_bundle_path,
+                                                   "-u", "testuser:testpass",
+                                                   f"https://auth.docker.io/token?{query}"]).stdout)["token"]
+    auth = ["-H", f"Authorization: Bearer {token}"]
+    r = world.run(world.ns_upstream, ["curl", "-sS", "-X", "POST", "-o", "/dev/null", "-D", "-", *auth,
+                                      f"{base}/v2/{repo}/blobs/uploads/"])
+    location = next(line.split(":", 1)[1].strip() for line in r.stdout.splitlines()
+                    if line.lower().startswith("location:"))
+    location = re.sub(r"^https?://[^/]+", "", location)
+    url = f"{base}{location}{'&' if '?' in location else '?'}digest={digest}"
+    r = world.run(world.ns_upstream, ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-T", str(path), *auth,
+                                      "-H", "Content-Type: application/octet-stream", url], timeout=120)
+    assert r.stdout.strip() == "201", (r.stdout, r.stderr)
+    path.unlink()
+    return digest, size
+
+
 def test_three_nodes_pull_one_cold_blob_with_one_upstream_fetch(world, tier, tmp_path):
-    """Clients on A, B and C ask for the same cold 30 MiB blob at once: one upstream GET in the
-    whole tier (a Redis lease), every client gets the exact bytes, one complete object."""
-    digest, size = big_layer(world)
+    """Clients on A, B and C ask for the same cold 100 MiB blob at once: one upstream GET in the
+    whole tier (a Redis lease), every client gets the exact bytes, one complete object (above the
+    64 MiB multipart threshold: the upload goes in parts)."""
+    digest, size = pushed_blob(world, tmp_path, "library/big", 100 * 1024 * 1024)
     nodes = [tier.start(n) for n in "abc"]
     token = pull_token(world, "library/big")
     before = len(cdn_gets(world, digest))
