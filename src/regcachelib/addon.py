@@ -195,7 +195,7 @@ class Blobs(_ServiceChild):
         range_header = flow.request.headers.get("range")
         if cache_status == "HIT" and range_header is None:
             # small stored blobs inline: in-band always, on the fast path up to fastpath_inline_max
-            limit = min(INLINE_BLOB_MAX, self.services.config.fastpath_inline_max) if fastpath else INLINE_BLOB_MAX
+            limit = self.services.config.fastpath_inline_max if fastpath else INLINE_BLOB_MAX  # config caps it
             body = self._small_stored_blob(digest, limit) if limit > 0 else None
             if body is not None:
                 headers = [("Content-Type", "application/octet-stream"), ("Docker-Content-Digest", digest),

@@ -23,7 +23,7 @@ from regcachelib.services import Services, build_services
 from regcachelib.store import Store
 from regcachelib.upstream import Target, Upstream
 
-from .helpers import Reply, http_request, random_bytes, sha256, wait_until
+from .helpers import Reply, http_request, random_bytes, sha256, stage_and_commit, wait_until
 
 SIZE = 300 * 1024
 DATA = random_bytes(SIZE, seed=7)
@@ -263,10 +263,7 @@ class FastPath:
 
     async def __aenter__(self) -> FastPath:
         for body in (DATA, HUGE):
-            path, f = self.store.new_staging_file(sha256(body))
-            with f:
-                f.write(body)
-            self.store.commit_blob(sha256(body), path, len(body))
+            stage_and_commit(self.store, body)
         await self.server.start("127.0.0.1", 0)
         self.port = self.server.fastpath_port
         return self
@@ -664,10 +661,7 @@ def test_stored_blobs_small_and_not_share_a_kept_alive_connection(tmp_path, size
 
     async def main():
         async with FastPath(str(tmp_path / "cache"), 8) as fp:
-            path, f = fp.store.new_staging_file(sha256(body))
-            with f:
-                f.write(body)
-            fp.store.commit_blob(sha256(body), path, len(body))
+            stage_and_commit(fp.store, body)
             url = fp.signer.sign(sha256(body), "127.0.0.1")
             data_url = fp.signer.sign(DIGEST, "127.0.0.1")
             answers = await keep_alive_gets(fp.port, [url, data_url, url])
@@ -702,10 +696,7 @@ def test_a_file_shorter_than_its_length_ends_the_response_short(tmp_path, monkey
 
     async def main():
         async with FastPath(str(tmp_path / "cache"), 8) as fp:
-            path, f = fp.store.new_staging_file(sha256(body))
-            with f:
-                f.write(body)
-            fp.store.commit_blob(sha256(body), path, len(body))
+            stage_and_commit(fp.store, body)
             monkeypatch.setattr(blobserver, "os", OsWithLongerFiles())
             request = http_request(fp.port, fp.signer.sign(sha256(body), "127.0.0.1"))
             if size <= blobserver.SMALL_BODY:
@@ -754,10 +745,7 @@ def test_a_kept_alive_connection_is_uncorked_after_a_large_body(tmp_path):
     async def main():
         async with FastPath(str(tmp_path / "cache"), 8) as fp:
             for body in (big, small):
-                path, f = fp.store.new_staging_file(sha256(body))
-                with f:
-                    f.write(body)
-                fp.store.commit_blob(sha256(body), path, len(body))
+                stage_and_commit(fp.store, body)
             big_url = fp.signer.sign(sha256(big), "127.0.0.1")
             small_url = fp.signer.sign(sha256(small), "127.0.0.1")
             reader, writer = await asyncio.open_connection("127.0.0.1", fp.port)
